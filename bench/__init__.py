@@ -1,0 +1,1 @@
+"""pdserve: bench (see the README; filled in by its own issue)."""

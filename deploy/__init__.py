@@ -1,0 +1,1 @@
+"""pdserve: deploy (see the README; filled in by its own issue)."""

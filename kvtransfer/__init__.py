@@ -1,0 +1,1 @@
+"""pdserve: kvtransfer (see the README; filled in by its own issue)."""

@@ -1,0 +1,1 @@
+"""pdserve: prefill_worker (see the README; filled in by its own issue)."""

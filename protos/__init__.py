@@ -1,0 +1,1 @@
+"""pdserve: protos (see the README; filled in by its own issue)."""

@@ -1,0 +1,1 @@
+"""pdserve: router (see the README; filled in by its own issue)."""
