@@ -1,0 +1,203 @@
+"""Ahead-of-time compilation of `LlamaForCausalLM` to a shared library, cached on disk.
+
+The cache key covers everything that changes the generated code: the config, dtype, target, the TVM version and
+a hash of this project's compile-side sources (model, pipeline, schedules, kernels). A hit loads in well under a
+second; a miss exports, runs the pipeline (CPU: legalize -> our attention kernels -> our matmul schedules ->
+lowering; CUDA: TVM's default GPU pipeline with dlight) and writes `<key>.so` + `<key>.json` atomically.
+
+Call order: `resolve_target()` -> `compile_model()` (returns a `CompiledModel` naming the library) ->
+`llama_relax.runtime.ModelRuntime` loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from llama_relax.config import LlamaConfig
+
+DTYPES = ("float32", "float16")
+_COMPILE_SOURCES = ("model.py", "compile.py", "schedule_cpu.py", "kernels")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where the model runs: `kind` is "llvm" or "cuda"; `mcpu`/`arch` pin the code generator."""
+
+    kind: str
+    mcpu: str = ""
+    num_cores: int = 0
+    arch: str = ""
+
+    def to_target(self) -> tvm.target.Target:
+        if self.kind == "llvm":
+            return tvm.target.Target({"kind": "llvm", "mcpu": self.mcpu, "num-cores": self.num_cores})
+        if self.kind == "cuda":
+            host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+            return tvm.target.Target({"kind": "cuda", "arch": self.arch}, host=host)
+        raise ValueError(f"target: unknown kind {self.kind!r} (use 'llvm' or 'cuda')")
+
+    def device(self) -> tvm.runtime.Device:
+        return tvm.cpu() if self.kind == "llvm" else tvm.cuda(0)
+
+    def describe(self) -> str:
+        return f"llvm/{self.mcpu}x{self.num_cores}" if self.kind == "llvm" else f"cuda/{self.arch}"
+
+
+def resolve_target(kind: str = "llvm") -> TargetSpec:
+    """The real host CPU (never "native": TVM silently falls back to a generic CPU) or the first CUDA GPU."""
+    if kind in ("llvm", "cpu"):
+        return TargetSpec(
+            kind="llvm", mcpu=tvm.target.codegen.llvm_get_system_cpu(), num_cores=len(os.sched_getaffinity(0))
+        )
+    if kind == "cuda":
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise RuntimeError("target cuda: no CUDA device is visible")
+        return TargetSpec(kind="cuda", arch="sm_" + dev.compute_version.replace(".", ""))
+    raise ValueError(f"target: unknown kind {kind!r} (use 'llvm' or 'cuda')")
+
+
+@dataclass(frozen=True)
+class CompiledModel:
+    """A built library on disk and what is needed to call it."""
+
+    lib_path: Path
+    config: LlamaConfig
+    dtype: str
+    target: TargetSpec
+    param_names: tuple[str, ...]
+    cache_hit: bool
+    build_s: float
+
+
+def compile_code_version() -> str:
+    """Hash of the sources that shape the generated code, so editing them invalidates the cache."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for name in _COMPILE_SOURCES:
+        path = root / name
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            if f.exists():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(config: LlamaConfig, dtype: str, target: TargetSpec) -> str:
+    material = {
+        "config": config.to_dict(),
+        "dtype": dtype,
+        "target": target.describe(),
+        "tvm": tvm.__version__,
+        "code": compile_code_version(),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[pdserve compile] {msg}", file=sys.stderr, flush=True)
+
+
+def build_pipeline(target: tvm.target.Target, config: LlamaConfig, dtype: str) -> tvm.transform.Pass:
+    """The relax pipeline. CPU: the stock passes plus our attention kernels and matmul schedules."""
+    if target.kind.name != "llvm":
+        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    custom: list[tvm.transform.Pass] = []
+    try:
+        from llama_relax.kernels import cpu_attention_pass
+
+        custom.append(cpu_attention_pass(config, dtype))
+    except ImportError:  # pragma: no cover - kernels module optional during bring-up
+        pass
+    try:
+        from llama_relax.schedule_cpu import cpu_schedule_pass
+
+        custom.append(cpu_schedule_pass(target))
+    except ImportError:  # pragma: no cover
+        pass
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + custom
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def compile_model(
+    config: LlamaConfig,
+    dtype: str = "float32",
+    target: TargetSpec | None = None,
+    cache_dir: Path | str | None = None,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+) -> CompiledModel:
+    """Build (or reuse) the library for `config` x `dtype` x `target` under `cache_dir`."""
+    from llama_relax.model import LlamaForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    target = target or resolve_target()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    key = cache_key(config, dtype, target)
+    lib_path, meta_path = cache / f"llama-{key}.so", cache / f"llama-{key}.json"
+    if not force and lib_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return CompiledModel(lib_path, config, dtype, target, tuple(meta["param_names"]), True, 0.0)
+
+    t0 = time.perf_counter()
+    tvm_target = target.to_target()
+    _log(f"[1/3] exporting Relax IR ({config.num_hidden_layers} layers, {dtype}, {target.describe()})", quiet)
+    model = LlamaForCausalLM(config, dtype)
+    with tvm_target:
+        mod, named_params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    _log("[2/3] optimizing and generating code (this is the slow step)", quiet)
+    executable = relax.build(mod, tvm_target, relax_pipeline=build_pipeline(tvm_target, config, dtype))
+    _log(f"[3/3] linking {lib_path.name}", quiet)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        tmp_lib = Path(tmp) / lib_path.name
+        executable.export_library(str(tmp_lib))
+        os.replace(tmp_lib, lib_path)
+    build_s = time.perf_counter() - t0
+    meta = {
+        "param_names": [name for name, _ in named_params],
+        "config": config.to_dict(),
+        "dtype": dtype,
+        "target": target.describe(),
+        "tvm": tvm.__version__,
+        "build_s": round(build_s, 2),
+    }
+    tmp_meta = meta_path.with_suffix(".json.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, meta_path)
+    _log(f"done in {build_s:.1f}s -> {lib_path}", quiet)
+    return CompiledModel(lib_path, config, dtype, target, tuple(meta["param_names"]), False, build_s)
+
+
+def default_cache_dir() -> Path:
+    """`$PDSERVE_CACHE_DIR`, else `~/.cache/pdserve` (read at the edge: callers may pass their own)."""
+    env = os.environ.get("PDSERVE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "pdserve"

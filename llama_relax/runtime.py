@@ -1,0 +1,275 @@
+"""`ModelRuntime`: the compiled model's VM, its weights on the device, and one paged KV cache.
+
+Lifecycle (one driver thread; the KV cache has no locking inside):
+  1. `ModelRuntime(compiled, params, kv_config)` loads the library, uploads the weights, creates the KV cache.
+  2. `add_sequence(seq_id)` registers a sequence (its pages are taken lazily as tokens are appended).
+  3. `prefill(seq_ids, token_lists)` appends prompt tokens (chunked so no forward exceeds the prefill chunk) and
+     returns the last-token logits per sequence; `decode(seq_ids, tokens)` appends one token per sequence and
+     returns their logits; `verify` returns logits for every appended token.
+  4. `remove_sequence(seq_id)` frees its pages (callers do it in `finally`); `popn` rolls back the tail.
+Memory: the runtime owns the device weights and the KV cache; logits come back as host numpy arrays the caller owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from llama_relax.compile import CompiledModel
+
+_F = tvm.get_global_func
+_ADD_SEQ = _F("vm.builtin.kv_state_add_sequence")
+_REMOVE_SEQ = _F("vm.builtin.kv_state_remove_sequence")
+_FORK_SEQ = _F("vm.builtin.kv_state_fork_sequence")
+_POPN = _F("vm.builtin.kv_state_popn")
+_BEGIN = _F("vm.builtin.kv_state_begin_forward")
+_END = _F("vm.builtin.kv_state_end_forward")
+_FREE_PAGES = _F("vm.builtin.attention_kv_cache_get_num_available_pages")
+_SEQ_LEN = _F("vm.builtin.attention_kv_cache_get_sequence_length")
+_RESHAPE = _F("vm.builtin.reshape")
+
+PAGE_SIZE = 16  # baked into TVM's `kv_cache_transpose_append` kernel
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Capacity of the paged KV cache. `max_total_seq_len` bounds the tokens of all sequences together."""
+
+    max_batch_size: int = 16
+    max_total_seq_len: int = 8192
+    prefill_chunk_size: int = 512
+    page_size: int = PAGE_SIZE
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_total_seq_len", "prefill_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"kv cache: {name} must be > 0, got {getattr(self, name)}")
+        if self.page_size != PAGE_SIZE:
+            raise ValueError(f"kv cache: page_size must be {PAGE_SIZE} (fixed by TVM's append kernel)")
+
+    @property
+    def num_pages(self) -> int:
+        return -(-self.max_total_seq_len // self.page_size)
+
+
+class ModelRuntime:
+    """Runs one compiled Llama model on one device. See the module docstring for call order."""
+
+    def __init__(self, compiled: CompiledModel, params: dict[str, np.ndarray], kv_config: KVCacheConfig) -> None:
+        self.compiled = compiled
+        self.config = compiled.config
+        self.kv_config = kv_config
+        self.device = compiled.target.device()
+        lib = tvm.runtime.load_module(str(compiled.lib_path))
+        self.vm = relax.VirtualMachine(lib, self.device)
+        missing = [n for n in compiled.param_names if n not in params]
+        if missing:
+            raise ValueError(f"weights: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(params[n]), self.device) for n in compiled.param_names]
+        prefill_chunk = min(kv_config.prefill_chunk_size, self.config.prefill_chunk_size)
+        self.prefill_chunk_size = prefill_chunk
+        self.kv_cache = self.vm["create_paged_kv_cache"](
+            ShapeTuple([kv_config.max_batch_size]),
+            ShapeTuple([kv_config.max_total_seq_len]),
+            ShapeTuple([prefill_chunk]),
+            ShapeTuple([kv_config.page_size]),
+            ShapeTuple([0]),
+        )
+        self._fn = {name: self.vm[name] for name in (
+            "embed", "get_logits", "batch_select_last_hidden_states", "batch_forward_to_last_hidden_states",
+            "prefill_to_last_hidden_states", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
+        )}  # fmt: skip
+        self._seq_lens: dict[int, int] = {}
+
+    # ---- sequences ------------------------------------------------------------------------------------------
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self._seq_lens:
+            raise ValueError(f"sequence {seq_id} already exists")
+        if len(self._seq_lens) >= self.kv_config.max_batch_size:
+            raise RuntimeError(f"kv cache: all {self.kv_config.max_batch_size} sequence slots are in use")
+        _ADD_SEQ(self.kv_cache, seq_id)
+        self._seq_lens[seq_id] = 0
+
+    def remove_sequence(self, seq_id: int) -> None:
+        if self._seq_lens.pop(seq_id, None) is not None:
+            _REMOVE_SEQ(self.kv_cache, seq_id)
+
+    def fork_sequence(self, parent_id: int, child_id: int) -> None:
+        _FORK_SEQ(self.kv_cache, parent_id, child_id, -1)
+        self._seq_lens[child_id] = self._seq_lens[parent_id]
+
+    def popn(self, seq_id: int, n: int) -> None:
+        if not 0 <= n <= self._seq_lens[seq_id]:
+            raise ValueError(f"popn: cannot pop {n} of {self._seq_lens[seq_id]} tokens")
+        _POPN(self.kv_cache, seq_id, n)
+        self._seq_lens[seq_id] -= n
+
+    def sequence_length(self, seq_id: int) -> int:
+        return self._seq_lens[seq_id]
+
+    def sequence_ids(self) -> list[int]:
+        return list(self._seq_lens)
+
+    def kv_length_in_cache(self, seq_id: int) -> int:
+        """The cache's own count (a check against our bookkeeping)."""
+        return int(_SEQ_LEN(self.kv_cache, seq_id))
+
+    def free_pages(self) -> int:
+        return int(_FREE_PAGES(self.kv_cache))
+
+    def pages_needed(self, seq_id: int | None, n_new: int) -> int:
+        """Pages a sequence needs to take `n_new` more tokens (None = a new sequence)."""
+        cur = 0 if seq_id is None else self._seq_lens[seq_id]
+        ps = self.kv_config.page_size
+        return -(-(cur + n_new) // ps) - -(-cur // ps)
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def _check_ids(self, ids: np.ndarray) -> None:
+        # TVM's embedding gather runs without bounds checks: an id >= vocab would read out of bounds.
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def _embed(self, ids: np.ndarray, shape: Sequence[int]) -> tvm.runtime.Tensor:
+        self._check_ids(ids)
+        emb = self._fn["embed"](tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params)  # [n, h]
+        return _RESHAPE(emb, ShapeTuple(list(shape)))
+
+    def _begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        for sid, n in zip(seq_ids, lengths, strict=True):
+            if sid not in self._seq_lens:
+                raise KeyError(f"sequence {sid} was not added")
+            if self._seq_lens[sid] + n > self.config.context_window_size:
+                raise ValueError(
+                    f"sequence {sid}: {self._seq_lens[sid] + n} tokens exceed the context window "
+                    f"({self.config.context_window_size})"
+                )
+        _BEGIN(self.kv_cache, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
+
+    def _end(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        _END(self.kv_cache)
+        for sid, n in zip(seq_ids, lengths, strict=True):
+            self._seq_lens[sid] += n
+
+    def forward_hidden(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> tvm.runtime.Tensor:
+        """Append `chunks[i]` to `seq_ids[i]` in one forward; hidden states of every token, [1, sum(len), h]."""
+        lengths = [len(c) for c in chunks]
+        total = sum(lengths)
+        if total > self.prefill_chunk_size:
+            raise ValueError(f"forward of {total} tokens exceeds the prefill chunk ({self.prefill_chunk_size})")
+        ids = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=total)
+        emb = self._embed(ids, (1, total, self.config.hidden_size))
+        self._begin(seq_ids, lengths)
+        try:
+            hidden, _ = self._fn["batch_forward_to_last_hidden_states"](emb, self.kv_cache, self.params)
+        except BaseException:
+            self._abort_forward(seq_ids)
+            raise
+        self._end(seq_ids, lengths)
+        return hidden
+
+    def logits_at(self, hidden: tvm.runtime.Tensor, positions: Sequence[int]) -> np.ndarray:
+        """Float32 logits [len(positions), V] of the given rows of a [1, s, h] hidden-state tensor."""
+        s = hidden.shape[1]
+        flat = _RESHAPE(hidden, ShapeTuple([s, self.config.hidden_size]))
+        pos = tvm.runtime.tensor(np.asarray(positions, dtype=np.int32), self.device)
+        selected = self._fn["batch_select_last_hidden_states"](flat, pos)  # [b, h]
+        return self._fn["get_logits"](selected, self.params).numpy()
+
+    def prefill(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append each prompt to its sequence; float32 logits of each prompt's last token, [b, V].
+
+        Prompts are packed into forwards of at most `prefill_chunk_size` tokens; a long prompt spans several."""
+        if len(seq_ids) != len(token_lists):
+            raise ValueError("prefill: seq_ids and token_lists differ in length")
+        for sid, toks in zip(seq_ids, token_lists, strict=True):
+            if len(toks) == 0:
+                raise ValueError(f"prefill: sequence {sid} has an empty prompt")
+        out = np.empty((len(seq_ids), self.config.vocab_size), dtype=np.float32)
+        for batch in plan_prefill_chunks([len(t) for t in token_lists], self.prefill_chunk_size):
+            ids = [seq_ids[i] for i, _, _ in batch]
+            chunks = [token_lists[i][a:b] for i, a, b in batch]
+            hidden = self.forward_hidden(ids, chunks)
+            ends, rows, offset = [], [], 0
+            for (i, _a, b), c in zip(batch, chunks, strict=True):
+                offset += len(c)
+                if b == len(token_lists[i]):
+                    ends.append(offset - 1)
+                    rows.append(i)
+            if rows:
+                out[rows] = self.logits_at(hidden, ends)
+        return out
+
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """Append one token to each sequence (one `batch_decode`); float32 logits [b, V]."""
+        b = len(seq_ids)
+        if b == 0 or b != len(tokens):
+            raise ValueError("decode: need one token per sequence")
+        emb = self._embed(np.asarray(tokens, dtype=np.int32), (b, 1, self.config.hidden_size))
+        self._begin(seq_ids, [1] * b)
+        try:
+            logits, _ = self._fn["batch_decode"](emb, self.kv_cache, self.params)  # [b, 1, V]
+        except BaseException:
+            self._abort_forward(seq_ids)
+            raise
+        self._end(seq_ids, [1] * b)
+        return logits.numpy().reshape(b, -1)
+
+    def verify(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Append tokens and return logits for every appended token (speculative verification), per sequence."""
+        lengths = [len(t) for t in token_lists]
+        total = sum(lengths)
+        ids = np.fromiter((t for c in token_lists for t in c), dtype=np.int32, count=total)
+        emb = self._embed(ids, (1, total, self.config.hidden_size))
+        self._begin(seq_ids, lengths)
+        try:
+            logits, _ = self._fn["batch_verify"](emb, self.kv_cache, self.params)  # [1, s, V]
+        except BaseException:
+            self._abort_forward(seq_ids)
+            raise
+        self._end(seq_ids, lengths)
+        flat = logits.numpy()[0]
+        return np.split(flat, np.cumsum(lengths)[:-1])
+
+    def _abort_forward(self, seq_ids: Sequence[int]) -> None:
+        """A forward failed after BeginForward: the cache state of these sequences is undefined; drop them."""
+        try:
+            _END(self.kv_cache)
+        except Exception:
+            pass
+        for sid in seq_ids:
+            self.remove_sequence(sid)
+
+    def close(self) -> None:
+        """Release the KV cache and weights (drop references; TVM frees on refcount)."""
+        for sid in list(self._seq_lens):
+            self.remove_sequence(sid)
+        self.kv_cache = None
+        self.params = []
+
+
+def plan_prefill_chunks(lengths: Sequence[int], chunk: int) -> list[list[tuple[int, int, int]]]:
+    """Pack prompts into forwards of at most `chunk` tokens. Each forward is a list of (prompt index, begin, end).
+
+    Prompts stay in order; a prompt longer than the room left is split, its rest continuing in the next forward."""
+    plans: list[list[tuple[int, int, int]]] = []
+    cur: list[tuple[int, int, int]] = []
+    room = chunk
+    for i, n in enumerate(lengths):
+        pos = 0
+        while pos < n:
+            take = min(room, n - pos)
+            cur.append((i, pos, pos + take))
+            pos += take
+            room -= take
+            if room == 0:
+                plans.append(cur)
+                cur, room = [], chunk
+    if cur:
+        plans.append(cur)
+    return plans

@@ -1,0 +1,102 @@
+"""An independent NumPy float64 implementation of the Llama forward pass (the model tests' oracle).
+
+Written from the published architecture (Hugging Face's Llama: RMSNorm, rotate-half RoPE with optional llama3
+frequency scaling, GQA causal attention, SiLU-gated MLP), not from `llama_relax.model`. Weights use the
+project's layout (`[in, out]` linears, fused qkv / gate_up), as produced by `llama_relax.loader`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llama_relax.config import LlamaConfig
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """x: [n, heads, d]; rotate-half convention (pairs (i, i + d/2))."""
+    ang = positions[:, None].astype(np.float64) * inv_freq[None, :]  # [n, d/2]
+    cos = np.concatenate([np.cos(ang)] * 2, axis=-1)[:, None, :]
+    sin = np.concatenate([np.sin(ang)] * 2, axis=-1)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class NumpyLlama:
+    """Keeps per-sequence K/V history so that it can follow prefill/decode calls token by token."""
+
+    def __init__(self, config: LlamaConfig, params: dict[str, np.ndarray]) -> None:
+        self.c = config
+        self.p = {k: v.astype(np.float64) for k, v in params.items()}
+        self.inv_freq = np.array(config.rope_scaling.inv_freq(config.head_dim, config.position_embedding_base))
+        self.kv: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def hidden(self, seq_id: int, tokens: list[int]) -> np.ndarray:
+        """Append tokens to the sequence; final-normed hidden states [n, h] of the appended tokens."""
+        c, p = self.c, self.p
+        hist = self.kv.setdefault(
+            seq_id, [(np.zeros((0, c.num_key_value_heads, c.head_dim)),) * 2] * c.num_hidden_layers
+        )
+        start = hist[0][0].shape[0]
+        n = len(tokens)
+        pos = np.arange(start, start + n)
+        x = p["model.embed_tokens.weight"][np.asarray(tokens)]
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        group = hq // hkv
+        new_hist = []
+        for i in range(c.num_hidden_layers):
+            pre = f"model.layers.{i}."
+            h = rms_norm(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
+            qkv = h @ p[pre + "self_attn.qkv_proj.weight"]
+            q = qkv[:, : hq * d].reshape(n, hq, d)
+            k = qkv[:, hq * d : (hq + hkv) * d].reshape(n, hkv, d)
+            v = qkv[:, (hq + hkv) * d :].reshape(n, hkv, d)
+            q, k = rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq)
+            k_all = np.concatenate([hist[i][0], k])
+            v_all = np.concatenate([hist[i][1], v])
+            new_hist.append((k_all, v_all))
+            total = k_all.shape[0]
+            out = np.empty((n, hq, d))
+            mask = np.arange(total)[None, :] <= pos[:, None]  # causal: key position <= query position
+            for head in range(hq):
+                kh, vh = k_all[:, head // group], v_all[:, head // group]
+                scores = (q[:, head] @ kh.T) / np.sqrt(d)
+                scores = np.where(mask, scores, -np.inf)
+                scores -= scores.max(axis=-1, keepdims=True)
+                w = np.exp(scores)
+                w /= w.sum(axis=-1, keepdims=True)
+                out[:, head] = w @ vh
+            x = x + out.reshape(n, hq * d) @ p[pre + "self_attn.o_proj.weight"]
+            h = rms_norm(x, p[pre + "post_attention_layernorm.weight"], c.rms_norm_eps)
+            gu = h @ p[pre + "mlp.gate_up_proj.weight"]
+            gate, up = gu[:, : c.intermediate_size], gu[:, c.intermediate_size :]
+            x = x + (gate / (1 + np.exp(-gate)) * up) @ p[pre + "mlp.down_proj.weight"]
+        self.kv[seq_id] = new_hist
+        return rms_norm(x, p["model.norm.weight"], c.rms_norm_eps)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        head = self.p["model.embed_tokens.weight"] if self.c.tie_word_embeddings else self.p["lm_head.weight"]
+        return hidden @ head.T
+
+    def forward(self, seq_id: int, tokens: list[int]) -> np.ndarray:
+        """Logits [n, V] of every appended token."""
+        return self.logits(self.hidden(seq_id, tokens))
+
+
+def random_params(config: LlamaConfig, seed: int = 0, scale: float = 0.5) -> dict[str, np.ndarray]:
+    """Random float32 weights in the project's layout (shapes from the loader's table)."""
+    from llama_relax.loader import expected_param_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_param_shapes(config).items():
+        if name.endswith("norm.weight"):
+            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            fan_in = shape[0] if "layers" in name else shape[-1]
+            out[name] = (rng.standard_normal(shape) * scale / np.sqrt(fan_in)).astype(np.float32)
+    return out
