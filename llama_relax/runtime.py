@@ -12,6 +12,7 @@ Memory: the runtime owns the device weights and the KV cache; logits come back a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -187,9 +188,17 @@ class ModelRuntime:
         Prompts are packed into forwards of at most `prefill_chunk_size` tokens; a long prompt spans several."""
         if len(seq_ids) != len(token_lists):
             raise ValueError("prefill: seq_ids and token_lists differ in length")
-        for sid, toks in zip(seq_ids, token_lists, strict=True):
+        ctx = self.config.context_window_size
+        for sid, toks in zip(seq_ids, token_lists, strict=True):  # validate all before touching the cache
             if len(toks) == 0:
                 raise ValueError(f"prefill: sequence {sid} has an empty prompt")
+            if sid not in self._seq_lens:
+                raise KeyError(f"sequence {sid} was not added")
+            if self._seq_lens[sid] + len(toks) > ctx:
+                raise ValueError(
+                    f"sequence {sid}: {self._seq_lens[sid] + len(toks)} tokens exceed the context window ({ctx})"
+                )
+            self._check_ids(np.asarray(toks, dtype=np.int64))
         out = np.empty((len(seq_ids), self.config.vocab_size), dtype=np.float32)
         for batch in plan_prefill_chunks([len(t) for t in token_lists], self.prefill_chunk_size):
             ids = [seq_ids[i] for i, _, _ in batch]

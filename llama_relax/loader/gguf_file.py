@@ -1,0 +1,178 @@
+"""GGUF files (llama.cpp): metadata as plain Python values, and dequantized weights in HF layout.
+
+llama.cpp's converter permutes the rows of `attn_q`/`attn_k` (HF's `permute(w, n_head)`) for its interleaved
+RoPE; `GGUFSource` undoes that so the weights equal the HF originals (the model uses rotate-half RoPE).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+
+from llama_relax.config import LlamaConfig
+from llama_relax.loader.mapping import TensorSource, build_params
+
+GGUF_MAGIC = b"GGUF"
+
+# HF name (per-layer part after `model.layers.{i}.`) -> GGUF name (after `blk.{i}.`).
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+# Plain float encodings, dequantized here; everything else goes through `gguf.quants.dequantize`.
+_INTEGER_TYPES = {"I8", "I16", "I32", "I64"}
+
+
+def gguf_name(hf_name: str) -> str:
+    """The GGUF tensor name for an HF parameter name (`model.layers.3.mlp.up_proj.weight` -> `blk.3.ffn_up.weight`)."""
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    if hf_name.startswith("model.layers."):
+        layer, _, rest = hf_name[len("model.layers.") :].partition(".")
+        if rest in _LAYER_NAMES:
+            return f"blk.{layer}.{_LAYER_NAMES[rest]}"
+    raise KeyError(f"no GGUF name for {hf_name!r}")
+
+
+def is_gguf_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFReader:
+    return GGUFReader(path)
+
+
+def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
+    """A `GGUFReader` for `path`; the last one is cached (parsing big vocabularies takes seconds)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {p}")
+    if not is_gguf_file(p):
+        raise ValueError(f"{p}: not a GGUF file (bad magic)")
+    st = p.stat()
+    return _cached_reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _field_value(field: Any) -> Any:
+    """A reader field as a plain Python value (float32 scalars rounded to their shortest repr)."""
+    value = field.contents()
+    if field.types and field.types[0] == GGUFValueType.FLOAT32:
+        value = float(str(np.float32(value)))
+    return value
+
+
+def gguf_metadata(path: str | os.PathLike[str] | Any) -> dict[str, Any]:
+    """All KV fields as plain Python values, plus derived `has_output_tensor` and `tokenizer.ggml.tokens.count`.
+
+    `path` may also be a `ModelSource`. Lists are fresh copies; the reader itself is cached.
+    """
+    path = getattr(path, "path", path)
+    reader = open_gguf(path)
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = _field_value(field)
+    meta["has_output_tensor"] = any(t.name == "output.weight" for t in reader.tensors)
+    if isinstance(meta.get("tokenizer.ggml.tokens"), list):
+        meta.setdefault("tokenizer.ggml.tokens.count", len(meta["tokenizer.ggml.tokens"]))
+    return meta
+
+
+def load_gguf_config(path: str | os.PathLike[str], **overrides: Any) -> LlamaConfig:
+    """`LlamaConfig` from a GGUF file's metadata."""
+    meta = gguf_metadata(path)
+    split_count = int(meta.get("split.count", 1) or 1)
+    if split_count > 1:
+        raise ValueError(f"{path}: split GGUF files ({split_count} parts) are not supported; merge them first")
+    return LlamaConfig.from_gguf_metadata(meta, **overrides)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute(w, n_head)` on the output rows of a q/k weight (`[out, in]`)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter `permute(w, n_head)` (HF rotate-half rows -> interleaved pairs)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(tensor: Any) -> np.ndarray:
+    """A reader tensor as float32 in numpy (row-major, `[ne1, ne0]`) order; ValueError if the type is unsupported."""
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if qtype.name in _INTEGER_TYPES:
+        raise ValueError(
+            f"tensor {tensor.name!r}: unsupported GGUF type {qtype.name} (integer tensors are not weights)"
+        )
+    if qtype == GGMLQuantizationType.F64:
+        data = np.asarray(tensor.data).view(np.float64).astype(np.float32)
+    else:
+        try:
+            data = dequantize(np.asarray(tensor.data), qtype)
+        except (NotImplementedError, KeyError) as e:
+            raise ValueError(f"tensor {tensor.name!r}: unsupported GGUF quantization type {qtype.name}") from e
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"tensor {tensor.name!r}: dequantized {data.size} values, expected shape {shape}")
+    return data.reshape(shape)
+
+
+class GGUFSource(TensorSource):
+    """Tensors of a GGUF file under HF names, dequantized to float32, q/k permutation undone."""
+
+    def __init__(self, path: str | os.PathLike[str], config: LlamaConfig) -> None:
+        self.path = Path(path)
+        self.description = str(self.path)
+        self.config = config
+        self._tensors = {t.name: t for t in open_gguf(self.path).tensors}
+
+    def label(self, name: str) -> str:
+        try:
+            return gguf_name(name)
+        except KeyError:
+            return name
+
+    def get(self, name: str) -> np.ndarray | None:
+        tensor = self._tensors.get(self.label(name))
+        return None if tensor is None else dequantize_tensor(tensor)
+
+    def finish(self, name: str, array: np.ndarray) -> np.ndarray:
+        if name.endswith("self_attn.q_proj.weight"):
+            return unpermute_rope_rows(array, self.config.num_attention_heads)
+        if name.endswith("self_attn.k_proj.weight"):
+            return unpermute_rope_rows(array, self.config.num_key_value_heads)
+        return array
+
+
+def load_gguf_params(
+    path: str | os.PathLike[str], config: LlamaConfig, dtype: str = "float32", progress: bool = False
+) -> dict[str, np.ndarray]:
+    """All model parameters from a GGUF file (see `expected_param_shapes`)."""
+    return build_params(GGUFSource(path, config), config, dtype, progress)

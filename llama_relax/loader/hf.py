@@ -1,0 +1,89 @@
+"""Hugging Face checkpoints: `config.json` plus one or more `.safetensors` files (bf16/f16/f32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from llama_relax.config import LlamaConfig
+from llama_relax.loader.mapping import TensorSource, build_params
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    """The parsed `config.json` of an HF model directory."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_hf_config(model_dir: Path, **overrides: Any) -> LlamaConfig:
+    """`LlamaConfig` from an HF directory's `config.json`."""
+    return LlamaConfig.from_hf_dict(read_hf_config(model_dir), **overrides)
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files: those the index names, else `model.safetensors`, else every `*.safetensors`."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        with index.open(encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: missing or empty 'weight_map'")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{model_dir}: no .safetensors weights (expected {SINGLE_FILE} or {INDEX_FILE}; "
+            "PyTorch .bin checkpoints are not supported)"
+        )
+    return files
+
+
+class SafetensorsSource(TensorSource):
+    """Tensors of an HF directory, read lazily from its safetensors shards."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self.description = str(self.model_dir)
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+        for path in safetensors_files(self.model_dir):
+            handle = safe_open(str(path), framework="numpy")
+            self._handles[path] = handle
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                self._where.setdefault(key, path)
+
+    def get(self, name: str) -> np.ndarray | None:
+        path = self._where.get(name)
+        if path is None:
+            return None
+        return self._handles[path].get_tensor(name)
+
+
+def load_hf_params(
+    model_dir: Path, config: LlamaConfig, dtype: str = "float32", progress: bool = False
+) -> dict[str, np.ndarray]:
+    """All model parameters from an HF directory (see `expected_param_shapes`)."""
+    return build_params(SafetensorsSource(model_dir), config, dtype, progress)

@@ -1,0 +1,159 @@
+"""The model's parameter table and the format-independent assembly of it.
+
+Every format reader exposes its tensors under Hugging Face names in HF layout (`[out, in]`, q/k rows in HF's
+rotate-half order) through a `TensorSource`; `build_params` validates their shapes, fuses q/k/v and gate/up,
+transposes linear weights to the model's `[in, out]` layout and casts to the requested dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llama_relax.config import LlamaConfig
+
+DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.float16}
+
+# Fused model parameter -> the HF tensors concatenated (along HF's output rows) to make it.
+_FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+# Model linear weights stored transposed relative to HF (`[in, out]`), unfused.
+_TRANSPOSED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def expected_param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every model parameter, in load order. The single source of truth for validation."""
+    h, inter, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.qkv_proj.weight"] = (h, config.q_size + 2 * config.kv_size)
+        shapes[p + "self_attn.o_proj.weight"] = (config.q_size, h)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_up_proj.weight"] = (h, 2 * inter)
+        shapes[p + "mlp.down_proj.weight"] = (inter, h)
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> HF shape (`[out, in]`) of every source tensor, derived from `expected_param_shapes`."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in expected_param_shapes(config).items():
+        prefix, suffix = _split_layer_name(name)
+        if suffix in _FUSED:
+            parts = _FUSED[suffix]
+            sizes = _fused_sizes(config, suffix)
+            for part, size in zip(parts, sizes, strict=True):
+                out[prefix + part] = (size, shape[0])
+        elif suffix in _TRANSPOSED:
+            out[name] = (shape[1], shape[0])
+        else:
+            out[name] = shape
+    return out
+
+
+def _split_layer_name(name: str) -> tuple[str, str]:
+    """`model.layers.3.mlp.x` -> (`model.layers.3.`, `mlp.x`); other names -> ("", name)."""
+    if name.startswith("model.layers."):
+        head, _, rest = name[len("model.layers.") :].partition(".")
+        return f"model.layers.{head}.", rest
+    return "", name
+
+
+def _fused_sizes(config: LlamaConfig, suffix: str) -> tuple[int, ...]:
+    if suffix == "self_attn.qkv_proj.weight":
+        return (config.q_size, config.kv_size, config.kv_size)
+    return (config.intermediate_size, config.intermediate_size)
+
+
+def check_dtype(dtype: str) -> type[np.floating]:
+    """The numpy type for a requested dtype name, or ValueError."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class TensorSource:
+    """Tensors of one model file (or shard set) under HF names, in HF layout. Subclassed per format."""
+
+    description = "model"
+
+    def label(self, name: str) -> str:
+        """How the tensor named `name` (an HF name) is called in the file, for error messages."""
+        return name
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The tensor in HF shape (any float dtype), or None when the file lacks it."""
+        raise NotImplementedError
+
+    def finish(self, name: str, array: np.ndarray) -> np.ndarray:
+        """Post-process a tensor after its shape was validated (e.g. undo a row permutation)."""
+        return array
+
+
+def _fetch(src: TensorSource, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Get, validate and finish one source tensor. Shapes are numpy/HF order `[out, in]` (GGUF lists ne0 first)."""
+    array = src.get(name)
+    label = src.label(name)
+    if array is None:
+        raise ValueError(f"{src.description}: missing tensor {label!r} (expected shape {shape})")
+    got = tuple(int(d) for d in array.shape)
+    if got != shape:
+        raise ValueError(f"{src.description}: tensor {label!r} has the wrong shape: expected {shape}, got {got}")
+    if array.dtype not in (np.float16, np.float32, np.float64):
+        array = array.astype(np.float32)  # bfloat16 and friends: exact in float32
+    return src.finish(name, array)
+
+
+def _copy(array: np.ndarray, np_dtype: type[np.floating]) -> np.ndarray:
+    """An owned, C-contiguous copy in `np_dtype`."""
+    return np.array(array, dtype=np_dtype, order="C", copy=True)
+
+
+def build_params(
+    src: TensorSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False
+) -> dict[str, np.ndarray]:
+    """Assemble every model parameter (see `expected_param_shapes`) from `src`."""
+    np_dtype = check_dtype(dtype)
+    expected = expected_param_shapes(config)
+    hf_shapes = hf_tensor_shapes(config)
+    params: dict[str, np.ndarray] = {}
+    for name in _progress(expected, progress, src.description):
+        prefix, suffix = _split_layer_name(name)
+        if suffix in _FUSED:
+            out = np.empty(expected[name], dtype=np_dtype)
+            col = 0
+            for part in _FUSED[suffix]:
+                w = _fetch(src, prefix + part, hf_shapes[prefix + part])
+                out[:, col : col + w.shape[0]] = w.T
+                col += w.shape[0]
+            params[name] = out
+        elif suffix in _TRANSPOSED:
+            params[name] = _copy(_fetch(src, name, hf_shapes[name]).T, np_dtype)
+        else:
+            params[name] = _copy(_fetch(src, name, hf_shapes[name]), np_dtype)
+        got = params[name].shape
+        if got != expected[name]:  # cannot happen unless the tables above disagree
+            raise ValueError(f"parameter {name!r}: expected shape {expected[name]}, got {got}")
+    return params
+
+
+def _progress(names: dict[str, tuple[int, ...]], enabled: bool, desc: str) -> Iterator[str]:
+    if not enabled:
+        yield from names
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=len(names), desc=f"loading {Path(desc).name}", unit="tensor", file=sys.stderr) as bar:
+        for name in names:
+            yield name
+            bar.update(1)
