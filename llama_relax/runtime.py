@@ -247,10 +247,8 @@ class ModelRuntime:
 
     def _abort_forward(self, seq_ids: Sequence[int]) -> None:
         """A forward failed after BeginForward: the cache state of these sequences is undefined; drop them."""
-        try:
+        with contextlib.suppress(Exception):  # best effort; the sequences are dropped below either way
             _END(self.kv_cache)
-        except Exception:
-            pass
         for sid in seq_ids:
             self.remove_sequence(sid)
 
