@@ -1,0 +1,241 @@
+"""The `pdserve` command line. This module holds the model-level commands (generate, tokenize, compile,
+bench-model); packages further up the stack (workers, router, bench) add theirs through the `pdserve.commands`
+entry-point group, so this dispatcher never imports them directly (imports flow one way).
+
+Errors the user can fix print one line on stderr and exit with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+# (name, help, add_arguments, run)
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError)
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that opens a model."""
+    p.add_argument("--model", type=Path, default=None, help="HF model dir or .gguf file (default: bundled SmolLM2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda"], help="compile for the CPU or a CUDA GPU")
+    p.add_argument("--cache-dir", type=Path, default=None, help="compiled-library cache (default ~/.cache/pdserve)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", nargs="*", default=[], help="stop strings")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, default=0, help="return the top-K logprobs per generated token")
+
+
+def sampling_params_from_args(args: argparse.Namespace):
+    from llama_relax.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+    )
+
+
+# ---- generate -------------------------------------------------------------------------------------------------
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", type=_int_list, help="prompt token ids, comma-separated")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_model_args(p)
+    add_sampling_args(p)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from llama_relax.generation import generate
+    from llama_relax.models import open_model
+
+    params = sampling_params_from_args(args)
+    model = open_model(args.model, dtype=args.dtype, target=_target(args), cache_dir=args.cache_dir)
+    try:
+        tok = model.tokenizer
+        if args.prompt is not None:
+            if tok is None:
+                raise UserError("--prompt: this model has no tokenizer; use --prompt-ids")
+            text = args.prompt
+            if args.chat:
+                text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            prompt_ids = tok.encode(text)
+        else:
+            if args.chat:
+                raise UserError("--chat needs --prompt (text)")
+            prompt_ids = args.prompt_ids
+        if not prompt_ids:
+            raise UserError("prompt: the prompt is empty")
+        ctx = model.config.context_window_size
+        if len(prompt_ids) >= ctx:
+            raise UserError(f"prompt: {len(prompt_ids)} tokens do not fit the context window ({ctx})")
+        bad = [t for t in prompt_ids if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise UserError(f"prompt-ids: token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+        events = []
+        for ev in generate(model.runtime, prompt_ids, params, tok):
+            events.append(ev)
+            if not args.json:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        if args.json:
+            out = {
+                "prompt_token_ids": list(prompt_ids),
+                "token_ids": [e.token_id for e in events],
+                "text": "".join(e.text for e in events),
+                "finish_reason": events[-1].finish_reason.value,
+                "logprobs": [[{"token_id": lp.token_id, "logprob": lp.logprob} for lp in e.logprobs] for e in events]
+                if params.logprobs
+                else None,
+            }
+            print(json.dumps(out))
+        else:
+            sys.stdout.write("\n")
+        return 0
+    finally:
+        model.close()
+
+
+# ---- tokenize -------------------------------------------------------------------------------------------------
+def _tokenize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", required=True)
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def _run_tokenize(args: argparse.Namespace) -> int:
+    from llama_relax.loader import resolve_model
+    from llama_relax.models import default_model_path, load_tokenizer
+
+    path = args.model or default_model_path(args.cache_dir, quiet=args.json)
+    tok = load_tokenizer(resolve_model(path))
+    if tok is None:
+        raise UserError(f"{path}: this model has no tokenizer")
+    ids = tok.encode(args.text)
+    print(json.dumps({"ids": ids}) if args.json else " ".join(map(str, ids)))
+    return 0
+
+
+# ---- compile --------------------------------------------------------------------------------------------------
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    from llama_relax.compile import compile_model
+    from llama_relax.loader import load_config, resolve_model
+    from llama_relax.models import default_model_path
+
+    path = args.model or default_model_path(args.cache_dir)
+    config = load_config(resolve_model(path))
+    cm = compile_model(config, args.dtype, _target(args), args.cache_dir, force=args.force)
+    state = "cached" if cm.cache_hit else f"built in {cm.build_s:.1f}s"
+    print(f"{cm.lib_path} ({state})")
+    return 0
+
+
+def _fetch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, default=None)
+
+
+def _run_fetch(args: argparse.Namespace) -> int:
+    from llama_relax.models import default_model_path
+
+    print(default_model_path(args.cache_dir))
+    return 0
+
+
+def _run_bench_model(args: argparse.Namespace) -> int:
+    from llama_relax.bench_model import run_bench_model
+
+    return run_bench_model(args)
+
+
+def _bench_model_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def _target(args: argparse.Namespace):
+    from llama_relax.compile import resolve_target
+
+    return resolve_target(args.target)
+
+
+BUILTIN_COMMANDS: list[Command] = [
+    ("generate", "generate text locally with a compiled model", _generate_args, _run_generate),
+    ("tokenize", "print the token ids of a text", _tokenize_args, _run_tokenize),
+    ("compile", "compile the model ahead of time into the cache", _compile_args, _run_compile),
+    ("bench-model", "prefill/decode speed vs a NumPy matmul baseline", _bench_model_args, _run_bench_model),
+    ("fetch-model", "download the bundled default model and print its path", _fetch_args, _run_fetch),
+]
+
+
+def _plugin_commands() -> list[Command]:
+    """Commands other pdserve packages register under the `pdserve.commands` entry-point group."""
+    out: list[Command] = []
+    for ep in entry_points(group="pdserve.commands"):
+        out.extend(ep.load()())
+    return out
+
+
+def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_args, run in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = BUILTIN_COMMANDS + _plugin_commands()
+    args = build_parser(commands).parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("pdserve: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, *USER_ERRORS) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"pdserve: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

