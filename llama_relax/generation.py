@@ -77,7 +77,7 @@ class SequenceDecoder:
         text = ""
         if token in self.stop_ids:
             self.finish_reason = FinishReason.STOP
-            text, self._pending = self._pending, ""
+            text, self._pending = self._pending + self._flush(), ""
             return TokenEvent(token, text, logprobs, self.finish_reason)
         if self.detok is not None:
             self._pending += self.detok.push(token)
@@ -87,9 +87,14 @@ class SequenceDecoder:
             or self.prompt_len + len(self.output_ids) >= self.context_window
         ):
             self.finish_reason = FinishReason.LENGTH
-            text += self._pending
+            text += self._pending + self._flush()
             self._pending = ""
         return TokenEvent(token, text, logprobs, self.finish_reason)
+
+    def _flush(self) -> str:
+        """Bytes the detokenizer still holds (an incomplete character at the very end)."""
+        flush = getattr(self.detok, "flush", None)
+        return flush() if flush is not None else ""
 
     def _release(self) -> str:
         """Emit pending text up to a stop string (and finish), or up to where a stop string might begin."""

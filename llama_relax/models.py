@@ -17,6 +17,7 @@ from pathlib import Path
 from llama_relax.compile import CompiledModel, TargetSpec, compile_model, default_cache_dir, resolve_target
 from llama_relax.config import LlamaConfig
 from llama_relax.loader import ModelSource, load_config, load_params, resolve_model
+from llama_relax.loader.gguf_file import open_gguf
 from llama_relax.runtime import KVCacheConfig, ModelRuntime
 from llama_relax.tokenizer import Tokenizer
 
@@ -54,7 +55,7 @@ def default_model_path(cache_dir: Path | None = None, quiet: bool = False) -> Pa
 def load_tokenizer(src: ModelSource) -> Tokenizer | None:
     """The model's tokenizer, or None for an HF directory without `tokenizer.json`."""
     if src.kind == "gguf":
-        return Tokenizer.from_gguf(src.path)
+        return Tokenizer.from_gguf(open_gguf(src.path))  # the loader's cached reader: parse the file once
     if (src.path / "tokenizer.json").exists():
         return Tokenizer.from_hf_dir(src.path)
     return None
