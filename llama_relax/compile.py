@@ -24,9 +24,10 @@ import tvm
 from tvm import relax
 
 from llama_relax.config import LlamaConfig
+from llama_relax.kv_cache_args import extract_create_args
 
 DTYPES = ("float32", "float16")
-_COMPILE_SOURCES = ("model.py", "compile.py", "schedule_cpu.py", "kernels")
+_COMPILE_SOURCES = ("model.py", "compile.py", "kv_cache_args.py", "schedule_cpu.py", "kernels")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class CompiledModel:
     param_names: tuple[str, ...]
     cache_hit: bool
     build_s: float
+    kv_create_args: tuple = ()  # JSON spec of the KV cache constructor call (see kv_cache_args)
 
 
 def compile_code_version() -> str:
@@ -166,7 +168,9 @@ def compile_model(
     lib_path, meta_path = cache / f"llama-{key}.so", cache / f"llama-{key}.json"
     if not force and lib_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        return CompiledModel(lib_path, config, dtype, target, tuple(meta["param_names"]), True, 0.0)
+        return CompiledModel(
+            lib_path, config, dtype, target, tuple(meta["param_names"]), True, 0.0, tuple(meta["kv_create_args"])
+        )
 
     t0 = time.perf_counter()
     tvm_target = target.to_target()
@@ -174,6 +178,7 @@ def compile_model(
     model = LlamaForCausalLM(config, dtype)
     with tvm_target:
         mod, named_params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    kv_create_args = extract_create_args(mod)
     _log("[2/3] optimizing and generating code (this is the slow step)", quiet)
     executable = relax.build(mod, tvm_target, relax_pipeline=build_pipeline(tvm_target, config, dtype))
     _log(f"[3/3] linking {lib_path.name}", quiet)
@@ -184,6 +189,7 @@ def compile_model(
     build_s = time.perf_counter() - t0
     meta = {
         "param_names": [name for name, _ in named_params],
+        "kv_create_args": kv_create_args,
         "config": config.to_dict(),
         "dtype": dtype,
         "target": target.describe(),
@@ -194,7 +200,9 @@ def compile_model(
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, meta_path)
     _log(f"done in {build_s:.1f}s -> {lib_path}", quiet)
-    return CompiledModel(lib_path, config, dtype, target, tuple(meta["param_names"]), False, build_s)
+    return CompiledModel(
+        lib_path, config, dtype, target, tuple(meta["param_names"]), False, build_s, tuple(kv_create_args)
+    )
 
 
 def default_cache_dir() -> Path:

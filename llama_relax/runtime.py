@@ -22,6 +22,7 @@ from tvm import relax
 from tvm.runtime import ShapeTuple
 
 from llama_relax.compile import CompiledModel
+from llama_relax.kv_cache_args import SYMBOLS, create_kv_cache
 
 _F = tvm.get_global_func
 _ADD_SEQ = _F("vm.builtin.kv_state_add_sequence")
@@ -33,6 +34,9 @@ _END = _F("vm.builtin.kv_state_end_forward")
 _FREE_PAGES = _F("vm.builtin.attention_kv_cache_get_num_available_pages")
 _SEQ_LEN = _F("vm.builtin.attention_kv_cache_get_sequence_length")
 _RESHAPE = _F("vm.builtin.reshape")
+_PREPARE_RECV = _F("vm.builtin.kv_cache_disagg_prepare_recv")
+_DEBUG_GET_KV = _F("vm.builtin.attention_kv_cache_debug_get_kv")
+_PROBE_SEQ_ID = 2**62  # a sequence id never used by callers
 
 PAGE_SIZE = 16  # baked into TVM's `kv_cache_transpose_append` kernel
 
@@ -61,7 +65,17 @@ class KVCacheConfig:
 class ModelRuntime:
     """Runs one compiled Llama model on one device. See the module docstring for call order."""
 
-    def __init__(self, compiled: CompiledModel, params: dict[str, np.ndarray], kv_config: KVCacheConfig) -> None:
+    def __init__(
+        self,
+        compiled: CompiledModel,
+        params: dict[str, np.ndarray],
+        kv_config: KVCacheConfig,
+        *,
+        model_create_fn: bool = False,
+    ) -> None:
+        """`model_create_fn=True` creates the cache through the model's own `create_paged_kv_cache` (page
+        tensors then stay unreachable: no KV export/import); by default the identical constructor call is
+        rebuilt from Python so the pages are reachable (see `kv_cache_args`)."""
         self.compiled = compiled
         self.config = compiled.config
         self.kv_config = kv_config
@@ -74,18 +88,42 @@ class ModelRuntime:
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(params[n]), self.device) for n in compiled.param_names]
         prefill_chunk = min(kv_config.prefill_chunk_size, self.config.prefill_chunk_size)
         self.prefill_chunk_size = prefill_chunk
-        self.kv_cache = self.vm["create_paged_kv_cache"](
-            ShapeTuple([kv_config.max_batch_size]),
-            ShapeTuple([kv_config.max_total_seq_len]),
-            ShapeTuple([prefill_chunk]),
-            ShapeTuple([kv_config.page_size]),
-            ShapeTuple([0]),
-        )
+        self.kv_cache, self.kv_pages = self._create_kv_cache(lib, kv_config, prefill_chunk, model_create_fn)
         self._fn = {name: self.vm[name] for name in (
             "embed", "get_logits", "batch_select_last_hidden_states", "batch_forward_to_last_hidden_states",
             "prefill_to_last_hidden_states", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
         )}  # fmt: skip
         self._seq_lens: dict[int, int] = {}
+
+    def _create_kv_cache(
+        self, lib: tvm.runtime.Module, kv: KVCacheConfig, prefill_chunk: int, model_create_fn: bool
+    ) -> tuple[object, list[tvm.runtime.Tensor]]:
+        sizes = {
+            "max_batch_size": kv.max_batch_size,
+            "max_total_seq_len": kv.max_total_seq_len,
+            "prefill_chunk_size": prefill_chunk,
+            "page_size": kv.page_size,
+            "support_sliding_window": 0,
+        }
+        if model_create_fn or not self.compiled.kv_create_args:
+            cache = self.vm["create_paged_kv_cache"](*(ShapeTuple([sizes[k]]) for k in SYMBOLS))
+            return cache, []
+        cache, recorder = create_kv_cache(
+            list(self.compiled.kv_create_args), lib, sizes, self.device, self.config.num_hidden_layers
+        )
+        # One debug_get_kv over a one-token probe sequence makes the recorder see every layer's pages.
+        c = self.config
+        probe = _PROBE_SEQ_ID
+        _ADD_SEQ(cache, probe)
+        _PREPARE_RECV(cache, probe, 1)
+        _END(cache)
+        scratch = [tvm.runtime.empty((c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim), self.compiled.dtype,
+                                     self.device) for _ in range(2)]  # fmt: skip
+        _DEBUG_GET_KV(cache, probe, 0, 1, *scratch)
+        _REMOVE_SEQ(cache, probe)
+        pages = list(recorder.pages)
+        recorder.pages = []  # keep no references beyond the runtime's own
+        return cache, pages
 
     # ---- sequences ------------------------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
@@ -257,6 +295,7 @@ class ModelRuntime:
         for sid in list(self._seq_lens):
             self.remove_sequence(sid)
         self.kv_cache = None
+        self.kv_pages = []
         self.params = []
 
 

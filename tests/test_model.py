@@ -220,3 +220,24 @@ def test_configs_compile_to_distinct_cached_libraries(config, cache_dir):
     again = compile_model(config, "float32", cache_dir=cache_dir, quiet=True)
     assert again.cache_hit and again.lib_path == first.lib_path
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_python_built_cache_is_bit_identical_to_the_models_own(compiled_gqa):
+    """The runtime rebuilds the model's KV-cache constructor call from Python to reach the page tensors;
+    it must behave exactly like `create_paged_kv_cache`."""
+    params = random_params(compiled_gqa.config, seed=5)
+    kv = KVCacheConfig(max_batch_size=4, max_total_seq_len=512, prefill_chunk_size=32)
+    ours = ModelRuntime(compiled_gqa, params, kv)
+    theirs = ModelRuntime(compiled_gqa, params, kv, model_create_fn=True)
+    c = compiled_gqa.config
+    assert len(ours.kv_pages) == c.num_hidden_layers
+    assert ours.kv_pages[0].shape[1:] == (2, c.num_key_value_heads, 16, c.head_dim)
+    assert ours.free_pages() == theirs.free_pages()
+    prompts = [[1, 2, 3, 4, 5], list(range(40))]
+    for rt in (ours, theirs):
+        rt.add_sequence(3)
+        rt.add_sequence(8)
+    a, b = ours.prefill([3, 8], prompts), theirs.prefill([3, 8], prompts)
+    np.testing.assert_array_equal(a, b)
+    for t in range(3):
+        np.testing.assert_array_equal(ours.decode([3, 8], [t, t + 1]), theirs.decode([3, 8], [t, t + 1]))
