@@ -78,10 +78,19 @@ class _Recorder:
     def __init__(self, kernel: Any, num_layers: int) -> None:
         self.kernel = kernel
         self.pages: list[Any] = [None] * num_layers
+        self.capturing = True
 
     def __call__(self, pages: Any, position_map: Any, k: Any, v: Any, layer_id: int) -> None:
-        self.pages[layer_id] = pages
+        if self.capturing:
+            self.pages[layer_id] = pages
         self.kernel(pages, position_map, k, v, layer_id)
+
+    def take_pages(self) -> list[Any]:
+        """Stop recording and hand over the captured pages (the recorder keeps no reference)."""
+        pages, self.pages, self.capturing = self.pages, [], False
+        if any(p is None for p in pages):
+            raise RuntimeError("kv cache: not every layer's pages were captured")
+        return pages
 
 
 def create_kv_cache(

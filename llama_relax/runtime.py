@@ -86,6 +86,7 @@ class ModelRuntime:
         if missing:
             raise ValueError(f"weights: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(params[n]), self.device) for n in compiled.param_names]
+        self._param_samples = [_sample_bytes(params[n]) for n in compiled.param_names]
         prefill_chunk = min(kv_config.prefill_chunk_size, self.config.prefill_chunk_size)
         self.prefill_chunk_size = prefill_chunk
         self.kv_cache, self.kv_pages = self._create_kv_cache(lib, kv_config, prefill_chunk, model_create_fn)
@@ -94,6 +95,7 @@ class ModelRuntime:
             "prefill_to_last_hidden_states", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
         )}  # fmt: skip
         self._seq_lens: dict[int, int] = {}
+        self._transpose_append = lib.get_function("tir_kv_cache_transpose_append", query_imports=True)
 
     def _create_kv_cache(
         self, lib: tvm.runtime.Module, kv: KVCacheConfig, prefill_chunk: int, model_create_fn: bool
@@ -121,9 +123,7 @@ class ModelRuntime:
                                      self.device) for _ in range(2)]  # fmt: skip
         _DEBUG_GET_KV(cache, probe, 0, 1, *scratch)
         _REMOVE_SEQ(cache, probe)
-        pages = list(recorder.pages)
-        recorder.pages = []  # keep no references beyond the runtime's own
-        return cache, pages
+        return cache, recorder.take_pages()
 
     # ---- sequences ------------------------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
@@ -283,6 +283,75 @@ class ModelRuntime:
         flat = logits.numpy()[0]
         return np.split(flat, np.cumsum(lengths)[:-1])
 
+    # ---- KV export / import (used by kvtransfer; between model steps, on the driver thread) ------------------
+    def kv_shape(self, n_tokens: int) -> tuple[int, int, int, int]:
+        """Shape of one of the K/V arrays for `n_tokens` tokens: [layers, n, kv_heads, head_dim]."""
+        c = self.config
+        return (c.num_hidden_layers, n_tokens, c.num_key_value_heads, c.head_dim)
+
+    def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copy K (rotated, as stored) and V of tokens [begin, end) into new host arrays [L, n, Hkv, d]."""
+        if seq_id not in self._seq_lens:
+            raise KeyError(f"sequence {seq_id} was not added")
+        if not 0 <= begin < end <= self._seq_lens[seq_id]:
+            raise ValueError(f"read_kv: range [{begin}, {end}) outside sequence {seq_id} of {self._seq_lens[seq_id]}")
+        shape = self.kv_shape(end - begin)
+        k = aligned_empty(shape, self.compiled.dtype)
+        v = aligned_empty(shape, self.compiled.dtype)
+        if self.device.dlpack_device_type() == 1:  # CPU: the kernel writes straight into the numpy buffers
+            _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, tvm.runtime.from_dlpack(k), tvm.runtime.from_dlpack(v))
+        else:
+            kt = tvm.runtime.empty(shape, self.compiled.dtype, self.device)
+            vt = tvm.runtime.empty(shape, self.compiled.dtype, self.device)
+            _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, kt, vt)
+            k[...], v[...] = kt.numpy(), vt.numpy()
+        return k, v
+
+    def append_kv(self, seq_id: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Append n tokens of precomputed K/V ([L, n, Hkv, d], cache dtype, K rotated) to a sequence, as if a
+        forward had produced them. Validates everything before touching the cache; if writing fails midway the
+        sequence is removed (its state would be undefined) and the error re-raised."""
+        if not self.kv_pages:
+            raise RuntimeError("this runtime's KV pages are not reachable (created with model_create_fn=True)")
+        if seq_id not in self._seq_lens:
+            raise KeyError(f"sequence {seq_id} was not added")
+        n = k.shape[1] if k.ndim == 4 else -1
+        if k.shape != self.kv_shape(n) or v.shape != k.shape or n <= 0:
+            raise ValueError(f"append_kv: expected K/V of shape {self.kv_shape(max(n, 1))}, got {k.shape}, {v.shape}")
+        if str(k.dtype) != self.compiled.dtype or str(v.dtype) != self.compiled.dtype:
+            raise ValueError(f"append_kv: expected dtype {self.compiled.dtype}, got {k.dtype}/{v.dtype}")
+        if self._seq_lens[seq_id] + n > self.config.context_window_size:
+            raise ValueError(f"append_kv: {self._seq_lens[seq_id] + n} tokens exceed the context window")
+        if self.pages_needed(seq_id, n) > self.free_pages():
+            raise MemoryError(f"append_kv: {self.pages_needed(seq_id, n)} pages needed, {self.free_pages()} free")
+        compressed = list(_PREPARE_RECV(self.kv_cache, seq_id, n))  # runs BeginForward; [nseg, b1, l1, ...]
+        try:
+            segs = compressed[1:]
+            positions = np.concatenate(
+                [np.arange(b, b + ln, dtype=np.int32) for b, ln in zip(segs[::2], segs[1::2], strict=True)]
+            )
+            pos = tvm.runtime.tensor(positions, self.device)
+            for layer, pages in enumerate(self.kv_pages):
+                kl = tvm.runtime.tensor(np.ascontiguousarray(k[layer]), self.device)  # [n, Hkv, d]
+                vl = tvm.runtime.tensor(np.ascontiguousarray(v[layer]), self.device)
+                self._transpose_append(pages, kl, vl, pos)
+        except BaseException:
+            self._abort_forward([seq_id])
+            raise
+        self._end([seq_id], [n])
+
+    def kv_fingerprint(self) -> str:
+        """Identifies the KV layout *and* the weights that produced it (config, dtype, page size, a digest of
+        samples of every parameter): KV moves only between runtimes with the same fingerprint."""
+        import hashlib
+        import json
+
+        h = hashlib.sha256(json.dumps([self.config.to_dict(), self.compiled.dtype, self.kv_config.page_size]).encode())
+        for name, p in zip(self.compiled.param_names, self._param_samples, strict=True):
+            h.update(name.encode())
+            h.update(p)
+        return h.hexdigest()[:32]
+
     def _abort_forward(self, seq_ids: Sequence[int]) -> None:
         """A forward failed after BeginForward: the cache state of these sequences is undefined; drop them."""
         with contextlib.suppress(Exception):  # best effort; the sequences are dropped below either way
@@ -297,6 +366,20 @@ class ModelRuntime:
         self.kv_cache = None
         self.kv_pages = []
         self.params = []
+
+
+def aligned_empty(shape: Sequence[int], dtype: str, align: int = 64) -> np.ndarray:
+    """An uninitialized array whose data is `align`-byte aligned (TVM accepts such buffers zero-copy)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _sample_bytes(a: np.ndarray, n: int = 4096) -> bytes:
+    """First and last `n` bytes of a parameter plus its shape: a cheap identity for the fingerprint."""
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    return str(a.shape).encode() + flat[:n].tobytes() + flat[-n:].tobytes()
 
 
 def plan_prefill_chunks(lengths: Sequence[int], chunk: int) -> list[list[tuple[int, int, int]]]:
