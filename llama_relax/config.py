@@ -30,7 +30,9 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_scaling.rope_type: unknown rope type {self.rope_type!r} (known: {', '.join(ROPE_TYPES)})")
+            raise ValueError(
+                f"rope_scaling.rope_type: unknown rope type {self.rope_type!r} (known: {', '.join(ROPE_TYPES)})"
+            )
         if self.rope_type == "llama3":
             if not self.factor > 0:
                 raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
@@ -219,7 +221,9 @@ class LlamaConfig:
             "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
             "vocab_size": hf["vocab_size"],
             "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "position_embedding_base": float(theta if theta is not None else hf.get("position_embedding_base", 10000.0)),
+            "position_embedding_base": float(
+                theta if theta is not None else hf.get("position_embedding_base", 10000.0)
+            ),
             "rope_scaling": RopeScaling.from_dict(rope_params),
             "context_window_size": int(context),
             "prefill_chunk_size": int(hf.get("prefill_chunk_size", 0)),
