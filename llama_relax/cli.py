@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -223,7 +224,14 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     return parser
 
 
+def use_all_cores() -> None:
+    """TVM's CPU thread pool defaults to half the logical cores on x86 (1 thread on a 2-core machine); use all
+    cores this process may run on unless TVM_NUM_THREADS says otherwise. Must run before the pool starts."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
 def main(argv: list[str] | None = None) -> int:
+    use_all_cores()
     commands = BUILTIN_COMMANDS + _plugin_commands()
     args = build_parser(commands).parse_args(argv)
     try:

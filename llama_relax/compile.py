@@ -118,19 +118,10 @@ def build_pipeline(target: tvm.target.Target, config: LlamaConfig, dtype: str) -
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    custom: list[tvm.transform.Pass] = []
-    try:
-        from llama_relax.kernels import cpu_attention_pass
+    from llama_relax.kernels import cpu_attention_pass
+    from llama_relax.schedule_cpu import cpu_schedule_pass
 
-        custom.append(cpu_attention_pass(config, dtype))
-    except ImportError:  # pragma: no cover - kernels module optional during bring-up
-        pass
-    try:
-        from llama_relax.schedule_cpu import cpu_schedule_pass
-
-        custom.append(cpu_schedule_pass(target))
-    except ImportError:  # pragma: no cover
-        pass
+    custom = [cpu_attention_pass(config, dtype), cpu_schedule_pass(target)]
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
