@@ -1,1 +1,1 @@
-"""pdserve: protos (see the README; filled in by its own issue)."""
+"""gRPC definitions: kvtransfer.proto and its generated modules (regenerate with protos/generate.sh)."""

@@ -1,0 +1,333 @@
+"""Transport-neutral KV payload: a msgpack header plus the raw K and V bytes, cut into CRC-checked chunks.
+
+Data layout on the wire: the K bytes, then the V bytes (each C-contiguous ``[layers, end-begin, kv_heads,
+head_dim]`` in the cache dtype, little-endian as numpy stores it on x86/ARM). Both are cut into ``chunk_bytes``
+pieces *separately*: a chunk never straddles the K/V boundary, so the last K chunk and the last V chunk may be
+short, and every chunk is a zero-copy view of exactly one array. ``chunk_crc32[i]`` is ``zlib.crc32`` of chunk i,
+K chunks first. Dependencies: numpy + msgpack only (no ``llama_relax``, no transport).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+import msgpack
+import numpy as np
+
+FORMAT_VERSION = 1
+DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2}
+DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 64 << 20
+MAX_HEADER_BYTES = 1 << 20
+MAX_STR_LEN = 256
+
+
+class ErrorCode(str, Enum):
+    """Why a transfer failed; the value is the name carried in acks and `TransferResult.error`."""
+
+    FINGERPRINT_MISMATCH = "FINGERPRINT_MISMATCH"
+    DTYPE_MISMATCH = "DTYPE_MISMATCH"
+    SHAPE_MISMATCH = "SHAPE_MISMATCH"
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    TRUNCATED = "TRUNCATED"
+    MALFORMED = "MALFORMED"
+    IMPORT_FAILED = "IMPORT_FAILED"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+    BUSY = "BUSY"
+    UNAVAILABLE = "UNAVAILABLE"  # transport-level failure: receiver unreachable, connection lost, internal error
+
+    @classmethod
+    def parse(cls, name: str) -> ErrorCode:
+        """The code named `name`; an unknown name (newer peer) maps to MALFORMED."""
+        try:
+            return cls(name)
+        except ValueError:
+            return cls.MALFORMED
+
+
+class PayloadError(Exception):
+    """A payload was rejected; `code` says why (raised by header parsing and `PayloadAssembler`)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _num_chunks(nbytes: int, chunk_bytes: int) -> int:
+    return -(-nbytes // chunk_bytes)
+
+
+_INT_FIELDS = (
+    "page_size",
+    "num_layers",
+    "num_kv_heads",
+    "head_dim",
+    "begin",
+    "end",
+    "k_bytes",
+    "v_bytes",
+    "chunk_bytes",
+)
+_STR_FIELDS = ("layout_fingerprint", "dtype", "request_id")
+_ALL_FIELDS = frozenset((*_INT_FIELDS, *_STR_FIELDS, "chunk_crc32", "v"))
+
+
+@dataclass(frozen=True)
+class KVHeader:
+    """Describes one transfer of tokens [begin, end) of a sequence; consistent by construction (validated)."""
+
+    layout_fingerprint: str  # model + KV layout hash; the receiver rejects a mismatch
+    dtype: str  # "float32" | "float16"
+    page_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    begin: int
+    end: int
+    k_bytes: int
+    v_bytes: int
+    chunk_bytes: int
+    chunk_crc32: tuple[int, ...]  # one per chunk, K chunks then V chunks
+    request_id: str
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Shape of each of K and V: [layers, end-begin, kv_heads, head_dim]."""
+        return (self.num_layers, self.num_tokens, self.num_kv_heads, self.head_dim)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.k_bytes + self.v_bytes
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_crc32)
+
+    def chunk_spans(self) -> list[tuple[int, int]]:
+        """(offset into the k||v byte stream, size) of every chunk, in order."""
+        spans: list[tuple[int, int]] = []
+        for base, n in ((0, self.k_bytes), (self.k_bytes, self.v_bytes)):
+            spans.extend((base + off, min(self.chunk_bytes, n - off)) for off in range(0, n, self.chunk_bytes))
+        return spans
+
+    def to_bytes(self) -> bytes:
+        """msgpack map (string keys, with a format version ``v``)."""
+        d: dict[str, object] = {name: getattr(self, name) for name in (*_STR_FIELDS, *_INT_FIELDS)}
+        d["chunk_crc32"] = list(self.chunk_crc32)
+        d["v"] = FORMAT_VERSION
+        return msgpack.packb(d, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> KVHeader:
+        """Parse and validate; anything malformed raises `PayloadError(MALFORMED, ...)`."""
+        if len(data) > MAX_HEADER_BYTES:
+            raise PayloadError(ErrorCode.MALFORMED, f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+        try:
+            d = msgpack.unpackb(
+                data, raw=False, use_list=True, strict_map_key=True, max_str_len=MAX_STR_LEN, max_bin_len=0,
+                max_array_len=MAX_HEADER_BYTES, max_map_len=64, max_ext_len=0,
+            )  # fmt: skip
+        except Exception as e:  # msgpack raises a variety (ExtraData, ValueError, UnicodeDecodeError, ...)
+            raise PayloadError(ErrorCode.MALFORMED, f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+        if not isinstance(d, dict):
+            raise PayloadError(ErrorCode.MALFORMED, f"header must be a map, got {type(d).__name__}")
+        if d.get("v") != FORMAT_VERSION or type(d.get("v")) is not int:
+            raise PayloadError(
+                ErrorCode.MALFORMED, f"unsupported header version {d.get('v')!r} (want {FORMAT_VERSION})"
+            )
+        if set(d) != _ALL_FIELDS:
+            missing, extra = sorted(_ALL_FIELDS - set(d)), sorted(set(d) - _ALL_FIELDS)
+            raise PayloadError(ErrorCode.MALFORMED, f"header fields: missing {missing}, unexpected {extra}")
+        for name in _STR_FIELDS:
+            if type(d[name]) is not str:
+                raise PayloadError(ErrorCode.MALFORMED, f"header field {name} must be a string")
+        for name in _INT_FIELDS:
+            if type(d[name]) is not int:  # rejects bool and float
+                raise PayloadError(ErrorCode.MALFORMED, f"header field {name} must be an integer")
+        crcs = d["chunk_crc32"]
+        if not isinstance(crcs, list) or any(type(c) is not int for c in crcs):
+            raise PayloadError(ErrorCode.MALFORMED, "header field chunk_crc32 must be a list of integers")
+        fields = {name: d[name] for name in (*_STR_FIELDS, *_INT_FIELDS)}
+        return cls(**fields, chunk_crc32=tuple(crcs))  # type: ignore[arg-type]
+
+
+def _validate(h: KVHeader) -> None:
+    """Value checks shared by construction and parsing (types are checked by `from_bytes`)."""
+
+    def bad(msg: str) -> PayloadError:
+        return PayloadError(ErrorCode.MALFORMED, msg)
+
+    if not h.layout_fingerprint or len(h.layout_fingerprint) > MAX_STR_LEN:
+        raise bad("layout_fingerprint must be a non-empty string of at most 256 characters")
+    if len(h.request_id) > MAX_STR_LEN:
+        raise bad("request_id longer than 256 characters")
+    if h.dtype not in DTYPE_SIZES:
+        raise bad(f"dtype {h.dtype!r} not one of {sorted(DTYPE_SIZES)}")
+    for name in ("page_size", "num_layers", "num_kv_heads", "head_dim"):
+        if getattr(h, name) <= 0:
+            raise bad(f"{name} must be positive, got {getattr(h, name)}")
+    if not 0 <= h.begin < h.end:
+        raise bad(f"token range [{h.begin}, {h.end}) is empty or negative")
+    want = h.num_layers * h.num_tokens * h.num_kv_heads * h.head_dim * DTYPE_SIZES[h.dtype]
+    if h.k_bytes != want or h.v_bytes != want:
+        raise bad(f"k_bytes/v_bytes {h.k_bytes}/{h.v_bytes} do not match shape {h.shape} {h.dtype} ({want} bytes)")
+    if not 0 < h.chunk_bytes <= MAX_CHUNK_BYTES:
+        raise bad(f"chunk_bytes {h.chunk_bytes} outside (0, {MAX_CHUNK_BYTES}]")
+    n = _num_chunks(h.k_bytes, h.chunk_bytes) + _num_chunks(h.v_bytes, h.chunk_bytes)
+    if len(h.chunk_crc32) != n:
+        raise bad(f"{len(h.chunk_crc32)} chunk checksums for {n} chunks")
+    if any(not 0 <= c < 1 << 32 for c in h.chunk_crc32):
+        raise bad("chunk_crc32 values must be unsigned 32-bit")
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    """A header plus the K and V it describes; the payload references (does not copy) the caller's arrays."""
+
+    header: KVHeader
+    k: np.ndarray  # [layers, end-begin, kv_heads, head_dim], C-contiguous, header.dtype
+    v: np.ndarray  # same shape and dtype as k
+
+
+def make_payload(
+    k: np.ndarray,
+    v: np.ndarray,
+    fingerprint: str,
+    begin: int,
+    request_id: str,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    page_size: int = 16,
+) -> KVPayload:
+    """Build a payload for tokens [begin, begin + k.shape[1]): computes sizes and per-chunk CRCs.
+
+    k, v: [layers, n_tokens, kv_heads, head_dim] in float32/float16 (K already rotated). Non-contiguous arrays are
+    copied once to C order; contiguous ones are referenced, so the caller must not modify them until sent.
+    """
+    if k.ndim != 4 or k.shape != v.shape or k.shape[1] == 0:
+        raise ValueError(f"make_payload: k and v must share a non-empty [L, n, Hkv, d] shape, got {k.shape}, {v.shape}")
+    if k.dtype != v.dtype or str(k.dtype) not in DTYPE_SIZES:
+        raise ValueError(f"make_payload: dtype must be one of {sorted(DTYPE_SIZES)} for both, got {k.dtype}/{v.dtype}")
+    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    layers, n, heads, head_dim = k.shape
+    crcs = [zlib.crc32(c) for arr in (k, v) for c in _array_chunks(arr, chunk_bytes)]
+    header = KVHeader(
+        layout_fingerprint=fingerprint, dtype=str(k.dtype), page_size=page_size, num_layers=layers,
+        num_kv_heads=heads, head_dim=head_dim, begin=begin, end=begin + n, k_bytes=k.nbytes, v_bytes=v.nbytes,
+        chunk_bytes=chunk_bytes, chunk_crc32=tuple(crcs), request_id=request_id,
+    )  # fmt: skip
+    return KVPayload(header, k, v)
+
+
+def _array_chunks(a: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:
+    flat = memoryview(a).cast("B")  # zero-copy byte view of a C-contiguous array
+    for off in range(0, len(flat), chunk_bytes):
+        yield flat[off : off + chunk_bytes]
+
+
+def iter_chunks(payload: KVPayload) -> Iterator[memoryview]:
+    """Zero-copy byte views of K's chunks then V's chunks (never straddling); valid while the payload lives."""
+    cb = payload.header.chunk_bytes
+    yield from _array_chunks(payload.k, cb)
+    yield from _array_chunks(payload.v, cb)
+
+
+ShapeCheck = Callable[[KVHeader], str | None]
+"""Receiver-side check of a header's geometry: returns None to accept, or the reason for SHAPE_MISMATCH."""
+
+
+def expect_shape(
+    num_layers: int, num_kv_heads: int, head_dim: int, page_size: int | None = None, max_tokens: int | None = None
+) -> ShapeCheck:
+    """A `ShapeCheck` for a fixed model geometry; `max_tokens` bounds `end` (e.g. the context window)."""
+
+    def check(h: KVHeader) -> str | None:
+        want, got = (num_layers, num_kv_heads, head_dim), (h.num_layers, h.num_kv_heads, h.head_dim)
+        if got != want:
+            return f"(layers, kv_heads, head_dim) {got} != expected {want}"
+        if page_size is not None and h.page_size != page_size:
+            return f"page_size {h.page_size} != expected {page_size}"
+        if max_tokens is not None and h.end > max_tokens:
+            return f"token range end {h.end} exceeds {max_tokens}"
+        return None
+
+    return check
+
+
+class PayloadAssembler:
+    """Receives one payload's chunks in order into one preallocated buffer and hands back (k, v) views of it.
+
+    Construction validates the header against the receiver (fingerprint, dtype, then `expected_shape_fn`) and
+    raises `PayloadError` before any buffer is allocated. Call `add` once per chunk in index order, then `finish`.
+    The assembler owns the buffer; the arrays from `finish` keep it alive, and it is never reused.
+    """
+
+    def __init__(
+        self,
+        header: KVHeader,
+        expected_fingerprint: str | None,
+        expected_dtype: str | None,
+        expected_shape_fn: ShapeCheck | None = None,
+        max_total_bytes: int | None = None,
+    ) -> None:
+        if expected_fingerprint is not None and header.layout_fingerprint != expected_fingerprint:
+            raise PayloadError(
+                ErrorCode.FINGERPRINT_MISMATCH,
+                f"layout fingerprint {header.layout_fingerprint!r} != receiver's {expected_fingerprint!r}",
+            )
+        if expected_dtype is not None and header.dtype != expected_dtype:
+            raise PayloadError(ErrorCode.DTYPE_MISMATCH, f"dtype {header.dtype} != receiver's {expected_dtype}")
+        if expected_shape_fn is not None and (why := expected_shape_fn(header)) is not None:
+            raise PayloadError(ErrorCode.SHAPE_MISMATCH, why)
+        if max_total_bytes is not None and header.total_bytes > max_total_bytes:
+            raise PayloadError(
+                ErrorCode.SHAPE_MISMATCH, f"payload of {header.total_bytes} bytes exceeds {max_total_bytes}"
+            )
+        self.header = header
+        self._spans = header.chunk_spans()
+        self._buf = np.empty(header.total_bytes, dtype=np.uint8)  # [k_bytes + v_bytes]
+        self._next = 0
+        self.bytes_received = 0
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._spans)
+
+    def add(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Verify chunk `index` (order, size, CRC) and copy it into the buffer (the only copy made here)."""
+        if index >= len(self._spans):
+            raise PayloadError(ErrorCode.MALFORMED, f"extra data: chunk {index} beyond {len(self._spans)} chunks")
+        if index != self._next:
+            raise PayloadError(ErrorCode.MALFORMED, f"chunk {index} out of order (expected {self._next})")
+        off, size = self._spans[index]
+        if len(data) != size:
+            raise PayloadError(ErrorCode.MALFORMED, f"chunk {index} has {len(data)} bytes, expected {size}")
+        if zlib.crc32(data) != self.header.chunk_crc32[index]:
+            raise PayloadError(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} fails its CRC32 check")
+        self._buf[off : off + size] = np.frombuffer(data, dtype=np.uint8)
+        self._next += 1
+        self.bytes_received += size
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(k, v) views [layers, end-begin, kv_heads, head_dim] of the buffer; TRUNCATED if chunks are missing."""
+        if not self.complete:
+            raise PayloadError(
+                ErrorCode.TRUNCATED,
+                f"stream ended after {self._next} of {len(self._spans)} chunks "
+                f"({self.bytes_received} of {self.header.total_bytes} bytes)",
+            )
+        h = self.header
+        k = self._buf[: h.k_bytes].view(h.dtype).reshape(h.shape)
+        v = self._buf[h.k_bytes :].view(h.dtype).reshape(h.shape)
+        return k, v

@@ -1,0 +1,120 @@
+"""Export a sequence's KV from a `ModelRuntime` into a `KVPayload`, and import payloads into another runtime.
+
+Both sides touch the paged KV cache, which has no locking: they must run between model steps on the thread
+that drives the runtime. `export_payload` is called on the prefill worker's model thread; `RuntimeImporter` is the
+decode side's `ImportSink`: transport threads call it, and it hands the write to the model thread through the
+`run_on_model_thread` callable it was given, blocking until done.
+
+Partial ranges: a payload for tokens [begin, end) lands on a sequence that already holds exactly `begin` tokens
+(a shared prefix, or the tokens the decode side computed itself). `begin == 0` creates the sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kvtransfer.payload import (
+    DEFAULT_CHUNK_BYTES,
+    ErrorCode,
+    KVHeader,
+    KVPayload,
+    PayloadError,
+    expect_shape,
+    make_payload,
+)
+from llama_relax.runtime import ModelRuntime
+
+
+def export_payload(
+    runtime: ModelRuntime, seq_id: int, request_id: str, begin: int = 0, end: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> KVPayload:  # fmt: skip
+    """K/V of tokens [begin, end) of `seq_id` (default: all) as a payload owning fresh host arrays."""
+    end = runtime.sequence_length(seq_id) if end is None else end
+    k, v = runtime.read_kv(seq_id, begin, end)  # [L, n, Hkv, d] each
+    return make_payload(
+        k,
+        v,
+        runtime.kv_fingerprint(),
+        begin,
+        request_id,
+        chunk_bytes=chunk_bytes,
+        page_size=runtime.kv_config.page_size,
+    )
+
+
+def receiver_checks(runtime: ModelRuntime) -> dict[str, Any]:
+    """Keyword arguments for a `KVReceiver` that make it reject payloads this runtime cannot take."""
+    c = runtime.config
+    return {
+        "expected_fingerprint": runtime.kv_fingerprint(),
+        "expected_dtype": runtime.compiled.dtype,
+        "shape_check": expect_shape(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, runtime.kv_config.page_size, c.context_window_size
+        ),
+    }
+
+
+def import_into(runtime: ModelRuntime, seq_id: int, header: KVHeader, k: np.ndarray, v: np.ndarray) -> None:
+    """Append the payload's tokens to `seq_id` (creating it when `header.begin == 0`). Model thread only.
+
+    Leaves the cache as it was on any validation error; a sequence created here is removed if the write fails."""
+    exists = seq_id in runtime.sequence_ids()
+    if header.begin == 0 and exists and runtime.sequence_length(seq_id) != 0:
+        raise PayloadError(ErrorCode.SHAPE_MISMATCH, f"sequence {seq_id} already holds tokens; payload starts at 0")
+    if header.begin > 0:
+        if not exists:
+            raise PayloadError(
+                ErrorCode.SHAPE_MISMATCH, f"payload starts at {header.begin} but sequence {seq_id} is absent"
+            )
+        have = runtime.sequence_length(seq_id)
+        if have != header.begin:
+            raise PayloadError(
+                ErrorCode.SHAPE_MISMATCH, f"payload starts at {header.begin}; sequence {seq_id} holds {have}"
+            )
+    created = not exists
+    if created:
+        runtime.add_sequence(seq_id)
+    try:
+        runtime.append_kv(seq_id, k, v)
+    except BaseException:
+        if created and seq_id in runtime.sequence_ids():
+            runtime.remove_sequence(seq_id)
+        raise
+
+
+class RuntimeImporter:
+    """`ImportSink` for a decode worker: resolves the request to a sequence id and imports on the model thread.
+
+    `resolve_seq(request_id) -> seq_id` raises (e.g. KeyError) for requests the worker did not reserve;
+    `run_on_model_thread(fn)` runs `fn` on the thread driving the runtime and returns/raises what it does."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        resolve_seq: Callable[[str], int],
+        run_on_model_thread: Callable[[Callable[[], None]], None] = lambda fn: fn(),
+    ) -> None:
+        self.runtime = runtime
+        self.resolve_seq = resolve_seq
+        self.run_on_model_thread = run_on_model_thread
+
+    def __call__(self, header: KVHeader, k: np.ndarray, v: np.ndarray) -> None:
+        seq_id = self.resolve_seq(header.request_id)
+        self.run_on_model_thread(lambda: import_into(self.runtime, seq_id, header, k, v))
+
+    def on_orphaned(self, header: KVHeader) -> None:
+        """The sender went away while we imported (cancel/timeout): drop what was imported. Pass this as the
+        receiver's `on_orphaned` so a cancelled transfer leaves no pages behind."""
+        seq_id = self.resolve_seq(header.request_id)
+
+        def drop() -> None:
+            if header.begin == 0:
+                self.runtime.remove_sequence(seq_id)
+            elif seq_id in self.runtime.sequence_ids():
+                self.runtime.popn(seq_id, self.runtime.sequence_length(seq_id) - header.begin)
+
+        self.run_on_model_thread(drop)
