@@ -90,6 +90,8 @@ class ModelRuntime:
         prefill_chunk = min(kv_config.prefill_chunk_size, self.config.prefill_chunk_size)
         self.prefill_chunk_size = prefill_chunk
         self.kv_cache, self.kv_pages = self._create_kv_cache(lib, kv_config, prefill_chunk, model_create_fn)
+        on_cpu = self.device.dlpack_device_type() == 1
+        self._host_pages = [np.from_dlpack(p) for p in self.kv_pages] if on_cpu else []  # views, not copies
         self._fn = {name: self.vm[name] for name in (
             "embed", "get_logits", "batch_select_last_hidden_states", "batch_forward_to_last_hidden_states",
             "prefill_to_last_hidden_states", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
@@ -330,11 +332,18 @@ class ModelRuntime:
             positions = np.concatenate(
                 [np.arange(b, b + ln, dtype=np.int32) for b, ln in zip(segs[::2], segs[1::2], strict=True)]
             )
-            pos = tvm.runtime.tensor(positions, self.device)
-            for layer, pages in enumerate(self.kv_pages):
-                kl = tvm.runtime.tensor(np.ascontiguousarray(k[layer]), self.device)  # [n, Hkv, d]
-                vl = tvm.runtime.tensor(np.ascontiguousarray(v[layer]), self.device)
-                self._transpose_append(pages, kl, vl, pos)
+            if self._host_pages:  # CPU: scatter straight into the page memory (zero-copy views)
+                ps = self.kv_config.page_size
+                page, slot = positions // ps, positions % ps
+                for layer, pages in enumerate(self._host_pages):  # pages: [P, 2, Hkv, page_size, d]
+                    pages[page, 0, :, slot, :] = k[layer]  # k[layer]: [n, Hkv, d]
+                    pages[page, 1, :, slot, :] = v[layer]
+            else:  # device memory: the library's own append kernel, one layer at a time
+                pos = tvm.runtime.tensor(positions, self.device)
+                for layer, pages in enumerate(self.kv_pages):
+                    kl = tvm.runtime.tensor(np.ascontiguousarray(k[layer]), self.device)  # [n, Hkv, d]
+                    vl = tvm.runtime.tensor(np.ascontiguousarray(v[layer]), self.device)
+                    self._transpose_append(pages, kl, vl, pos)
         except BaseException:
             self._abort_forward([seq_id])
             raise
@@ -365,6 +374,7 @@ class ModelRuntime:
             self.remove_sequence(sid)
         self.kv_cache = None
         self.kv_pages = []
+        self._host_pages = []
         self.params = []
 
 
