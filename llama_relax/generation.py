@@ -67,7 +67,7 @@ class SequenceDecoder:
 
     def sample_and_append(self, logits: np.ndarray) -> TokenEvent:
         """Sample from logits [V], record the token, and return its event."""
-        token = self.sampler.sample(logits)
+        token = self.sampler.sample(logits, len(self.output_ids))
         lps = tuple(top_logprobs(logits, self.params.logprobs))
         return self.append(token, lps)
 

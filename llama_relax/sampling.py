@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,14 +73,16 @@ def top_logprobs(logits: np.ndarray, k: int) -> list[TokenLogprob]:
 
 
 class Sampler:
-    """Draws tokens for one request. Owns its RNG, so a fixed seed reproduces the same tokens."""
+    """Draws tokens for one request. The draw for output token `step` uses an RNG keyed by (seed, step), so a
+    request's tokens do not depend on which process samples them (prefill worker: step 0, decode worker: the
+    rest) nor on how many draws came before. `seed=None` picks a random seed once per sampler."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.seed = params.seed if params.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
 
-    def sample(self, logits: np.ndarray) -> int:
-        """logits: float32 [V] -> the chosen token id."""
+    def sample(self, logits: np.ndarray, step: int = 0) -> int:
+        """logits: float32 [V] -> the chosen token id for output position `step`."""
         p = self.params
         if p.greedy:
             return int(np.argmax(logits))
@@ -97,4 +100,13 @@ class Sampler:
             mask = np.zeros_like(probs)
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
-        return int(self.rng.choice(probs.size, p=probs))
+        u = np.random.default_rng((self.seed, step)).random()
+        cdf = np.cumsum(probs)
+        return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), probs.size - 1))
+
+
+def resolve_seed(params: SamplingParams) -> SamplingParams:
+    """Give a seedless request a concrete random seed (at the edge), so every worker samples it alike."""
+    if params.seed is not None or params.greedy:
+        return params
+    return dataclasses.replace(params, seed=int(np.random.SeedSequence().entropy % 2**63))

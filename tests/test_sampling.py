@@ -18,25 +18,26 @@ def test_greedy_is_argmax():
 def test_seed_reproduces_and_differs():
     a = Sampler(SamplingParams(temperature=1.5, seed=7))
     b = Sampler(SamplingParams(temperature=1.5, seed=7))
-    seq_a = [a.sample(LOGITS) for _ in range(50)]
-    assert seq_a == [b.sample(LOGITS) for _ in range(50)]
+    seq_a = [a.sample(LOGITS, i) for i in range(50)]
+    assert seq_a == [b.sample(LOGITS, i) for i in range(50)]
+    assert seq_a[30:] == [b.sample(LOGITS, i) for i in range(30, 50)]  # a draw depends on (seed, step) only
     c = Sampler(SamplingParams(temperature=1.5, seed=8))
-    assert seq_a != [c.sample(LOGITS) for _ in range(50)]
+    assert seq_a != [c.sample(LOGITS, i) for i in range(50)]
 
 
 def test_top_k_and_top_p_restrict_support():
     s = Sampler(SamplingParams(temperature=5.0, top_k=2, seed=0))
-    assert {s.sample(LOGITS) for _ in range(300)} == {1, 4}
+    assert {s.sample(LOGITS, i) for i in range(300)} == {1, 4}
     # probs at T=1: top two (ids 1, 4) hold ~0.64 of the mass; top_p=0.5 keeps exactly them
     s = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=0))
-    assert {s.sample(LOGITS) for _ in range(300)} == {1, 4}
+    assert {s.sample(LOGITS, i) for i in range(300)} == {1, 4}
     s = Sampler(SamplingParams(temperature=1.0, top_p=0.3, seed=0))
-    assert {s.sample(LOGITS) for _ in range(100)} == {1}
+    assert {s.sample(LOGITS, i) for i in range(100)} == {1}
 
 
 def test_sampling_frequencies_follow_softmax():
     s = Sampler(SamplingParams(temperature=1.0, seed=3))
-    counts = np.bincount([s.sample(LOGITS) for _ in range(20000)], minlength=5) / 20000
+    counts = np.bincount([s.sample(LOGITS, i) for i in range(20000)], minlength=5) / 20000
     np.testing.assert_allclose(counts, np.exp(log_softmax(LOGITS)), atol=0.015)
 
 
