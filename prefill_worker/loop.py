@@ -1,0 +1,133 @@
+"""`EngineLoop`: the thread that owns a model runtime, and `OutputStream`: per-request event queues.
+
+The runtime and its KV cache are not thread-safe, so every touch goes through the loop's thread: other threads
+(RPC handlers, the KV receiver) hand it calls with `call(fn)` (blocks for the result) or `post(fn)`. Between
+calls the loop runs `step()` (schedule -> execute -> update) while there is work, and sleeps on its inbox
+otherwise. Tests may drive `step()` directly without starting the thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from llama_relax.generation import TokenEvent
+from prefill_worker.messages import RequestError
+
+T = TypeVar("T")
+Output = TokenEvent | RequestError
+
+
+class EngineLoop:
+    """Base class: subclasses implement `step() -> bool` (True if it did work)."""
+
+    idle_wait_s = 0.05
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], object], cf.Future]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # set if step() raised: the engine is broken and stops
+
+    # ---- cross-thread entry points ------------------------------------------------------------------------
+    def post(self, fn: Callable[[], T]) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        if self._thread is None or threading.current_thread() is self._thread:
+            _run_into(fn, fut)  # not started (tests) or already on the loop thread: run inline
+        else:
+            if self._stop.is_set():
+                fut.set_exception(RuntimeError(f"{self.name} engine is stopped"))
+                return fut
+            self._inbox.put((fn, fut))
+        return fut
+
+    def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        return self.post(fn).result(timeout)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._inbox.put((lambda: None, cf.Future()))  # wake it
+            self._thread.join(timeout)
+        self._drain(cancel=True)
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    def _drain(self, cancel: bool = False) -> int:
+        n = 0
+        while True:
+            try:
+                fn, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                return n
+            if cancel:
+                fut.cancel()
+            else:
+                _run_into(fn, fut)
+            n += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain()
+            try:
+                busy = self.step()
+            except BaseException as e:  # a broken engine stops instead of spinning on the same error
+                self.error = e
+                self._stop.set()
+                self.on_broken(e)
+                break
+            if not busy:
+                try:
+                    fn, fut = self._inbox.get(timeout=self.idle_wait_s)
+                except queue.Empty:
+                    continue
+                _run_into(fn, fut)
+
+    def on_broken(self, error: BaseException) -> None:
+        """Called once on the loop thread when step() raised; subclasses fail their requests here."""
+
+
+def _run_into(fn: Callable[[], object], fut: cf.Future) -> None:
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(fn())
+    except BaseException as e:
+        fut.set_exception(e)
+
+
+class OutputStream:
+    """Events of one request, in order; ends with a TokenEvent carrying a finish reason or a RequestError."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Output] = queue.SimpleQueue()
+        self.closed = False
+
+    def put(self, item: Output) -> None:
+        self._q.put(item)
+
+    def get(self, timeout: float | None = None) -> Output:
+        return self._q.get(timeout=timeout)
+
+    def __iter__(self) -> Iterator[Output]:
+        while True:
+            item = self._q.get()
+            yield item
+            if is_terminal(item):
+                return
+
+
+def is_terminal(item: Output) -> bool:
+    return isinstance(item, RequestError) or item.finish_reason is not None

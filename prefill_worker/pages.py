@@ -1,0 +1,43 @@
+"""`PagePool`: pure bookkeeping of KV pages reserved per request, mirroring a runtime's paged cache.
+
+Workers reserve before they let a sequence grow, so the real cache never runs out under them; tests assert that
+every reservation is released (`pool.free == pool.total`) at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def pages_for(tokens: int, page_size: int = 16) -> int:
+    return -(-tokens // page_size)
+
+
+@dataclass
+class PagePool:
+    total: int
+    page_size: int = 16
+    held: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.total - sum(self.held.values())
+
+    def can_reserve(self, n: int) -> bool:
+        return n <= self.free
+
+    def reserve(self, owner: str, n: int) -> bool:
+        """Add `n` pages to `owner`'s reservation; False (and nothing reserved) if they are not free."""
+        if n < 0:
+            raise ValueError("cannot reserve a negative number of pages")
+        if n > self.free:
+            return False
+        self.held[owner] = self.held.get(owner, 0) + n
+        return True
+
+    def ensure(self, owner: str, tokens: int) -> bool:
+        """Make `owner` hold enough pages for `tokens` tokens; False if that needs more than is free."""
+        need = pages_for(tokens, self.page_size) - self.held.get(owner, 0)
+        return need <= 0 or self.reserve(owner, need)
+
+    def release(self, owner: str) -> int:
+        return self.held.pop(owner, 0)
