@@ -232,8 +232,9 @@ def use_all_cores() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     use_all_cores()
-    commands = BUILTIN_COMMANDS + _plugin_commands()
-    args = build_parser(commands).parse_args(argv)
+    by_name = {c[0]: c for c in BUILTIN_COMMANDS}
+    by_name.update({c[0]: c for c in _plugin_commands()})  # a package further up may extend a command (generate)
+    args = build_parser(list(by_name.values())).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

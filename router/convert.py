@@ -1,0 +1,118 @@
+"""The one place that converts between the wire (protobuf, `pdserve.v1`) and the internal frozen dataclasses,
+and validates client input on the way in (errors name the offending field)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from llama_relax.config import LlamaConfig
+from llama_relax.generation import TokenEvent
+from llama_relax.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams, resolve_seed
+from prefill_worker.messages import ErrorKind, GenerationRequest
+from protos import generate_pb2 as pb
+
+DEFAULT_MAX_TOKENS = 64
+
+STATUS_FOR_ERROR = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.EVICTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.TRANSFER_FAILED: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+class InvalidArgument(ValueError):
+    """Client input the router refuses; `field` is the request field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What validation needs to know about the served model."""
+
+    vocab_size: int
+    context_window_size: int
+
+    @classmethod
+    def of(cls, config: LlamaConfig) -> ModelLimits:
+        return cls(config.vocab_size, config.context_window_size)
+
+
+def sampling_from_pb(s: pb.SamplingParams) -> SamplingParams:
+    """Sampling parameters with defaults for unset fields; range errors name the field."""
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    temperature = s.temperature if s.HasField("temperature") else 1.0
+    top_p = s.top_p if s.HasField("top_p") else 1.0
+    top_k = s.top_k if s.HasField("top_k") else 0
+    checks = [
+        ("sampling.max_tokens", max_tokens >= 1, f"must be >= 1, got {max_tokens}"),
+        ("sampling.temperature", temperature >= 0, f"must be >= 0, got {temperature}"),
+        ("sampling.top_p", 0 < top_p <= 1, f"must be in (0, 1], got {top_p}"),
+        ("sampling.top_k", top_k >= 0, f"must be >= 0, got {top_k}"),
+        ("sampling.stop", len(s.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}"),
+        ("sampling.stop", all(s.stop), "stop strings must be non-empty"),
+        ("sampling.logprobs", s.logprobs <= MAX_LOGPROBS, f"must be <= {MAX_LOGPROBS}, got {s.logprobs}"),
+        ("sampling.seed", not s.HasField("seed") or s.seed < 2**63, "must be < 2**63"),
+    ]  # fmt: skip
+    for field, ok, message in checks:
+        if not ok:
+            raise InvalidArgument(field, message)
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos, logprobs=s.logprobs,
+    )  # fmt: skip
+
+
+def request_from_pb(req: pb.GenerateRequest, limits: ModelLimits, tokenizer) -> GenerationRequest:
+    """Validate and tokenize a client request into the workers' `GenerationRequest` (seed made concrete)."""
+    params = sampling_from_pb(req.sampling)
+    kind = req.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidArgument("prompt", "give prompt text or token_ids")
+    if kind == "text":
+        if not req.text:
+            raise InvalidArgument("text", "the prompt is empty")
+        if tokenizer is None:
+            raise InvalidArgument("text", "this model has no tokenizer; send token_ids")
+        text = req.text
+        if req.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = tuple(tokenizer.encode(text))
+    else:
+        if req.chat:
+            raise InvalidArgument("chat", "chat needs a text prompt")
+        ids = tuple(req.token_ids.ids)
+    if not ids:
+        raise InvalidArgument("token_ids" if kind == "token_ids" else "text", "the prompt is empty")
+    bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument("token_ids", f"unknown token id {bad} (vocabulary size {limits.vocab_size})")
+    bad_stop = next((t for t in params.stop_token_ids if not 0 <= t < limits.vocab_size), None)
+    if bad_stop is not None:
+        raise InvalidArgument("sampling.stop_token_ids", f"unknown token id {bad_stop}")
+    if len(ids) + params.max_tokens > limits.context_window_size:
+        raise InvalidArgument(
+            "sampling.max_tokens",
+            f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
+            f"({limits.context_window_size})",
+        )
+    return GenerationRequest(req.request_id or uuid.uuid4().hex, ids, resolve_seed(params))
+
+
+def event_to_pb(request_id: str, event: TokenEvent) -> pb.GenerateResponse:
+    out = pb.GenerateResponse(request_id=request_id, token_ids=[event.token_id], text=event.text)
+    if event.logprobs:
+        out.logprobs.append(pb.TopLogprobs(entries=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob)
+                                                    for lp in event.logprobs]))  # fmt: skip
+    if event.finish_reason is not None:
+        out.finish_reason = event.finish_reason.value
+    return out

@@ -1,0 +1,137 @@
+"""The gRPC frontend: `pdserve.v1.Generation` (streaming Generate, GetModelInfo, GetClusterStatus), the standard
+health service and server reflection, bound to 127.0.0.1 unless told otherwise.
+
+Each Generate runs on a server thread: validate (INVALID_ARGUMENT naming the field) -> `Router.generate` -> one
+response per token. A client that cancels, disconnects or passes its deadline triggers `Router.cancel`, which makes
+both workers drop the request and free its pages."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from prefill_worker.messages import ErrorKind
+from protos import generate_pb2 as pb
+from protos import generate_pb2_grpc as pb_grpc
+from router.convert import STATUS_FOR_ERROR, InvalidArgument, ModelLimits, event_to_pb, request_from_pb
+from router.metrics import Metrics
+from router.router import Done, RequestRecord, RequestState, Router, RouterError
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    dtype: str
+    limits: ModelLimits
+    num_hidden_layers: int
+    hidden_size: int
+    tokenizer: object | None
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, router: Router, model: ServedModel, metrics: Metrics) -> None:
+        self.router = router
+        self.model = model
+        self.metrics = metrics
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+        t0 = time.monotonic()
+        try:
+            req = request_from_pb(request, self.model.limits, self.model.tokenizer)
+        except InvalidArgument as e:
+            self.metrics.requests.labels("invalid").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        context.add_callback(lambda: self.router.cancel(req.request_id))  # cancel / disconnect / deadline
+        first_sent, last, final = False, t0, None
+        try:
+            for item in self.router.generate(req):
+                if isinstance(item, Done):
+                    yield self._final(final or pb.GenerateResponse(request_id=req.request_id), item.record, t0)
+                    continue
+                now = time.monotonic()
+                msg = event_to_pb(req.request_id, item)
+                if not first_sent:
+                    msg.prompt_token_ids.extend(req.prompt_ids)
+                    self.metrics.ttft.observe(now - t0)
+                    first_sent = True
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                if not context.is_active():
+                    self.metrics.requests.labels("cancelled").inc()
+                    return
+                if item.finish_reason is None:
+                    yield msg
+                else:
+                    final = msg  # sent together with usage and timings once the router is done
+        except RouterError as e:
+            self.metrics.requests.labels(e.kind.value).inc()
+            if e.kind is ErrorKind.TRANSFER_FAILED:
+                self.metrics.kv_failures.inc()
+            context.abort(STATUS_FOR_ERROR[e.kind], e.message)
+
+    def _final(self, msg: pb.GenerateResponse, rec: RequestRecord, t0: float) -> pb.GenerateResponse:
+        """The last message: the last token plus finish reason, usage and timings."""
+        s = rec.stamps
+        first_at = s.get(RequestState.KV_TRANSFER) or s.get(RequestState.DECODING) or s.get(RequestState.PREFILLING)
+        end = s.get(RequestState.FINISHED, time.monotonic())
+        p = rec.prefill
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens))
+        msg.timings.CopyFrom(pb.Timings(
+            queue_s=p.queue_s if p else 0.0, prefill_s=p.prefill_s if p else 0.0,
+            kv_transfer_s=p.transfer_s if p else 0.0, first_token_s=(first_at or end) - t0,
+            decode_s=end - (first_at or end), e2e_s=end - t0,
+        ))  # fmt: skip
+        self.metrics.e2e.observe(end - t0)
+        if p is not None:
+            self.metrics.queue.observe(p.queue_s)
+            self.metrics.kv_seconds.observe(p.transfer_s)
+            self.metrics.kv_bytes.inc(p.kv_bytes)
+        self.metrics.requests.labels("finished").inc()
+        return msg
+
+    def GetModelInfo(self, request, context):
+        m = self.model
+        return pb.ModelInfo(model=m.name, dtype=m.dtype, vocab_size=m.limits.vocab_size,
+                            context_window_size=m.limits.context_window_size, num_hidden_layers=m.num_hidden_layers,
+                            hidden_size=m.hidden_size, mode=self.router.mode,
+                            has_tokenizer=m.tokenizer is not None)  # fmt: skip
+
+    def GetClusterStatus(self, request, context):
+        out = pb.ClusterStatus()
+        for w in self.router.pools.workers:
+            out.workers.append(pb.WorkerStatus(name=w.name, role=w.role, alive=w.alive, queued=0, running=w.running,
+                                               free_pages=w.free_pages, total_pages=w.total_pages,
+                                               queued_prompt_tokens=w.queued_tokens))  # fmt: skip
+        return out
+
+
+def start_server(service: GenerationService, host: str = "127.0.0.1", port: int = 50051,
+                 max_workers: int = 64) -> tuple[grpc.Server, health.HealthServicer, int]:  # fmt: skip
+    """Start the gRPC server (Generation + health + reflection); returns it, the health servicer and the port."""
+    opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=opts)
+    pb_grpc.add_GenerationServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(bind)
+    if bound == 0:
+        raise RuntimeError(f"could not bind {bind}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, bound

@@ -1,0 +1,217 @@
+"""End to end through `pdserve serve` (a real local Ray cluster on loopback, real gRPC) with the tiny model:
+1 prefill + 1 decode worker against 1 colocated engine; streaming, status codes, cancel/deadline cleanup, health,
+reflection, loopback-only listeners, clean shutdown."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from conftest import TINY_GQA
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from model_files import write_hf_dir
+from ray_cluster import LOOPBACK_ENV, listeners_beyond_loopback
+from reference import random_params
+
+from protos import generate_pb2 as pb
+from protos import generate_pb2_grpc as pb_grpc
+
+LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]
+
+
+class Server:
+    def __init__(self, args: list[str], cache_dir) -> None:
+        env = {**os.environ, **LOOPBACK_ENV, "PDSERVE_CACHE_DIR": str(cache_dir)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("pdserve serve exited early:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if m := re.search(r"serving .* on (\S+:\d+)", line):
+                self.address = m.group(1)
+            if line.strip() == "pdserve: ready":
+                break
+        else:
+            raise RuntimeError("pdserve serve did not become ready:\n" + "".join(self.lines))
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def tree_pids(self) -> set[int]:
+        p = psutil.Process(self.proc.pid)
+        return {p.pid} | {c.pid for c in p.children(recursive=True)}
+
+    def stop(self) -> set[int]:
+        pids = self.tree_pids()
+        self.channel.close()
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+        return pids
+
+    def pages_all_free(self, timeout_s: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ws = self.stub.GetClusterStatus(pb.GetClusterStatusRequest()).workers
+            if ws and all(w.alive and w.free_pages == w.total_pages for w in ws):
+                return True
+            time.sleep(0.25)
+        return False
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, compiled_gqa):
+    return write_hf_dir(tmp_path_factory.mktemp("serve-model"), TINY_GQA, random_params(TINY_GQA, seed=8))
+
+
+@pytest.fixture(scope="module")
+def disagg(model_dir, cache_dir):
+    s = Server(["--model", str(model_dir), "--max-total-seq-len", "1024"], cache_dir)
+    yield s
+    assert_clean_exit(s)
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir, cache_dir):
+    s = Server(["--model", str(model_dir), "--colocated", "1", "--max-total-seq-len", "160"], cache_dir)
+    yield s
+    assert_clean_exit(s)
+
+
+def assert_clean_exit(s: Server) -> None:
+    pids = s.stop()
+    assert s.proc.returncode == 0, "".join(s.lines[-20:])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                              for p in pids):  # fmt: skip
+        time.sleep(0.2)
+    left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert left == [], f"processes left behind: {left}"
+
+
+def request(ids, max_tokens=8, **sampling) -> pb.GenerateRequest:
+    s = pb.SamplingParams(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0.0), ignore_eos=True,
+                          **sampling)  # fmt: skip
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(ids)), sampling=s)
+
+
+def collect(stub, req, **kw) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(req, timeout=kw.pop("timeout", 120)))
+
+
+def prompts() -> list[list[int]]:
+    rng = np.random.default_rng(21)
+    return [[int(t) for t in rng.integers(0, TINY_GQA.vocab_size, n)] for n in LENGTHS]
+
+
+def test_disaggregated_streams_the_same_greedy_tokens_as_colocated(disagg, colocated):
+    with cf.ThreadPoolExecutor(8) as ex:  # 8 concurrent streaming requests
+        got = list(ex.map(lambda p: collect(disagg.stub, request(p)), prompts()))
+    want = [collect(colocated.stub, request(p)) for p in prompts()]
+    tokens = lambda rs: [t for r in rs for t in r.token_ids]  # noqa: E731
+    assert [tokens(r) for r in got] == [tokens(r) for r in want]
+    for responses, p in zip(got, prompts(), strict=True):
+        assert len(responses) == 8  # streamed one token per message
+        assert list(responses[0].prompt_token_ids) == p
+        last = responses[-1]
+        assert last.finish_reason == "length" and last.usage.completion_tokens == 8
+        assert last.usage.prompt_tokens == len(p)
+        assert 0 < last.timings.first_token_s <= last.timings.e2e_s
+        assert last.timings.kv_transfer_s > 0
+    assert disagg.pages_all_free() and colocated.pages_all_free()
+
+
+@pytest.mark.parametrize(
+    ("req", "field"),
+    [
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[])), "token_ids"),
+        (pb.GenerateRequest(text=""), "text"),
+        (request([1, 2, 10_000]), "token_ids"),
+        (request([1] * 249, max_tokens=10), "max_tokens"),
+        (request([1, 2], temperature=-0.5), "temperature"),
+        (request([1, 2], top_p=1.5), "top_p"),
+        (request([1, 2], top_p=0.0), "top_p"),
+        (request([1, 2], top_k=-1), "top_k"),
+        (request([1, 2], stop=[f"s{i}" for i in range(17)]), "stop"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(disagg, req, field):
+    with pytest.raises(grpc.RpcError) as e:
+        collect(disagg.stub, req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
+
+
+def test_pages_exhausted_is_resource_exhausted(colocated):
+    with pytest.raises(grpc.RpcError) as e:
+        collect(colocated.stub, request([5] * 200, max_tokens=8))  # 13 pages > the worker's 11
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert colocated.pages_all_free()
+
+
+def test_cancel_mid_stream_frees_pages_on_both_workers(disagg):
+    call = disagg.stub.Generate(request([1, 2, 3, 4, 5, 6], max_tokens=200), timeout=120)
+    received = [next(call) for _ in range(3)]
+    assert all(len(r.token_ids) == 1 for r in received)
+    call.cancel()
+    assert disagg.pages_all_free()
+
+
+def test_deadline_exceeded_frees_pages(disagg):
+    with pytest.raises(grpc.RpcError) as e:
+        collect(disagg.stub, request([7] * 40, max_tokens=210), timeout=0.1)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert disagg.pages_all_free()
+
+
+def test_model_info_and_cluster_status(disagg, colocated):
+    info = disagg.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.vocab_size, info.context_window_size, info.mode) == (160, 256, "disaggregated")
+    assert colocated.stub.GetModelInfo(pb.GetModelInfoRequest()).mode == "colocated"
+    roles = sorted(w.role for w in disagg.stub.GetClusterStatus(pb.GetClusterStatusRequest()).workers)
+    assert roles == ["decode", "prefill"]
+
+
+def test_health_and_reflection(disagg):
+    health = health_pb2_grpc.HealthStub(disagg.channel)
+    for service in ("", "pdserve.v1.Generation"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(disagg.channel)
+    answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert "pdserve.v1.Generation" in names and "grpc.health.v1.Health" in names
+
+
+def test_nothing_listens_beyond_loopback(disagg, colocated):
+    assert listeners_beyond_loopback(disagg.tree_pids() | colocated.tree_pids()) == []
+
+
+def test_cli_client_matches_local_generation(disagg, model_dir, cache_dir):
+    env = {**os.environ, "PDSERVE_CACHE_DIR": str(cache_dir)}
+    args = ["--prompt-ids", "3,1,4,1,5,9,2,6", "--max-tokens", "6", "--ignore-eos", "--json"]
+    remote = subprocess.run([sys.executable, "-m", "llama_relax.cli", "generate", "--addr", disagg.address, *args],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    local = subprocess.run([sys.executable, "-m", "llama_relax.cli", "generate", "--model", str(model_dir), *args],
+                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    assert local.returncode == 0, local.stderr
+    r, lo = json.loads(remote.stdout), json.loads(local.stdout)
+    assert r["token_ids"] == lo["token_ids"] and len(r["token_ids"]) == 6
+    assert r["prompt_token_ids"] == [3, 1, 4, 1, 5, 9, 2, 6] and r["finish_reason"] == "length"
+    bad = subprocess.run([sys.executable, "-m", "llama_relax.cli", "generate", "--addr", disagg.address,
+                          "--prompt-ids", "1,2", "--top-k", "-2"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "top_k" in bad.stderr
