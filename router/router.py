@@ -139,21 +139,29 @@ class Router:
             raise WorkerDied(w) from e
 
     def _reserve_decode(self, req: GenerationRequest, rec: RequestRecord, role: str) -> WorkerState:
-        candidates = decode_order(self.pools.role(role))
-        if not candidates:
-            raise NoWorker(f"no live {role} worker")
-        reasons = []
-        for w in candidates:
+        """Try decode workers best first. A candidate's `active` count is raised before asking it (under the
+        pool lock), so concurrent requests spread out instead of all picking the same "best" worker."""
+        reasons: list[str] = []
+        tried: set[str] = set()
+        while True:
+            with self.pools.lock:
+                order = [w for w in decode_order(self.pools.role(role)) if w.name not in tried]
+                if not order:
+                    break
+                w = order[0]
+                w.active += 1
+            tried.add(w.name)
             try:
                 admission = self._call(w, "reserve", req)
             except WorkerDied:
-                continue
-            if admission.ok:
+                admission = None
+            if admission is not None and admission.ok:
                 rec.workers["decode"] = w
-                with self.pools.lock:
-                    w.active += 1
                 return w
-            reasons.append(f"{w.name}: {admission.reason}")
+            with self.pools.lock:
+                w.active -= 1
+            if admission is not None:
+                reasons.append(f"{w.name}: {admission.reason}")
         if not reasons:
             raise NoWorker(f"no live {role} worker")
         raise RouterError(ErrorKind.BUSY, "all decode workers are busy (" + "; ".join(reasons) + ")")
