@@ -1,1 +1,1 @@
-"""pdserve: deploy (see the README; filled in by its own issue)."""
+"""deploy: Ray cluster-launcher configs (`aws.yaml`, `onprem.yaml`, `loopback.yaml`) and `pdserve deploy check`."""

@@ -76,8 +76,13 @@ def _run_serve(args: argparse.Namespace) -> int:
                    else f"{spec.prefill_workers} prefill + {spec.decode_workers} decode")  # fmt: skip
         print(f"pdserve: serving {served.name} ({workers} workers) on {args.host}:{port}", flush=True)
         print("pdserve: ready", flush=True)
+        lost = 0
         while not stop.wait(1.0):
             pools.refresh(ray)
+            lost = lost + 1 if not any(w.alive for w in pools.workers) else 0
+            if spec.address is not None and lost >= 10:  # the joined cluster went away (e.g. `ray down`)
+                print("pdserve: lost every worker of the Ray cluster; exiting", file=sys.stderr, flush=True)
+                break
             for w in pools.workers:
                 metrics.kv_free.labels(w.name, w.role).set(w.free_pages)
                 metrics.kv_total.labels(w.name, w.role).set(w.total_pages)

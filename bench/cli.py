@@ -1,0 +1,328 @@
+"""`pdserve bench`: TTFT/TPOT/ITL/E2E, throughput and goodput of a `pdserve serve` under a reproducible workload.
+
+Targets: `--addr HOST:PORT` (a running server), `--launch "<serve flags>"` (starts `pdserve serve --port 0
+<flags>`, benchmarks it, stops it with SIGINT) or `--compare "<flags A>" "<flags B>"` (the same workload and
+arrival times against A, then B). Registered through the `pdserve.commands` entry point (`commands()`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.arrivals import arrival_offsets, check_burstiness, check_rate
+from bench.client import BenchClient, ClientOptions, LaunchedServer, ServerInfo
+from bench.report import RunOutcome, format_sweep, format_table, rate_json, rate_text, write_plots, write_results
+from bench.stats import SLO, compute_metrics, latency_samples_ms
+from bench.workload import DATASETS, Workload, WorkloadSpec, WorkloadSummary, build_workload, tokenizer_counter
+
+RESULTS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server to measure: an address, or serve flags to launch one with."""
+
+    label: str
+    addr: str | None = None
+    serve_flags: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    targets: tuple[Target, ...]
+    workload: WorkloadSpec
+    client: ClientOptions
+    rates: tuple[float, ...]
+    burstiness: float = 1.0
+    warmup: int = 0
+    slo: SLO = dataclasses.field(default_factory=SLO)
+    out: Path | None = None
+    tokenizer_model: str | None = None
+    ready_timeout_s: float = 600.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchConfig:
+        if args.addr is not None:
+            if not _looks_like_addr(args.addr):
+                raise ValueError(f"--addr must be HOST:PORT, got {args.addr!r}")
+            targets = (Target("server", addr=args.addr),)
+        elif args.launch is not None:
+            targets = (Target("A", serve_flags=args.launch),)
+        else:
+            targets = (Target("A", serve_flags=args.compare[0]), Target("B", serve_flags=args.compare[1]))
+        for t in targets:
+            _split_flags(t.serve_flags)
+        if args.sweep_rates is not None and args.request_rate is not None:
+            raise ValueError("give --request-rate or --sweep-rates, not both")
+        if args.sweep_rates is not None:
+            rates = tuple(_rate(x) for x in args.sweep_rates.split(",") if x.strip())
+            if not rates:
+                raise ValueError("--sweep-rates: give at least one rate, e.g. 1,2,4")
+        else:
+            rates = (math.inf if args.request_rate is None else check_rate(args.request_rate),)
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        if not args.ready_timeout > 0:
+            raise ValueError(f"--ready-timeout must be > 0, got {args.ready_timeout}")
+        workload = WorkloadSpec(
+            dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+            range_ratio=args.range_ratio, long_fraction=args.long_fraction, long_input_len=args.long_input_len,
+            dataset_path=args.dataset_path, seed=args.seed,
+        )  # fmt: skip
+        if workload.dataset_path is not None and not workload.dataset_path.is_file():
+            raise FileNotFoundError(f"--dataset-path: no such file: {workload.dataset_path}")
+        client = ClientOptions(request_timeout_s=args.request_timeout, max_concurrency=args.max_concurrency,
+                               temperature=args.temperature, ignore_eos=args.ignore_eos,
+                               progress=not args.no_progress)  # fmt: skip
+        tok_model = (
+            None
+            if args.dataset != "sharegpt"
+            else args.model or next((_model_flag(t.serve_flags) for t in targets if t.serve_flags), None)
+        )
+        return cls(targets, workload, client, rates, check_burstiness(args.burstiness), args.warmup,
+                   SLO.parse(args.slo), args.out, tok_model, args.ready_timeout)  # fmt: skip
+
+    def to_json(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["rates"] = [rate_json(r) for r in self.rates]
+        return d
+
+
+def _looks_like_addr(addr: str) -> bool:
+    host, sep, port = addr.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _split_flags(flags: str | None) -> list[str]:
+    try:
+        return shlex.split(flags or "")
+    except ValueError as e:
+        raise ValueError(f"serve flags {flags!r}: {e}") from None
+
+
+def _rate(text: str) -> float:
+    try:
+        return check_rate(float(text))
+    except ValueError:
+        raise ValueError(f"request rate must be a positive number or inf, got {text.strip()!r}") from None
+
+
+def _model_flag(flags: str | None) -> str | None:
+    """The `--model` of serve flags, if any (for counting ShareGPT lengths with the served model's tokenizer)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default=None)
+    return p.parse_known_args(_split_flags(flags))[0].model
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--addr", help="HOST:PORT of a running `pdserve serve`")
+    target.add_argument(
+        "--launch",
+        metavar="FLAGS",
+        help='start `pdserve serve --port 0 FLAGS` for the run (write --launch="--colocated 1")',
+    )
+    target.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("FLAGS_A", "FLAGS_B"),
+        help="launch A, run, stop; launch B, same requests and arrival times; report B/A",
+    )
+    w = p.add_argument_group("workload")
+    w.add_argument("--dataset", choices=DATASETS, default="random")
+    w.add_argument("--dataset-path", type=Path, default=None, help="ShareGPT JSON file (--dataset sharegpt)")
+    w.add_argument("--num-prompts", type=int, default=100)
+    w.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=128)
+    w.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=64)
+    w.add_argument(
+        "--range-ratio",
+        "--random-range-ratio",
+        dest="range_ratio",
+        type=float,
+        default=0.0,
+        help="random lengths uniform in [len*(1-ratio), len]",
+    )
+    w.add_argument("--long-fraction", type=float, default=0.0, help="fraction of prompts of --long-input-len")
+    w.add_argument("--long-input-len", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="fixes the requests and their arrival times")
+    w.add_argument(
+        "--model",
+        default=None,
+        help="model whose tokenizer counts ShareGPT lengths (default: --model of the serve flags; "
+        "without one: 1.3 tokens per word)",
+    )
+    w.add_argument("--ignore-eos", action="store_true", help="force every output to its target length")
+    w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    a = p.add_argument_group("arrivals")
+    a.add_argument("--request-rate", type=float, default=None, help="req/s (default inf: all at once)")
+    a.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
+    a.add_argument("--max-concurrency", type=int, default=None, help="cap on in-flight requests")
+    a.add_argument("--sweep-rates", default=None, metavar="R1,R2,...", help="run each rate in turn")
+    a.add_argument("--warmup", type=int, default=0, help="uncounted warm-up requests before each server's runs")
+    o = p.add_argument_group("measurement and output")
+    o.add_argument("--slo", default=None, metavar="ttft=MS,tpot=MS", help="SLOs for goodput (e2e=MS also)")
+    o.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline, seconds")
+    o.add_argument("--ready-timeout", type=float, default=600.0, help="wait for a launched server, seconds")
+    o.add_argument("--out", type=Path, default=None, help="write DIR/results.json and PNG plots")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")  # fmt: skip
+
+
+def _make_workload(cfg: BenchConfig, info: ServerInfo) -> Workload:
+    count = None
+    if cfg.workload.dataset == "sharegpt":
+        if not info.has_tokenizer:
+            raise ValueError("--dataset sharegpt sends text prompts; the server's model has no tokenizer")
+        count = tokenizer_counter(cfg.tokenizer_model) if cfg.tokenizer_model else None
+    return build_workload(cfg.workload, info.vocab_size, info.context_window_size, count)
+
+
+def _warm_up(client: BenchClient, workload: Workload, n: int) -> None:
+    reqs = [workload.requests[i % len(workload.requests)] for i in range(n)]
+    failed = [r for r in client.run(reqs, [0.0] * n, progress=False).records if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)}/{n} warm-up requests failed, e.g. {failed[0].error}: "
+                           f"{failed[0].error_detail}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """A server measured: where, launched with which flags, what it served, how it exited (None: not ours)."""
+
+    label: str
+    addr: str
+    serve_flags: str | None
+    model: str
+    mode: str
+    exit_code: int | None
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    config: BenchConfig
+    workload: WorkloadSummary
+    servers: tuple[ServerRecord, ...]
+    runs: tuple[RunOutcome, ...]
+
+    def preamble(self, argv: list[str]) -> dict[str, object]:
+        """results.json apart from the runs: the exact configuration, seed, command line, requests, servers."""
+        return {
+            "version": RESULTS_VERSION,
+            "seed": self.config.workload.seed,
+            "argv": argv,
+            "config": self.config.to_json(),
+            "workload": dataclasses.asdict(self.workload),
+            "servers": [dataclasses.asdict(s) for s in self.servers],
+        }
+
+
+def _measure(
+    cfg: BenchConfig, target: Target, stack: contextlib.ExitStack, workload: Workload | None
+) -> tuple[Workload, ServerInfo, LaunchedServer | None, list[RunOutcome]]:
+    """Connect to (or launch) `target` and run every rate; returns (workload, server record, runs)."""
+    launched = None
+    addr = target.addr or ""
+    if target.serve_flags is not None:
+        log = cfg.out / f"server-{target.label}.log" if cfg.out else None
+        print(f"pdserve bench: launching {target.label}: pdserve serve --port 0 {target.serve_flags}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        launched = stack.enter_context(LaunchedServer(target.serve_flags, log, cfg.ready_timeout_s))
+        addr = launched.addr
+    client = stack.enter_context(BenchClient(addr, cfg.client))
+    info = client.info()
+    workload = workload or _make_workload(cfg, info)
+    if cfg.warmup:
+        _warm_up(client, workload, cfg.warmup)
+    runs = []
+    for rate in cfg.rates:
+        offsets = arrival_offsets(len(workload.requests), rate, cfg.burstiness, cfg.workload.seed)
+        result = client.run(workload.requests, offsets, desc=f"{target.label} @ {rate_text(rate)}")
+        metrics = compute_metrics(result.records, result.duration_s, cfg.slo)
+        runs.append(RunOutcome(target.label, addr, target.serve_flags, rate, metrics,
+                               latency_samples_ms(result.records)))  # fmt: skip
+    return workload, info, launched, runs
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    """Every target x rate: the same requests (and, per rate, the same arrival times) against each server."""
+    runs: list[RunOutcome] = []
+    servers: list[ServerRecord] = []
+    workload: Workload | None = None
+    first: ServerInfo | None = None
+    for target in cfg.targets:
+        with contextlib.ExitStack() as stack:  # stops a launched server before the next one starts
+            workload, info, launched, target_runs = _measure(cfg, target, stack, workload)
+        first = first or info
+        if (info.vocab_size, info.context_window_size) != (first.vocab_size, first.context_window_size):
+            print(f"pdserve bench: warning: {target.label} serves a different model than {cfg.targets[0].label} "
+                  f"(vocab/context {info.vocab_size}/{info.context_window_size} vs {first.vocab_size}/"
+                  f"{first.context_window_size})", file=sys.stderr)  # fmt: skip
+        exit_code = launched.exit_code if launched else None
+        if launched and exit_code != 0:
+            print(f"pdserve bench: warning: server {target.label} exited with status {exit_code}", file=sys.stderr)
+        servers.append(ServerRecord(target.label, target_runs[0].addr, target.serve_flags, info.model, info.mode,
+                                    exit_code))  # fmt: skip
+        runs.extend(target_runs)
+    assert workload is not None
+    return BenchResult(cfg, WorkloadSummary.of(workload), tuple(servers), tuple(runs))
+
+
+def summary(runs: Sequence[RunOutcome]) -> str:
+    labels = list(dict.fromkeys(r.label for r in runs))
+    rates = list(dict.fromkeys(r.request_rate for r in runs))
+    parts = []
+    if len(labels) > 1:
+        for rate in rates:
+            same = [r for r in runs if r.request_rate == rate]
+            parts.append(format_table(same, f"pdserve bench: {' vs '.join(labels)} @ {rate_text(rate)}"))
+    elif len(rates) == 1:
+        parts.append(format_table(runs, "pdserve bench"))
+    if len(rates) > 1:
+        parts.append(format_sweep(runs))
+    return "\n\n".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = BenchConfig.from_args(args)
+    result = run_bench(cfg)
+    for t in cfg.targets:
+        if t.serve_flags is not None:
+            print(f"{t.label}: pdserve serve {t.serve_flags}")
+    print(summary(result.runs))
+    if cfg.out is not None:
+        path = write_results(cfg.out, result.preamble(getattr(args, "argv", sys.argv[1:])), result.runs)
+        plots = write_plots(cfg.out, result.runs)
+        print(f"pdserve bench: wrote {path} and {len(plots)} plot(s)", file=sys.stderr)
+    return 0
+
+
+def commands() -> list:
+    return [("bench", "TTFT/TPOT/ITL/E2E and throughput of a pdserve server under load", add_args, run)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pdserve bench ...` without the dispatcher (same parser, same one-line errors, exit status 2)."""
+    from llama_relax.cli import USER_ERRORS, build_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(commands()).parse_args(["bench", *argv])
+    args.argv = argv
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("pdserve: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"pdserve: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

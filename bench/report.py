@@ -1,0 +1,219 @@
+"""Summary tables (stdout), results.json and PNG plots of benchmark runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.stats import Percentiles, RunMetrics
+
+LATENCIES = (("ttft_ms", "Time to first token, TTFT"), ("tpot_ms", "Time per output token, TPOT (excl. 1st)"),
+             ("itl_ms", "Inter-token latency, ITL"), ("e2e_ms", "End-to-end latency, E2E"))  # fmt: skip
+BREAKDOWN = (("queue_s", "queue"), ("prefill_s", "prefill"), ("kv_transfer_s", "KV transfer"),
+             ("first_token_s", "first token"), ("decode_s", "decode"), ("e2e_s", "e2e"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """One measured run: which server, at which rate, its metrics and per-request latency samples (ms)."""
+
+    label: str
+    addr: str
+    serve_flags: str | None
+    request_rate: float
+    metrics: RunMetrics
+    samples_ms: dict[str, list[float]]
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} @ {rate_text(self.request_rate)}"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    value: float | None = None
+    digits: int = 2
+    section: bool = False
+
+
+def rate_text(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g} req/s"
+
+
+def rate_json(rate: float) -> float | str:
+    return "inf" if math.isinf(rate) else rate
+
+
+def summary_rows(m: RunMetrics) -> list[Row]:
+    rows = [
+        Row("Completed requests", m.completed, 0),
+        Row("Failed requests", m.failed, 0),
+        Row("Duration (s)", m.duration_s),
+        Row("Total input tokens", m.total_input_tokens, 0),
+        Row("Total output tokens", m.total_output_tokens, 0),
+        Row("Request throughput (req/s)", m.request_throughput),
+        Row("Output token throughput (tok/s)", m.output_token_throughput),
+        Row("Total token throughput (tok/s)", m.total_token_throughput),
+    ]
+    if m.goodput is not None:
+        rows += [Row("Goodput (req/s)", m.goodput), Row("SLO attainment (%)", 100.0 * (m.slo_attainment or 0.0), 1)]
+    for key, title in LATENCIES:
+        p: Percentiles | None = getattr(m, key)
+        rows.append(Row(f"{title} (ms)", section=True))
+        for stat in ("mean", "p50", "p90", "p99"):
+            rows.append(Row(f"  {stat.capitalize() if stat == 'mean' else stat.upper()}", getattr(p, stat, None)))
+    rows.append(Row("Server breakdown, mean (ms)", section=True))
+    b = m.server_breakdown_s
+    for key, title in BREAKDOWN:
+        rows.append(Row(f"  {title}", None if b is None else 1000.0 * getattr(b, key)))
+    return rows
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or a == 0:
+        return "-"
+    return f"{b / a:.2f}x"
+
+
+def format_table(runs: Sequence[RunOutcome], title: str) -> str:
+    """Metrics of one or more runs side by side; with exactly two runs a `B/A` ratio column is added."""
+    cols = [r.name for r in runs]
+    width = max(14, *(len(c) + 2 for c in cols))
+    ratio = len(runs) == 2
+    header = f"{'':<36}" + "".join(f"{c:>{width}}" for c in cols) + (f"{'B/A':>10}" if ratio else "")
+    bar = "=" * len(header)
+    lines = [bar, f"{title:^{len(header)}}", bar, header]
+    per_run = [summary_rows(r.metrics) for r in runs]
+    for i, row in enumerate(per_run[0]):
+        if row.section:
+            lines.append(f"{'-- ' + row.name + ' ':-<{len(header)}}")
+            continue
+        vals = [rows[i].value for rows in per_run]
+        line = f"{row.name:<36}" + "".join(f"{_fmt(v, row.digits):>{width}}" for v in vals)
+        lines.append(line + (f"{_ratio(vals[0], vals[1]):>10}" if ratio else ""))
+    for r in runs:
+        if r.metrics.failures_by_code:
+            codes = ", ".join(f"{k}: {v}" for k, v in r.metrics.failures_by_code.items())
+            lines.append(f"Failures ({r.name}): {codes}")
+            for code, detail in r.metrics.failure_examples.items():
+                lines.append(f"  e.g. {code}: {detail[:200]}")
+    if ratio:
+        lines.append("B/A: second column divided by the first (latency: < 1 means B is faster; throughput: > 1)")
+    lines.append(bar)
+    return "\n".join(lines)
+
+
+def format_sweep(runs: Sequence[RunOutcome]) -> str:
+    """One line per (server, rate): throughput and latency percentiles."""
+    head = ("server", "rate", "done", "fail", "req/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+            "ITL p50", "E2E p50", "goodput")  # fmt: skip
+    widths = (10, 12, 6, 6, 9, 10, 10, 10, 10, 10, 10, 10, 9)
+    lines = ["".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True))]
+    for r in runs:
+        m = r.metrics
+        vals = (
+            r.label, rate_text(r.request_rate), str(m.completed), str(m.failed), _fmt(m.request_throughput, 2),
+            _fmt(m.output_token_throughput, 1), _fmt(getattr(m.ttft_ms, "p50", None), 2),
+            _fmt(getattr(m.ttft_ms, "p99", None), 2), _fmt(getattr(m.tpot_ms, "p50", None), 2),
+            _fmt(getattr(m.tpot_ms, "p99", None), 2), _fmt(getattr(m.itl_ms, "p50", None), 2),
+            _fmt(getattr(m.e2e_ms, "p50", None), 2), _fmt(m.goodput, 2),
+        )  # fmt: skip
+        lines.append("".join(f"{v:>{w}}" for v, w in zip(vals, widths, strict=True)))
+    bar = "=" * len(lines[0])
+    return "\n".join([bar, f"{'pdserve bench: rate sweep (latencies in ms)':^{len(bar)}}", bar, *lines, bar])
+
+
+def run_json(r: RunOutcome) -> dict[str, object]:
+    return {
+        "label": r.label,
+        "server": {"addr": r.addr, "serve_flags": r.serve_flags},
+        "request_rate": rate_json(r.request_rate),
+        **dataclasses.asdict(r.metrics),
+        "samples_ms": r.samples_ms,
+    }
+
+
+def _jsonable(o: object) -> object:
+    if isinstance(o, Path):
+        return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, float) and math.isinf(o):
+        return "inf"
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def write_results(out_dir: Path, config: dict[str, object], runs: Sequence[RunOutcome]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    doc = {**config, "runs": [run_json(r) for r in runs]}
+    path.write_text(json.dumps(doc, indent=2, default=_jsonable, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def write_plots(out_dir: Path, runs: Sequence[RunOutcome]) -> list[Path]:
+    """latency_cdf.png always; sweep.png when some server ran at two or more finite rates."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("pdserve bench: matplotlib is not installed; skipping the plots", file=sys.stderr)
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_plot_cdfs(plt, out_dir / "latency_cdf.png", runs)]
+    if path := _plot_sweep(plt, out_dir / "sweep.png", runs):
+        written.append(path)
+    return written
+
+
+def _plot_cdfs(plt, path: Path, runs: Sequence[RunOutcome]) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (key, title) in zip(axes, (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E latency")),
+                                strict=True):  # fmt: skip
+        for r in runs:
+            xs = sorted(r.samples_ms.get(key, []))
+            if xs:
+                ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                ax.step(xs, ys, where="post", label=r.name)
+        ax.set(title=f"{title} CDF", xlabel="ms", ylabel="fraction of requests", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_sweep(plt, path: Path, runs: Sequence[RunOutcome]) -> Path | None:
+    labels = list(dict.fromkeys(r.label for r in runs))
+    series = {lb: sorted((r for r in runs if r.label == lb and math.isfinite(r.request_rate)),
+                         key=lambda r: r.request_rate) for lb in labels}  # fmt: skip
+    if max(len(s) for s in series.values()) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (key, title) in zip(axes, (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")), strict=True):
+        for i, (lb, rs) in enumerate(series.items()):
+            rates = [r.request_rate for r in rs]
+            for stat, style in (("p50", "-o"), ("p99", "--s")):
+                ys = [getattr(getattr(r.metrics, key), stat, math.nan) for r in rs]
+                ax.plot(rates, ys, style, color=f"C{i}", label=f"{lb} {stat}")
+        ax.set(title=f"{title} vs request rate (finite rates)", xlabel="request rate (req/s)", ylabel="ms")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,97 @@
+"""`pdserve bench --launch/--compare` end to end: real `pdserve serve` subprocesses (local Ray cluster on
+loopback) with the tiny model, a short run, results.json and the plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_GQA
+from model_files import write_hf_dir
+from ray_cluster import LOOPBACK_ENV
+from reference import random_params
+
+from bench.cli import main
+
+PCT = ("mean", "p50", "p90", "p99")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, compiled_gqa):
+    return write_hf_dir(tmp_path_factory.mktemp("bench-model"), TINY_GQA, random_params(TINY_GQA, seed=5))
+
+
+@pytest.fixture()
+def serve_env(monkeypatch, cache_dir):
+    """The launched servers inherit this process's environment: the test compile cache, Ray on loopback."""
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(cache_dir))
+    for k, v in LOOPBACK_ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+def check_run(run: dict, n: int, target_tokens: int) -> None:
+    assert (run["completed"], run["failed"], run["failures_by_code"]) == (n, 0, {})
+    assert run["total_output_tokens"] == run["expected_output_tokens"] == target_tokens  # --ignore-eos
+    assert run["duration_s"] > 0 and run["request_throughput"] > 0 and run["output_token_throughput"] > 0
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        stats = run[key]
+        assert all(stats[p] > 0 for p in PCT), key
+        assert stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"], key
+    assert run["ttft_ms"]["count"] == run["e2e_ms"]["count"] == n
+    assert run["ttft_ms"]["max"] <= run["e2e_ms"]["max"] and run["ttft_ms"]["mean"] <= run["e2e_ms"]["mean"]
+    assert all(t <= e for t, e in zip(run["samples_ms"]["ttft_ms"], run["samples_ms"]["e2e_ms"], strict=True))
+    assert run["e2e_ms"]["max"] < 60_000
+    b = run["server_breakdown_s"]
+    assert b["count"] == n and 0 < b["first_token_s"] <= b["e2e_s"] and b["decode_s"] > 0
+
+
+def test_launch_writes_results_and_plots(model_dir, serve_env, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--launch", f"--model {model_dir} --max-total-seq-len 1024", "--num-prompts", "16", "--request-rate",
+            "20", "--input-len", "40", "--output-len", "12", "--range-ratio", "0.5", "--ignore-eos", "--seed", "3",
+            "--slo", "ttft=20000,tpot=5000", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "Time to first token, TTFT" in table and "Goodput" in table
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["seed"] == 3 and doc["config"]["workload"]["num_prompts"] == 16 and doc["config"]["rates"] == [20.0]
+    assert doc["argv"] == argv
+    assert [s["exit_code"] for s in doc["servers"]] == [0] and doc["servers"][0]["mode"] == "disaggregated"
+    (run,) = doc["runs"]
+    targets = doc["workload"]["output_lens"]
+    assert len(targets) == 16 and all(6 <= t <= 12 for t in targets)
+    check_run(run, 16, sum(targets))
+    assert run["completed"] + run["failed"] == 16
+    assert run["total_input_tokens"] == doc["workload"]["total_prompt_tokens"]
+    assert run["server_breakdown_s"]["kv_transfer_s"] > 0  # disaggregated: the KV moved between workers
+    assert run["goodput"] == pytest.approx(run["request_throughput"])  # the SLOs are loose
+    for png in ("latency_cdf.png",):
+        assert (out / png).stat().st_size > 1000
+    assert (out / "server-A.log").exists()
+
+
+def test_compare_replays_the_same_workload_on_both_servers(model_dir, serve_env, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    flags = f"--model {model_dir} --max-total-seq-len 1024"
+    argv = ["--compare", flags, f"{flags} --colocated 1", "--num-prompts", "8", "--sweep-rates", "inf,25,50",
+            "--max-concurrency", "4", "--warmup", "2", "--input-len", "24", "--output-len", "6", "--ignore-eos",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "A vs B @ inf" in table and "B/A" in table and "rate sweep" in table
+    doc = json.loads((out / "results.json").read_text())
+    rates = ["inf", 25.0, 50.0]
+    assert [(r["label"], r["request_rate"]) for r in doc["runs"]] == [(x, r) for x in "AB" for r in rates]
+    assert [s["mode"] for s in doc["servers"]] == ["disaggregated", "colocated"]
+    assert [s["exit_code"] for s in doc["servers"]] == [0, 0]
+    for run in doc["runs"]:
+        check_run(run, 8, 8 * 6)
+        assert run["total_input_tokens"] == 8 * 24
+    assert (out / "latency_cdf.png").exists() and (out / "sweep.png").exists()
+
+
+def test_a_server_that_fails_to_start_is_one_line(serve_env, tmp_path, capsys):
+    assert main(["--launch", f"--model {tmp_path / 'missing'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pdserve: error: pdserve serve") and "exited early" in err[-1]
+    assert "model path does not exist" in err[-1]

@@ -1,0 +1,135 @@
+"""`ray up` of deploy/loopback.yaml for real: Debian's sshd on 127.0.0.1 with a throwaway key, Ray's local
+provider, the gRPC health check, one generated request, `ray down`, and nothing left listening or running.
+
+Needs root, sshd and rsync (.ci/run installs them). The ssh login is a temporary alias account of root whose home
+is a temp dir, so the `ray` that `ray down` runs through a login shell comes from that home's ~/.bashrc and
+nothing of the real root's dotfiles changes; the account is removed at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from conftest import TINY_GQA
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from model_files import write_hf_dir
+from ray_cluster import LOOPBACK_ENV, listeners_beyond_loopback
+from reference import random_params
+
+from protos import generate_pb2 as pb
+from protos import generate_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+ALIAS = "pdserve-ci"
+pytestmark = pytest.mark.deploy
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture
+def sshd_and_alias(compiled_gqa, cache_dir):
+    if os.geteuid() != 0 or shutil.which("sshd") is None or shutil.which("rsync") is None:
+        pytest.fail("the deploy test needs root, sshd and rsync (see .ci/run)")
+    if ":22 " in run(["ss", "-ltnH"]).stdout + " ":
+        pytest.fail("port 22 is taken on this machine")
+    base = Path(tempfile.mkdtemp(prefix="pdserve-deploy-"))
+    home = base / "home"
+    (home / ".ssh").mkdir(parents=True)
+    key = base / "id_ed25519"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "host_key")], check=True)
+    (home / ".ssh" / "authorized_keys").write_text((base / "id_ed25519.pub").read_text())
+    venv_bin = Path(sys.executable).parent
+    (home / ".bashrc").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    run(["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", str(home), "-s", "/bin/bash", ALIAS], check=True)
+    run(["usermod", "-p", "*", ALIAS], check=True)  # no password, but not locked (sshd refuses locked accounts)
+    cfg = base / "sshd_config"
+    cfg.write_text(
+        f"ListenAddress 127.0.0.1\nPort 22\nHostKey {base}/host_key\nPidFile {base}/sshd.pid\n"
+        f"AuthorizedKeysFile {home}/.ssh/authorized_keys\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"AllowUsers {ALIAS}\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert sshd.poll() is None, sshd.stderr.read()
+    model = write_hf_dir(base / "model", TINY_GQA, random_params(TINY_GQA, seed=12))
+    try:
+        yield base, key, model, cache_dir
+    finally:
+        sshd.send_signal(signal.SIGTERM)
+        sshd.wait(10)
+        run(["userdel", "-f", ALIAS])
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
+    base, key, model, cache_dir = sshd_and_alias
+    grpc_port, ray_port = free_port(), free_port()
+    tmpl = string.Template((REPO / "deploy" / "loopback.yaml").read_text())
+    temp_dir = base / "ray"
+    config = base / "cluster.yaml"
+    config.write_text(tmpl.substitute(ssh_user=ALIAS, ssh_key=key, ray_port=ray_port, temp_dir=temp_dir,
+                                      cache_dir=cache_dir, model=model, grpc_port=grpc_port))  # fmt: skip
+    check = run([sys.executable, "-m", "llama_relax.cli", "deploy", "check", str(config)])
+    assert check.returncode == 0, check.stderr
+    env = {**os.environ, **LOOPBACK_ENV}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    before = {p.pid for p in psutil.process_iter()}
+    started: set[int] = set()
+    try:
+        up = run([ray_cli, "up", "-y", "--no-config-cache", str(config)], env=env, timeout=300)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline, status = time.monotonic() + 240, None
+        while time.monotonic() < deadline:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(1)
+        log = (temp_dir / "pdserve-serve.log").read_text() if (temp_dir / "pdserve-serve.log").exists() else ""
+        assert status == health_pb2.HealthCheckResponse.SERVING, log[-3000:]
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]),
+                                 sampling=pb.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # fmt: skip
+        responses = list(pb_grpc.GenerationStub(channel).Generate(req, timeout=120))
+        assert [len(r.token_ids) for r in responses] == [1, 1, 1, 1] and responses[-1].finish_reason == "length"
+        channel.close()
+        started = {p.pid for p in psutil.process_iter()} - before
+        assert listeners_beyond_loopback(started) == []
+    finally:
+        started |= {p.pid for p in psutil.process_iter()} - before
+        down = run([ray_cli, "down", "-y", str(config)], env=env, timeout=300)
+    assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
+    deadline, left = time.monotonic() + 90, []  # `pdserve serve` exits ~10 s after its cluster is gone
+    while time.monotonic() < deadline:
+        left = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not left:
+            break
+        time.sleep(1)
+    assert not left, [" ".join(psutil.Process(p).cmdline()[:4]) for p in left if psutil.pid_exists(p)]
+    assert f":{grpc_port} " not in run(["ss", "-ltnH"]).stdout + " "
