@@ -31,6 +31,15 @@ class Running:
     in_cache: bool = False  # the runtime holds a sequence for it
 
 
+def release(runtime: ModelRuntime, pool: PagePool, r: Running, error: RequestError | None) -> None:
+    """Free what a request holds (its sequence in the cache, its page reservation) and end its stream."""
+    if r.in_cache:
+        runtime.remove_sequence(r.seq_id)
+    pool.release(r.req.request_id)
+    if error is not None:
+        r.out.put(error)
+
+
 @dataclass
 class DecodeBatch:
     runtime: ModelRuntime
@@ -43,15 +52,11 @@ class DecodeBatch:
         self.running[r.req.request_id] = r
 
     def finish(self, request_id: str, error: RequestError | None = None) -> bool:
-        """Remove a request: free its sequence and pages; push `error` as its terminal item if given."""
+        """Remove a running request: free its sequence and pages; push `error` as its terminal item if given."""
         r = self.running.pop(request_id, None)
         if r is None:
             return False
-        if r.in_cache:
-            self.runtime.remove_sequence(r.seq_id)
-        self.pool.release(request_id)
-        if error is not None:
-            r.out.put(error)
+        release(self.runtime, self.pool, r, error)
         return True
 
     def step(self) -> bool:

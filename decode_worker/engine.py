@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import threading
 
-from decode_worker.decode_batch import DecodeBatch, Running
+from decode_worker.decode_batch import DecodeBatch, Running, release
 from decode_worker.scheduler import admit_decode
 from kvtransfer.grpc_transport import GrpcKVReceiver
 from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
@@ -144,11 +144,7 @@ class DecodeEngine(EngineLoop):
             self._unclaimed.pop(request_id, None)
         r = self._pending.pop(request_id, None)
         if r is not None:
-            if r.in_cache:
-                self.runtime.remove_sequence(r.seq_id)
-            self.pool.release(request_id)
-            if error is not None:
-                r.out.put(error)
+            release(self.runtime, self.pool, r, error)
             return True
         return self.batch.finish(request_id, error)
 

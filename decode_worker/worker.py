@@ -16,10 +16,12 @@ from llama_relax.generation import TokenEvent
 from prefill_worker.loop import Output, is_terminal
 from prefill_worker.messages import ErrorKind, GenerationRequest, RequestError, WorkerOptions
 from prefill_worker.scheduler import Admission
-from prefill_worker.worker import open_worker_model
+from prefill_worker.worker import HostedEngine, open_worker_model
 
 
-class DecodeWorker:
+class DecodeWorker(HostedEngine):
+    role = "decode"
+
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
         self.model = open_worker_model(options)
@@ -45,26 +47,15 @@ class DecodeWorker:
             return
         yield from s
 
-    def cancel(self, request_id: str) -> bool:
-        return self.engine.cancel(request_id)
-
     def load(self) -> dict[str, int]:
-        info = self.engine.load()
-        info["sequences"] = self.engine.call(lambda: len(self.model.runtime.sequence_ids()))
+        info = super().load()
         info["max_batch_seen"] = max(self.engine.batch.batch_sizes, default=0)
         return info
 
-    def ping(self) -> str:
-        if self.engine.error is not None:
-            raise RuntimeError(f"decode engine is broken: {self.engine.error}")
-        return "ok"
 
-    def shutdown(self) -> None:
-        self.engine.close()
-        self.model.close()
+class ColocatedWorker(HostedEngine):
+    role = "colocated"
 
-
-class ColocatedWorker:
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
         self.model = open_worker_model(options)
@@ -82,20 +73,7 @@ class ColocatedWorker:
             if is_terminal(item):
                 return
 
-    def cancel(self, request_id: str) -> bool:
-        return self.engine.cancel(request_id)
-
     def load(self) -> dict[str, int]:
-        info = self.engine.load()
-        info["sequences"] = self.engine.call(lambda: len(self.model.runtime.sequence_ids()))
+        info = super().load()
         info["max_batch_seen"] = max(self.engine.decode.batch_sizes, default=0)
         return info
-
-    def ping(self) -> str:
-        if self.engine.error is not None:
-            raise RuntimeError(f"colocated engine is broken: {self.engine.error}")
-        return "ok"
-
-    def shutdown(self) -> None:
-        self.engine.close()
-        self.model.close()

@@ -247,4 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main: plugins import `llama_relax.cli`, and its exception classes must be the
+    # ones `main` catches (under `python -m` this file is also loaded as `__main__`, with copies of them)
+    from llama_relax.cli import main as _main
+
+    sys.exit(_main())

@@ -13,6 +13,7 @@ import os
 import queue
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kvtransfer.grpc_transport import GrpcKVSender
 from llama_relax.generation import TokenEvent
@@ -34,7 +35,35 @@ def open_worker_model(options: WorkerOptions):
     )  # fmt: skip
 
 
-class PrefillWorker:
+class HostedEngine:
+    """What every worker process offers the router besides its own calls: cancel, load, ping, shutdown.
+    Subclasses set `self.model` (an `OpenModel`) and `self.engine` (a started `EngineLoop` with `cancel`/`load`)."""
+
+    role = "worker"
+    model: Any
+    engine: Any
+
+    def cancel(self, request_id: str) -> bool:
+        return self.engine.cancel(request_id)
+
+    def load(self) -> dict[str, int]:
+        info = self.engine.load()
+        info["sequences"] = self.engine.call(lambda: len(self.model.runtime.sequence_ids()))
+        return info
+
+    def ping(self) -> str:
+        if self.engine.error is not None:
+            raise RuntimeError(f"{self.role} engine is broken: {self.engine.error}")
+        return "ok"
+
+    def shutdown(self) -> None:
+        self.engine.close()
+        self.model.close()
+
+
+class PrefillWorker(HostedEngine):
+    role = "prefill"
+
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
         self.model = open_worker_model(options)
@@ -61,20 +90,6 @@ class PrefillWorker:
             if isinstance(item, PrefillResult):
                 return
 
-    def cancel(self, request_id: str) -> bool:
-        return self.engine.cancel(request_id)
-
-    def load(self) -> dict[str, int]:
-        info = self.engine.load()
-        info["sequences"] = self.engine.call(lambda: len(self.model.runtime.sequence_ids()))
-        return info
-
-    def ping(self) -> str:
-        if self.engine.error is not None:
-            raise RuntimeError(f"prefill engine is broken: {self.engine.error}")
-        return "ok"
-
     def shutdown(self) -> None:
-        self.engine.close()
+        super().shutdown()
         self.engine.sender.close()
-        self.model.close()

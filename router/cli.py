@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -150,6 +151,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def commands() -> list:
+    # Ray reads these when first imported; set them before any command can import it (loopback-only Ray)
+    from router.cluster import RAY_LOOPBACK_ENV
+
+    for k, v in RAY_LOOPBACK_ENV.items():
+        os.environ.setdefault(k, v)
     return [
         ("serve", "serve the gRPC generate API from a Ray cluster of prefill/decode workers", _serve_args, _run_serve),
         ("generate", "generate text locally, or from a server with --addr", _generate_args, _run_generate),

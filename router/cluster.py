@@ -47,6 +47,11 @@ def connect_ray(spec: ClusterSpec) -> Any:
     for k, v in RAY_LOOPBACK_ENV.items():
         os.environ.setdefault(k, v)
     import ray
+    from ray._private import ray_constants
+
+    if spec.address is None and ray_constants.ENABLE_RAY_CLUSTER:  # read when ray was first imported
+        raise RuntimeError("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: a local cluster "
+                           "would bind beyond loopback")  # fmt: skip
 
     threads = spec.threads_per_worker or max(1, len(os.sched_getaffinity(0)) // spec.num_workers)
     env = {"env_vars": {**{k: os.environ[k] for k in RAY_LOOPBACK_ENV}, "TVM_NUM_THREADS": str(threads)}}

@@ -138,6 +138,17 @@ class Router:
             self.pools.mark_dead(w)
             raise WorkerDied(w) from e
 
+    def _events(self, w: WorkerState, method: str, *args: Any, on_first=None) -> Iterator[TokenEvent]:
+        """Forward a worker's token stream until its terminal item; a RequestError becomes a RouterError."""
+        for i, item in enumerate(self._stream(w, method, *args)):
+            if isinstance(item, RequestError):
+                raise RouterError(item.kind, item.message)
+            if i == 0 and on_first is not None:
+                on_first()
+            yield item
+            if item.finish_reason is not None:
+                return
+
     def _reserve_decode(self, req: GenerationRequest, rec: RequestRecord, role: str) -> WorkerState:
         """Try decode workers best first. A candidate's `active` count is raised before asking it (under the
         pool lock), so concurrent requests spread out instead of all picking the same "best" worker."""
@@ -179,12 +190,7 @@ class Router:
             if first.finish_reason is not None:
                 return
             rec.mark(RequestState.DECODING)
-            for item in self._stream(d, "stream", req.request_id):
-                if isinstance(item, RequestError):
-                    raise RouterError(item.kind, item.message)
-                yield item
-                if item.finish_reason is not None:
-                    return
+            yield from self._events(d, "stream", req.request_id)
         except WorkerDied as e:
             raise RouterError(ErrorKind.TRANSFER_FAILED, f"worker {e.worker.name} died") from e
         finally:
@@ -224,17 +230,8 @@ class Router:
     def _colocated(self, req: GenerationRequest, rec: RequestRecord) -> Iterator[TokenEvent]:
         w = self._reserve_colocated(rec)
         rec.mark(RequestState.PREFILLING)
-        sent = False
         try:
-            for item in self._stream(w, "generate", req):
-                if isinstance(item, RequestError):
-                    raise RouterError(item.kind, item.message)
-                if not sent:
-                    rec.mark(RequestState.DECODING)
-                sent = True
-                yield item
-                if item.finish_reason is not None:
-                    return
+            yield from self._events(w, "generate", req, on_first=lambda: rec.mark(RequestState.DECODING))
         except WorkerDied as e:
             raise RouterError(ErrorKind.TRANSFER_FAILED, f"worker {e.worker.name} died") from e
         finally:
