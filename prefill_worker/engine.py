@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import enum
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtransfer.runtime_io import export_payload
 from kvtransfer.transport import KVSender
@@ -46,6 +47,16 @@ class _Job:
     on_first: Callable[[TokenEvent], None] | None
     state: PrefillState = PrefillState.QUEUED
     cancelled: bool = False
+    reported: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def report(self, result: PrefillResult) -> None:
+        """Deliver the result exactly once, from whichever thread gets there first."""
+        with self.lock:
+            if self.reported:
+                return
+            self.reported = True
+        self.on_result(result)
 
 
 class PrefillEngine(EngineLoop):
@@ -155,11 +166,17 @@ class PrefillEngine(EngineLoop):
             )
             outcome = PrefillResult(rid, ft.event, RequestError(rid, kind, msg), ft.queue_s, ft.prefill_s,
                                     result.transfer_s, result.nbytes)  # fmt: skip
-        try:
-            self.call(lambda: (self.batch.release(rid, ft.seq_id), self._finish(rid, outcome)))
-        except (RuntimeError, cf.CancelledError):  # engine stopped: release inline (no model thread any more)
+        # Report at once: the decode worker may start as soon as the KV is in, not after our current prefill
+        # step (waiting for the engine thread here put a whole prefill step between tokens 1 and 2).
+        job.report(outcome)
+
+        def release() -> None:
             self.batch.release(rid, ft.seq_id)
-            self._finish(rid, outcome)
+            self.jobs.pop(rid, None)
+
+        fut = self.post(release)
+        if fut.cancelled() or (fut.done() and fut.exception() is not None):  # engine stopped: release inline
+            release()
 
     def _fail(self, request_id: str, kind: ErrorKind, message: str) -> None:
         if self.batch.drop(request_id) or request_id in self.jobs:
@@ -168,4 +185,4 @@ class PrefillEngine(EngineLoop):
     def _finish(self, request_id: str, result: PrefillResult) -> None:
         job = self.jobs.pop(request_id, None)
         if job is not None:
-            job.on_result(result)
+            job.report(result)
