@@ -77,9 +77,20 @@ def model_dir(tmp_path_factory, compiled_gqa):
     return write_hf_dir(tmp_path_factory.mktemp("serve-model"), TINY_GQA, random_params(TINY_GQA, seed=8))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def disagg(model_dir, cache_dir):
-    s = Server(["--model", str(model_dir), "--max-total-seq-len", "1024"], cache_dir)
+    metrics_port = free_port()
+    s = Server(["--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)],
+               cache_dir)  # fmt: skip
+    s.metrics_port = metrics_port
     yield s
     assert_clean_exit(s)
 
@@ -215,3 +226,17 @@ def test_cli_client_matches_local_generation(disagg, model_dir, cache_dir):
     bad = subprocess.run([sys.executable, "-m", "llama_relax.cli", "generate", "--addr", disagg.address,
                           "--prompt-ids", "1,2", "--top-k", "-2"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "top_k" in bad.stderr
+
+
+def test_prometheus_metrics(disagg):
+    import urllib.request
+
+    collect(disagg.stub, request([4, 5, 6], max_tokens=3))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{disagg.metrics_port}/metrics", timeout=10).read().decode()
+    for name in ("pdserve_ttft_seconds_count", "pdserve_inter_token_latency_seconds_count",
+                 "pdserve_e2e_latency_seconds_count", "pdserve_queue_seconds_count", "pdserve_kv_transfer_bytes_total",
+                 "pdserve_kv_transfer_seconds_count", "pdserve_kv_transfer_failures_total", "pdserve_kv_free_pages",
+                 'pdserve_requests_total{outcome="finished"}'):  # fmt: skip
+        assert name in body, name
+    finished = next(line for line in body.splitlines() if line.startswith('pdserve_requests_total{outcome="finished"}'))
+    assert float(finished.split()[-1]) >= 1
