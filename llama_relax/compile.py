@@ -27,7 +27,7 @@ from llama_relax.config import LlamaConfig
 from llama_relax.kv_cache_args import extract_create_args
 
 DTYPES = ("float32", "float16")
-_COMPILE_SOURCES = ("model.py", "compile.py", "kv_cache_args.py", "schedule_cpu.py", "kernels")
+_COMPILE_SOURCES = ("model.py", "compile.py", "kv_cache_args.py", "schedule_cpu.py", "schedule_matmul.py", "kernels")
 
 
 @dataclass(frozen=True)
