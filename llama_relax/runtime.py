@@ -13,6 +13,8 @@ Memory: the runtime owns the device weights and the KV cache; logits come back a
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,6 +89,7 @@ class ModelRuntime:
             raise ValueError(f"weights: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(params[n]), self.device) for n in compiled.param_names]
         self._param_samples = [_sample_bytes(params[n]) for n in compiled.param_names]
+        self._fingerprint: str | None = None
         prefill_chunk = min(kv_config.prefill_chunk_size, self.config.prefill_chunk_size)
         self.prefill_chunk_size = prefill_chunk
         self.kv_cache, self.kv_pages = self._create_kv_cache(lib, kv_config, prefill_chunk, model_create_fn)
@@ -351,15 +354,16 @@ class ModelRuntime:
 
     def kv_fingerprint(self) -> str:
         """Identifies the KV layout *and* the weights that produced it (config, dtype, page size, a digest of
-        samples of every parameter): KV moves only between runtimes with the same fingerprint."""
-        import hashlib
-        import json
-
-        h = hashlib.sha256(json.dumps([self.config.to_dict(), self.compiled.dtype, self.kv_config.page_size]).encode())
-        for name, p in zip(self.compiled.param_names, self._param_samples, strict=True):
-            h.update(name.encode())
-            h.update(p)
-        return h.hexdigest()[:32]
+        samples of every parameter): KV moves only between runtimes with the same fingerprint. Computed once."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(
+                json.dumps([self.config.to_dict(), self.compiled.dtype, self.kv_config.page_size]).encode()
+            )
+            for name, p in zip(self.compiled.param_names, self._param_samples, strict=True):
+                h.update(name.encode())
+                h.update(p)
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
 
     def _abort_forward(self, seq_ids: Sequence[int]) -> None:
         """A forward failed after BeginForward: the cache state of these sequences is undefined; drop them."""
