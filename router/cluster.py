@@ -79,8 +79,9 @@ def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions) -> Pools:
     else:
         plan += [("prefill", PrefillWorker, "prefill")] * spec.prefill_workers
         plan += [("decode", DecodeWorker, "decode")] * spec.decode_workers
+    gpus = 1 if options.target == "cuda" else 0  # a CUDA worker holds one GPU of its node
     for i, (role, cls, resource) in enumerate(plan):
-        handle = ray.remote(cls).options(resources={resource: 1}, **actor).remote(options)
+        handle = ray.remote(cls).options(resources={resource: 1}, num_gpus=gpus, **actor).remote(options)
         pools.workers.append(WorkerState(f"{role}-{i}", role, handle))
     ray.get([w.handle.ping.remote() for w in pools.workers])
     pools.refresh(ray)
