@@ -223,14 +223,19 @@ def _vectorize_tail(sch: Schedule, blk, width: int) -> None:
     sch.vectorize(loop)
 
 
-def schedule_gemm(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
-    """Register-blocked GEMM: M padded to MR, packed A panels, packed per-panel weights, MR x NR accumulators."""
+def _open_matmul(func: tirx.PrimFunc):
+    """A schedule of `func` with its matmul block found and its epilogue merged: (sch, block, info, epilogue)."""
     sch = Schedule(func)
     found = _find_matmul(sch)
     if found is None:
         raise ValueError("no matmul block")
     blk, info = found
-    epi = _merge_epilogue(sch, blk)
+    return sch, blk, info, _merge_epilogue(sch, blk)
+
+
+def schedule_gemm(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
+    """Register-blocked GEMM: M padded to MR, packed A panels, packed per-panel weights, MR x NR accumulators."""
+    sch, blk, info, epi = _open_matmul(func)
 
     node = sch.get(blk)
     n_ext = node.iter_vars[info.n_iter].dom.extent
@@ -325,12 +330,7 @@ def _read_index(sch: Schedule, blk, which: str) -> int:
 
 def schedule_gemv_nn(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
     """Small-M NN kernel: each task owns a contiguous column block and streams its weight rows once."""
-    sch = Schedule(func)
-    found = _find_matmul(sch)
-    if found is None:
-        raise ValueError("no matmul block")
-    blk, info = found
-    epi = _merge_epilogue(sch, blk)
+    sch, blk, info, epi = _open_matmul(func)
     m, n, k = _matmul_loops(sch, blk, info)
     n_ext, k_ext = _extent(sch, n), _extent(sch, k)
     nv = _largest_divisor(n_ext, (GEMV_NV, 8, 4, 2))
@@ -354,12 +354,7 @@ def schedule_gemv_nn(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
 
 def schedule_gemv_nt(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
     """Small-M NT kernel (LM head): dot products along contiguous K, JU weight rows at a time."""
-    sch = Schedule(func)
-    found = _find_matmul(sch)
-    if found is None:
-        raise ValueError("no matmul block")
-    blk, info = found
-    epi = _merge_epilogue(sch, blk)
+    sch, blk, info, epi = _open_matmul(func)
     m, n, k = _matmul_loops(sch, blk, info)
     n_ext, k_ext = _extent(sch, n), _extent(sch, k)
     kv = _largest_divisor(k_ext, (GEMV_NT_KV, 4))

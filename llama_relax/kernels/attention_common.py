@@ -157,6 +157,45 @@ def _online_softmax_tile(s_buf, r, tk: int, lo, hi, m_r, l_r, o_buf, dv: int, sc
         o_buf[r, d] = o_buf[r, d] * scal[1]
 
 
+def _make_q_tile_start(rope_table, tq: int, group: int, d_qk: int, d_v: int, dtype: str):
+    """Macro starting a prefill query tile: load the `tq` query rows of kv head `hk` (all `group` q heads),
+    scaled by `scal[3]` and RoPE-rotated when `rotary_mode == 1`, into `q_tile`; reset the online-softmax state
+    (m, l, o). Rows past the sequence end load a copy of its last row (dropped on write-back)."""
+    half = d_qk // 2
+    rows = tq * group
+
+    @T.macro
+    def q_tile_start(q_tile, q, q_beg, q_n, r0, hk, scal, rotary_mode, cs, sn, q_rope_position, rope_scale,
+                     rope_theta, m_r, l_r, o_tile):  # fmt: skip
+        if rotary_mode == 1:
+            for qi in range(tq):
+                rope_table(cs, sn, q_rope_position[q_beg + T.min(r0 + qi, q_n - 1)], rope_scale, rope_theta)
+                for g in range(group):
+                    for i in T.vectorized(half):
+                        q_tile[qi * group + g, i] = scal[3] * (
+                            cs[i] * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i].astype("float32")
+                            + sn[i] * (-q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i + half]).astype("float32")
+                        ).astype(dtype).astype("float32")
+                    for i in T.vectorized(half):
+                        q_tile[qi * group + g, i + half] = scal[3] * (
+                            cs[i] * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i + half].astype("float32")
+                            + sn[i] * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i].astype("float32")
+                        ).astype(dtype).astype("float32")
+        else:
+            for qi, g in T.grid(tq, group):
+                for dd in T.vectorized(d_qk):
+                    q_tile[qi * group + g, dd] = scal[3] * q[
+                        q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, dd
+                    ].astype("float32")
+        for r in range(rows):
+            m_r[r] = _f32(INIT_M)
+            l_r[r] = _f32(1.0)
+            for dd in T.vectorized(d_v):
+                o_tile[r, dd] = _f32(0.0)
+
+    return q_tile_start
+
+
 def _row_block(rows: int) -> int:
     """Rows per register block of the GEMM micro-kernels (3 x 4 ymm accumulators)."""
     return next(bs for bs in (3, 2, 1) if rows % bs == 0)

@@ -9,11 +9,11 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from llama_relax.kernels.attention_common import (
-    INIT_M,
     LOG2E,
     _chunk_len,
     _declare_length_info,
     _f32,
+    _make_q_tile_start,
     _make_rope_table,
     _norm_rope_scaling,
     _online_softmax_tile,
@@ -38,6 +38,7 @@ def attention_prefill_ragged_cpu(
     half = d_qk // 2
     group = h_q // h_kv
     tq, tk = tile_q, tile_k
+    q_tile_start = _make_q_tile_start(rope_table, tq, group, d_qk, d_v, dtype)
     rows = tq * group
     bs = _row_block(rows)
     dvb = 32 if d_v % 32 == 0 else d_v
@@ -107,34 +108,8 @@ def attention_prefill_ragged_cpu(
                 nq = T.min(tq, q_n - r0)
                 k_end = T.if_then_else(causal > 0, T.max(T.min(k_n, k_n - q_n + r0 + nq), 0), k_n)
                 scal[3] = sm_scale * _f32(LOG2E)
-                # rows past the sequence end load (and later drop) a copy of its last row
-                if rotary_mode == 1:
-                    for qi in range(tq):
-                        rope_table(cs, sn, q_rope_position[q_beg + T.min(r0 + qi, q_n - 1)], rope_scale, rope_theta)
-                        for g in range(group):
-                            for i in T.vectorized(half):
-                                q_tile[qi * group + g, i] = scal[3] * (
-                                    cs[i] * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i].astype("float32")
-                                    + sn[i]
-                                    * (-q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i + half]).astype("float32")
-                                ).astype(dtype).astype("float32")
-                            for i in T.vectorized(half):
-                                q_tile[qi * group + g, i + half] = scal[3] * (
-                                    cs[i]
-                                    * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i + half].astype("float32")
-                                    + sn[i] * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i].astype("float32")
-                                ).astype(dtype).astype("float32")
-                else:
-                    for qi, g in T.grid(tq, group):
-                        for d in T.vectorized(d_qk):
-                            q_tile[qi * group + g, d] = scal[3] * q[
-                                q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, d
-                            ].astype("float32")
-                for r in range(rows):
-                    m_r[r] = _f32(INIT_M)
-                    l_r[r] = _f32(1.0)
-                    for d in T.vectorized(d_v):
-                        o_tile[r, d] = _f32(0.0)
+                q_tile_start(q_tile, q, q_beg, q_n, r0, hk, scal, rotary_mode, cs, sn, q_rope_position, rope_scale,
+                             rope_theta, m_r, l_r, o_tile)  # fmt: skip
 
                 for kt in range((k_end + tk - 1) // tk):
                     # keys past k_end load a copy of a valid row and are masked out below
@@ -231,6 +206,7 @@ def attention_prefill_cpu(
     half = d // 2
     group = h_q // h_kv
     tq, tk = tile_q, tile_k
+    q_tile_start = _make_q_tile_start(rope_table, tq, group, d, d, dtype)
     rows = tq * group
     bs = _row_block(rows)
     dvb = 32 if d % 32 == 0 else d
@@ -315,33 +291,8 @@ def attention_prefill_cpu(
                 k_end = T.if_then_else(tirx.all(causal > 0, sws == 0), T.max(T.min(k_n, k_n - q_n + r0 + nq), 0), k_n)
                 k_start = T.if_then_else(tirx.all(causal > 0, sws > 0), T.max(k_n - T.max(sws - r0 - 1, 0), 0), 0)
                 scal[3] = sm_scale * _f32(LOG2E)
-                if rotary_mode == 1:
-                    for qi in range(tq):
-                        rope_table(cs, sn, q_rope_position[q_beg + T.min(r0 + qi, q_n - 1)], rope_scale, rope_theta)
-                        for g in range(group):
-                            for i in T.vectorized(half):
-                                q_tile[qi * group + g, i] = scal[3] * (
-                                    cs[i] * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i].astype("float32")
-                                    + sn[i]
-                                    * (-q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i + half]).astype("float32")
-                                ).astype(dtype).astype("float32")
-                            for i in T.vectorized(half):
-                                q_tile[qi * group + g, i + half] = scal[3] * (
-                                    cs[i]
-                                    * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i + half].astype("float32")
-                                    + sn[i] * q[q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, i].astype("float32")
-                                ).astype(dtype).astype("float32")
-                else:
-                    for qi, g in T.grid(tq, group):
-                        for dd in T.vectorized(d):
-                            q_tile[qi * group + g, dd] = scal[3] * q[
-                                q_beg + T.min(r0 + qi, q_n - 1), hk * group + g, dd
-                            ].astype("float32")
-                for r in range(rows):
-                    m_r[r] = _f32(INIT_M)
-                    l_r[r] = _f32(1.0)
-                    for dd in T.vectorized(d):
-                        o_tile[r, dd] = _f32(0.0)
+                q_tile_start(q_tile, q, q_beg, q_n, r0, hk, scal, rotary_mode, cs, sn, q_rope_position, rope_scale,
+                             rope_theta, m_r, l_r, o_tile)  # fmt: skip
 
                 for kt in range(k_start // tk, (k_end + tk - 1) // tk):
                     # gather the tile's page slots; keys past k_end repeat a valid slot and are masked out
