@@ -43,10 +43,21 @@ DEFAULT_MAX_MESSAGE_BYTES = 80 << 20  # > payload.MAX_CHUNK_BYTES + framing
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options for both ends of a KV channel: message limits above the largest chunk, 16 MiB HTTP/2 frames (a
+    1 MiB chunk then crosses as one DATA frame instead of 64), and TCP reads of up to 16 MiB at a time.
+
+    Measured with `python -m kvtransfer.bench_transport` (two processes, 24 MiB, 1 MiB chunks; noisy): a bare
+    stream moved 2100-2600 MiB/s with gRPC's defaults and 2400-2800 MiB/s with these; a 32 MiB stream lookahead,
+    a larger write buffer or disabling BDP probing did not help.
+    """
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.http2.max_frame_size", (16 << 20) - 1),  # the HTTP/2 maximum
+        ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
+        ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
+        ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
     ]
 
 
@@ -139,7 +150,7 @@ class GrpcKVSender(KVSender):
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self._options = _channel_options(max_message_bytes)
+        self._options = channel_options(max_message_bytes)
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
         self._inflight: dict[str, set[_InFlight]] = {}
@@ -299,7 +310,7 @@ class GrpcKVReceiver(KVReceiver):
         self._host = host
         self._max_concurrent = max_concurrent
         self._expect = (expected_fingerprint, expected_dtype, shape_check, max_payload_bytes)
-        self._options = _channel_options(max_message_bytes)
+        self._options = channel_options(max_message_bytes)
         self._on_orphaned = on_orphaned
         self._server: grpc.Server | None = None
         self.address: str | None = None

@@ -1,23 +1,24 @@
-"""Transport-neutral KV payload: a msgpack header plus the raw K and V bytes, cut into CRC-checked chunks.
+"""Transport-neutral KV payload: a msgpack header plus the raw K and V bytes, cut into hash-checked chunks.
 
 Data layout on the wire: the K bytes, then the V bytes (each C-contiguous ``[layers, end-begin, kv_heads,
 head_dim]`` in the cache dtype, little-endian as numpy stores it on x86/ARM). Both are cut into ``chunk_bytes``
 pieces *separately*: a chunk never straddles the K/V boundary, so the last K chunk and the last V chunk may be
-short, and every chunk is a zero-copy view of exactly one array. ``chunk_crc32[i]`` is ``zlib.crc32`` of chunk i,
-K chunks first. Dependencies: numpy + msgpack only (no ``llama_relax``, no transport).
+short, and every chunk is a zero-copy view of exactly one array. ``chunk_xxh3[i]`` is the XXH3-64 hash (seed 0)
+of chunk i, K chunks first: ~15 GB/s here against ~3.7 GB/s for zlib's CRC32, so checking costs the receiver
+~1.5 ms per 24 MiB instead of ~6.5 ms. Dependencies: numpy + msgpack only (no ``llama_relax``, no transport).
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
 import msgpack
 import numpy as np
+import xxhash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-chunk XXH3-64 instead of CRC32
 DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2}
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 64 << 20
@@ -58,6 +59,11 @@ class PayloadError(Exception):
         self.message = message
 
 
+def chunk_checksum(data: bytes | bytearray | memoryview) -> int:
+    """XXH3-64 (seed 0) of one chunk: the value carried in `KVHeader.chunk_xxh3` (releases the GIL)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
 def _num_chunks(nbytes: int, chunk_bytes: int) -> int:
     return -(-nbytes // chunk_bytes)
 
@@ -74,7 +80,7 @@ _INT_FIELDS = (
     "chunk_bytes",
 )
 _STR_FIELDS = ("layout_fingerprint", "dtype", "request_id")
-_ALL_FIELDS = frozenset((*_INT_FIELDS, *_STR_FIELDS, "chunk_crc32", "v"))
+_ALL_FIELDS = frozenset((*_INT_FIELDS, *_STR_FIELDS, "chunk_xxh3", "v"))
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class KVHeader:
     k_bytes: int
     v_bytes: int
     chunk_bytes: int
-    chunk_crc32: tuple[int, ...]  # one per chunk, K chunks then V chunks
+    chunk_xxh3: tuple[int, ...]  # one per chunk, K chunks then V chunks
     request_id: str
 
     def __post_init__(self) -> None:
@@ -113,7 +119,7 @@ class KVHeader:
 
     @property
     def num_chunks(self) -> int:
-        return len(self.chunk_crc32)
+        return len(self.chunk_xxh3)
 
     def chunk_spans(self) -> list[tuple[int, int]]:
         """(offset into the k||v byte stream, size) of every chunk, in order."""
@@ -125,7 +131,7 @@ class KVHeader:
     def to_bytes(self) -> bytes:
         """msgpack map (string keys, with a format version ``v``)."""
         d: dict[str, object] = {name: getattr(self, name) for name in (*_STR_FIELDS, *_INT_FIELDS)}
-        d["chunk_crc32"] = list(self.chunk_crc32)
+        d["chunk_xxh3"] = list(self.chunk_xxh3)
         d["v"] = FORMAT_VERSION
         return msgpack.packb(d, use_bin_type=True)
 
@@ -156,11 +162,11 @@ class KVHeader:
         for name in _INT_FIELDS:
             if type(d[name]) is not int:  # rejects bool and float
                 raise PayloadError(ErrorCode.MALFORMED, f"header field {name} must be an integer")
-        crcs = d["chunk_crc32"]
-        if not isinstance(crcs, list) or any(type(c) is not int for c in crcs):
-            raise PayloadError(ErrorCode.MALFORMED, "header field chunk_crc32 must be a list of integers")
+        sums = d["chunk_xxh3"]
+        if not isinstance(sums, list) or any(type(c) is not int for c in sums):
+            raise PayloadError(ErrorCode.MALFORMED, "header field chunk_xxh3 must be a list of integers")
         fields = {name: d[name] for name in (*_STR_FIELDS, *_INT_FIELDS)}
-        return cls(**fields, chunk_crc32=tuple(crcs))  # type: ignore[arg-type]
+        return cls(**fields, chunk_xxh3=tuple(sums))  # type: ignore[arg-type]
 
 
 def _validate(h: KVHeader) -> None:
@@ -186,10 +192,10 @@ def _validate(h: KVHeader) -> None:
     if not 0 < h.chunk_bytes <= MAX_CHUNK_BYTES:
         raise bad(f"chunk_bytes {h.chunk_bytes} outside (0, {MAX_CHUNK_BYTES}]")
     n = _num_chunks(h.k_bytes, h.chunk_bytes) + _num_chunks(h.v_bytes, h.chunk_bytes)
-    if len(h.chunk_crc32) != n:
-        raise bad(f"{len(h.chunk_crc32)} chunk checksums for {n} chunks")
-    if any(not 0 <= c < 1 << 32 for c in h.chunk_crc32):
-        raise bad("chunk_crc32 values must be unsigned 32-bit")
+    if len(h.chunk_xxh3) != n:
+        raise bad(f"{len(h.chunk_xxh3)} chunk checksums for {n} chunks")
+    if any(not 0 <= c < 1 << 64 for c in h.chunk_xxh3):
+        raise bad("chunk_xxh3 values must be unsigned 64-bit")
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,7 @@ def make_payload(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     page_size: int = 16,
 ) -> KVPayload:
-    """Build a payload for tokens [begin, begin + k.shape[1]): computes sizes and per-chunk CRCs.
+    """Build a payload for tokens [begin, begin + k.shape[1]): computes sizes and per-chunk XXH3-64 checksums.
 
     k, v: [layers, n_tokens, kv_heads, head_dim] in float32/float16 (K already rotated). Non-contiguous arrays are
     copied once to C order; contiguous ones are referenced, so the caller must not modify them until sent.
@@ -221,11 +227,11 @@ def make_payload(
         raise ValueError(f"make_payload: dtype must be one of {sorted(DTYPE_SIZES)} for both, got {k.dtype}/{v.dtype}")
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
     layers, n, heads, head_dim = k.shape
-    crcs = [zlib.crc32(c) for arr in (k, v) for c in _array_chunks(arr, chunk_bytes)]
+    sums = [chunk_checksum(c) for arr in (k, v) for c in _array_chunks(arr, chunk_bytes)]
     header = KVHeader(
         layout_fingerprint=fingerprint, dtype=str(k.dtype), page_size=page_size, num_layers=layers,
         num_kv_heads=heads, head_dim=head_dim, begin=begin, end=begin + n, k_bytes=k.nbytes, v_bytes=v.nbytes,
-        chunk_bytes=chunk_bytes, chunk_crc32=tuple(crcs), request_id=request_id,
+        chunk_bytes=chunk_bytes, chunk_xxh3=tuple(sums), request_id=request_id,
     )  # fmt: skip
     return KVPayload(header, k, v)
 
@@ -305,7 +311,7 @@ class PayloadAssembler:
         return self._next == len(self._spans)
 
     def add(self, index: int, data: bytes | bytearray | memoryview) -> None:
-        """Verify chunk `index` (order, size, CRC) and copy it into the buffer (the only copy made here)."""
+        """Verify chunk `index` (order, size, checksum) and copy it into the buffer (the only copy made here)."""
         if index >= len(self._spans):
             raise PayloadError(ErrorCode.MALFORMED, f"extra data: chunk {index} beyond {len(self._spans)} chunks")
         if index != self._next:
@@ -313,8 +319,8 @@ class PayloadAssembler:
         off, size = self._spans[index]
         if len(data) != size:
             raise PayloadError(ErrorCode.MALFORMED, f"chunk {index} has {len(data)} bytes, expected {size}")
-        if zlib.crc32(data) != self.header.chunk_crc32[index]:
-            raise PayloadError(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} fails its CRC32 check")
+        if chunk_checksum(data) != self.header.chunk_xxh3[index]:
+            raise PayloadError(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} fails its XXH3-64 check")
         self._buf[off : off + size] = np.frombuffer(data, dtype=np.uint8)
         self._next += 1
         self.bytes_received += size

@@ -2,7 +2,8 @@
 
 `spawn_sender(...)` starts a separate Python process that opens the model, prefills a prompt into a sequence whose
 pages are interleaved with another sequence's (so they are not contiguous), exports the KV, sends it to a
-receiver address over gRPC, then decodes a few fixed tokens *in place* and reports the logits, so the parent can
+receiver address over gRPC (`repeats` > 1: first under derived request ids, to measure warm transfers; the last
+send always uses `request_id`), then decodes a few fixed tokens *in place* and reports the logits, so the parent can
 check that decoding after the transfer is bit-identical. Results come back over a multiprocessing pipe as a
 frozen `SenderReport` (plain data; KV bytes never travel this way).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ class SenderJob:
     decode_tokens: tuple[int, ...] = (1, 2, 3)
     timeout_s: float = 60.0
     kv_total_tokens: int = 4096
+    repeats: int = 1  # send the same KV this many times, as request ids f"{request_id}#{i}" for i < repeats - 1
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class SenderReport:
     export_s: float = 0.0
     transfer_s: float = 0.0
     import_s: float = 0.0
+    repeat_transfer_s: tuple[float, ...] = ()  # every send's wall time (the last one is `transfer_s`)
+    repeat_import_s: tuple[float, ...] = ()
     logits: list[np.ndarray] = field(default_factory=list)  # in-place decode logits, one [V] per decode token
     free_pages_before: int = 0
     free_pages_after: int = 0
@@ -48,6 +52,7 @@ class SenderReport:
 def _sender_main(job: SenderJob, conn) -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     from kvtransfer.grpc_transport import GrpcKVSender
+    from kvtransfer.payload import KVPayload
     from kvtransfer.runtime_io import export_payload
     from llama_relax.models import open_model
     from llama_relax.runtime import KVCacheConfig
@@ -68,7 +73,14 @@ def _sender_main(job: SenderJob, conn) -> None:
         payload = export_payload(rt, job.seq_id, job.request_id, begin=job.begin)
         export_s = time.perf_counter() - t0
         sender = GrpcKVSender()
-        result = sender.send(payload, job.address, job.timeout_s)
+        results = []
+        for i in range(job.repeats):
+            rid = job.request_id if i == job.repeats - 1 else f"{job.request_id}#{i}"
+            results.append(sender.send(KVPayload(replace(payload.header, request_id=rid), payload.k, payload.v),
+                                       job.address, job.timeout_s))  # fmt: skip
+            if not results[-1].ok:
+                break
+        result = results[-1]
         sender.close()
         # decode in place in a batch of three (the imported row sits in the middle on the receiving side too), so
         # both sides run kernels of the same batch shape: bit-identity is then expected, not just closeness
@@ -81,6 +93,7 @@ def _sender_main(job: SenderJob, conn) -> None:
         report = SenderReport(
             ok=result.ok, error=f"{result.error}: {result.message}" if not result.ok else "", bytes=result.nbytes,
             export_s=export_s, transfer_s=result.transfer_s, import_s=result.import_s, logits=logits,
+            repeat_transfer_s=tuple(r.transfer_s for r in results), repeat_import_s=tuple(r.import_s for r in results),
             free_pages_before=free_before, free_pages_after=rt.free_pages(),
         )  # fmt: skip
         model.close()

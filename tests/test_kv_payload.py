@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import zlib
-
 import msgpack
 import numpy as np
 import pytest
+import xxhash
 
 from kvtransfer.payload import (
     ErrorCode,
@@ -51,7 +50,7 @@ def test_make_payload_sizes_and_chunks_do_not_straddle():
     chunks = list(iter_chunks(p))
     assert [len(c) for c in chunks] == [96] * 6 + [64] + [96] * 6 + [64]
     assert b"".join(chunks) == p.k.tobytes() + p.v.tobytes()
-    assert [zlib.crc32(c) for c in chunks] == list(h.chunk_crc32)
+    assert [xxhash.xxh3_64_intdigest(bytes(c)) for c in chunks] == list(h.chunk_xxh3)
     assert chunks[0].obj is p.k and chunks[-1].obj is p.v  # zero-copy views of the arrays
     assert [s for _, s in h.chunk_spans()] == [len(c) for c in chunks]
     assert h.chunk_spans()[7][0] == h.k_bytes
@@ -88,7 +87,8 @@ _DROP = object()
         msgpack.packb({"v": 1}),
         _raw_header()[:-3],  # cut short
         _raw_header() + b"\x00",  # trailing bytes
-        _raw_header(v=2),
+        _raw_header(v=1),  # the CRC32 format before XXH3
+        _raw_header(v=3),
         _raw_header(v=True),
         _raw_header(extra=1),
         _raw_header(request_id=_DROP),
@@ -103,9 +103,9 @@ _DROP = object()
         _raw_header(end=3),  # empty range
         _raw_header(k_bytes=639),
         _raw_header(chunk_bytes=0),
-        _raw_header(chunk_crc32=[1, 2]),
-        _raw_header(chunk_crc32=[1 << 32] * 14),
-        _raw_header(chunk_crc32="x"),
+        _raw_header(chunk_xxh3=[1, 2]),
+        _raw_header(chunk_xxh3=[-1] * 14),
+        _raw_header(chunk_xxh3="x"),
         _raw_header(request_id="r" * 300),
         b"\x00" * (2 << 20),
     ],

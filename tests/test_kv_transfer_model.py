@@ -200,3 +200,27 @@ def test_concurrent_transfers_into_one_receiver(dest):
     for s in senders:
         s.close()
     src.close()
+
+
+def test_bench_kv_cli_reports_warm_repeats(model_dir, cache_dir):
+    """`pdserve bench-kv --json` end to end: verified, warm and cold transfers, every documented field."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PDSERVE_CACHE_DIR": str(cache_dir)}
+    r = subprocess.run(
+        [sys.executable, "-m", "llama_relax.cli", "bench-kv", "--model", str(model_dir), "--cache-dir", str(cache_dir),
+         "--tokens", "45", "--repeats", "3", "--no-bare", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["verified"] is True and out["repeats"] == 3 and out["tokens"] == 45
+    c = TINY_GQA
+    assert out["bytes"] == 2 * c.num_hidden_layers * 45 * c.num_key_value_heads * c.head_dim * 4
+    for key in ("export_ms", "transfer_ms", "cold_transfer_ms", "import_ms", "transfer_mib_s", "memcpy_mib_s"):
+        assert out[key] > 0, key
+    assert out["transfer_vs_memcpy"] == pytest.approx(out["transfer_mib_s"] / out["memcpy_mib_s"])
+    assert "bare_grpc_mib_s" not in out
