@@ -18,9 +18,8 @@ import threading
 
 from decode_worker.decode_batch import DecodeBatch, Running, release
 from decode_worker.scheduler import admit_decode
-from kvtransfer.grpc_transport import GrpcKVReceiver
 from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
-from kvtransfer.runtime_io import import_into, receiver_checks
+from kvtransfer.runtime_io import import_into, make_receiver
 from llama_relax.generation import SequenceDecoder, TokenEvent, TokenizerLike
 from llama_relax.runtime import ModelRuntime
 from prefill_worker.loop import EngineLoop, OutputStream
@@ -56,10 +55,7 @@ class DecodeEngine(EngineLoop):
         self._unclaimed: dict[str, OutputStream] = {}  # streams not yet taken by `stream()` (may outlive the request)
         self._next_seq = 0
         self._lock = threading.Lock()
-        self.receiver = GrpcKVReceiver(
-            self._import, host=kv_host, port=kv_port, on_orphaned=self._orphaned, **receiver_checks(runtime)
-        )
-        self.kv_address = self.receiver.start()
+        self.receiver, self.kv_address = make_receiver(runtime, self._import, kv_host, kv_port, self._orphaned)
 
     # ---- control (any thread) -----------------------------------------------------------------------------
     def reserve(self, req: GenerationRequest) -> Admission:

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -215,7 +216,7 @@ class GrpcKVSender(KVSender):
             msg = "cancelled after the commit: the receiver may have imported it" if st.committed else "cancelled"
             return TransferResult.failure(ErrorCode.CANCELLED, msg, st.sent_bytes, _since(t0))
         except grpc.RpcError as e:
-            code, msg = _map_rpc_error(e)
+            code, msg = map_rpc_error(e)
             if st.cancel.is_set():
                 code = ErrorCode.CANCELLED
             return TransferResult.failure(code, msg, st.sent_bytes, _since(t0))
@@ -263,7 +264,7 @@ def _since(t0: float) -> float:
     return time.perf_counter() - t0
 
 
-def _map_rpc_error(e: grpc.RpcError) -> tuple[ErrorCode, str]:
+def map_rpc_error(e: grpc.RpcError) -> tuple[ErrorCode, str]:
     code = e.code() if isinstance(e, grpc.Call) else None
     details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
     msg = f"{code.name if code else 'RPC error'}: {details}"
@@ -315,27 +316,20 @@ class GrpcKVReceiver(KVReceiver):
         self._server: grpc.Server | None = None
         self.address: str | None = None
 
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """The `KVTransfer` methods this receiver serves (another receiver may host them on its server)."""
+        return {
+            "Push": grpc.stream_unary_rpc_method_handler(
+                self._push, request_deserializer=None, response_serializer=pb.KVAck.SerializeToString
+            )
+        }
+
     def start(self) -> str:
         if self._server is not None:
             raise RuntimeError("receiver already started")
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_concurrent, thread_name_prefix="kv-recv"),
-            options=self._options,
-            maximum_concurrent_rpcs=self._max_concurrent,
+        self._server, self.address = serve_kv(
+            self.handlers(), self._host, self._bind, self._max_concurrent, self._options
         )
-        handler = grpc.stream_unary_rpc_method_handler(
-            self._push, request_deserializer=None, response_serializer=pb.KVAck.SerializeToString
-        )
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, {"Push": handler}),))
-        try:
-            port = server.add_insecure_port(self._bind)
-        except RuntimeError as e:
-            raise OSError(f"cannot bind {self._bind}: {e}") from None
-        if port == 0:
-            raise OSError(f"cannot bind {self._bind}")
-        server.start()
-        self._server = server
-        self.address = f"[{self._host}]:{port}" if ":" in self._host else f"{self._host}:{port}"
         return self.address
 
     def stop(self, grace_s: float | None = None) -> None:
@@ -347,16 +341,8 @@ class GrpcKVReceiver(KVReceiver):
         """One transfer, on a server worker thread: header -> chunks -> sink -> ack (or an error ack)."""
         transfer_id, asm = "", None
         try:
-            first = next(requests, None)
-            if first is None:
-                raise PayloadError(ErrorCode.TRUNCATED, "stream closed before the header")
-            try:
-                msg = pb.KVChunk.FromString(first)
-            except DecodeError as e:
-                raise PayloadError(ErrorCode.MALFORMED, f"undecodable header message: {e}") from None
+            msg = read_header_message(next(requests, None))
             transfer_id = msg.transfer_id
-            if not msg.header or msg.data:
-                raise PayloadError(ErrorCode.MALFORMED, "first message must carry the header and no data")
             header = KVHeader.from_bytes(msg.header)
             asm = PayloadAssembler(header, *self._expect)
             committed = False
@@ -371,40 +357,94 @@ class GrpcKVReceiver(KVReceiver):
             k, v = asm.finish()  # TRUNCATED if chunks are missing, committed or not
             if not committed:
                 raise PayloadError(ErrorCode.TRUNCATED, "stream ended without the commit (sender cancelled?)")
-            if not context.is_active():
-                return _ack(ErrorCode.CANCELLED, "sender went away before the import", transfer_id, asm)
-            t0 = time.perf_counter()
-            try:
-                self._sink(header, k, v)
-            except PayloadError as e:  # the sink's own rejection (e.g. SHAPE_MISMATCH for a range gap) keeps its code
-                log.info("kv import of %s rejected by the sink: %s", header.request_id, e)
-                return _ack(e.code, e.message, transfer_id, asm, _since(t0))
-            except Exception as e:
-                log.warning("kv import of %s failed: %s: %s", header.request_id, type(e).__name__, e)
-                return _ack(ErrorCode.IMPORT_FAILED, f"{type(e).__name__}: {e}", transfer_id, asm, _since(t0))
-            import_s = _since(t0)
-            remaining = context.time_remaining()  # a passed deadline means the sender (deadline <= ours) gave up
-            gone = not context.is_active() or (remaining is not None and remaining <= 0)
-            if gone and self._on_orphaned is not None:
-                with contextlib.suppress(Exception):
-                    self._on_orphaned(header)
-            return pb.KVAck(ok=True, bytes_received=asm.bytes_received, import_s=import_s, transfer_id=transfer_id)
+            return run_sink(self._sink, header, k, v, context, transfer_id, asm.bytes_received, self._on_orphaned)
         except PayloadError as e:
             log.info("kv transfer %s rejected: %s", transfer_id, e)
-            return _ack(e.code, e.message, transfer_id, asm)
+            return error_ack(e.code, e.message, transfer_id, _received(asm))
         except grpc.RpcError:  # the sender cancelled, disconnected or ran past its deadline mid-stream
             remaining = context.time_remaining()
             code = ErrorCode.TIMEOUT if remaining is not None and remaining <= 0 else ErrorCode.CANCELLED
-            return _ack(code, "stream aborted by the sender", transfer_id, asm)
+            return error_ack(code, "stream aborted by the sender", transfer_id, _received(asm))
         except Exception as e:  # a bug here or in shape_check: answer instead of failing the RPC opaquely
             log.exception("kv transfer %s: receiver error", transfer_id)
-            return _ack(ErrorCode.UNAVAILABLE, f"receiver error: {type(e).__name__}: {e}", transfer_id, asm)
+            return error_ack(
+                ErrorCode.UNAVAILABLE, f"receiver error: {type(e).__name__}: {e}", transfer_id, _received(asm)
+            )
 
 
-def _ack(
-    code: ErrorCode, message: str, transfer_id: str, asm: PayloadAssembler | None, import_s: float = 0.0
+def read_header_message(first: bytes | None) -> pb.KVChunk:
+    """The stream's first `KVChunk` (it must carry a header and no data); `PayloadError` otherwise."""
+    if first is None:
+        raise PayloadError(ErrorCode.TRUNCATED, "stream closed before the header")
+    try:
+        msg = pb.KVChunk.FromString(first)
+    except DecodeError as e:
+        raise PayloadError(ErrorCode.MALFORMED, f"undecodable header message: {e}") from None
+    if not msg.header or msg.data:
+        raise PayloadError(ErrorCode.MALFORMED, "first message must carry the header and no data")
+    return msg
+
+
+def serve_kv(
+    handlers: dict[str, grpc.RpcMethodHandler], host: str, bind: str, max_concurrent: int, options: list
+) -> tuple[grpc.Server, str]:
+    """Start a `KVTransfer` server with `handlers` on `bind`; returns it and the address senders use."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="kv-recv"),
+        options=options,
+        maximum_concurrent_rpcs=max_concurrent,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
+    try:
+        port = server.add_insecure_port(bind)
+    except RuntimeError as e:
+        raise OSError(f"cannot bind {bind}: {e}") from None
+    if port == 0:
+        raise OSError(f"cannot bind {bind}")
+    server.start()
+    return server, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+def run_sink(
+    sink: ImportSink,
+    header: KVHeader,
+    k: Any,
+    v: Any,
+    context: grpc.ServicerContext,
+    transfer_id: str,
+    bytes_received: int,
+    on_orphaned: Callable[[KVHeader], None] | None,
 ) -> pb.KVAck:
-    received = asm.bytes_received if asm is not None else 0
+    """Import a complete, verified, committed payload and build the ack; shared by every receiver.
+
+    Skips the import when the sender is already gone; calls `on_orphaned(header)` when it left during the import.
+    """
+    if not context.is_active():
+        return error_ack(ErrorCode.CANCELLED, "sender went away before the import", transfer_id, bytes_received)
+    t0 = time.perf_counter()
+    try:
+        sink(header, k, v)
+    except PayloadError as e:  # the sink's own rejection (e.g. SHAPE_MISMATCH for a range gap) keeps its code
+        log.info("kv import of %s rejected by the sink: %s", header.request_id, e)
+        return error_ack(e.code, e.message, transfer_id, bytes_received, _since(t0))
+    except Exception as e:
+        log.warning("kv import of %s failed: %s: %s", header.request_id, type(e).__name__, e)
+        return error_ack(ErrorCode.IMPORT_FAILED, f"{type(e).__name__}: {e}", transfer_id, bytes_received, _since(t0))
+    import_s = _since(t0)
+    remaining = context.time_remaining()  # a passed deadline means the sender (deadline <= ours) gave up
+    gone = not context.is_active() or (remaining is not None and remaining <= 0)
+    if gone and on_orphaned is not None:
+        with contextlib.suppress(Exception):
+            on_orphaned(header)
+    return pb.KVAck(ok=True, bytes_received=bytes_received, import_s=import_s, transfer_id=transfer_id)
+
+
+def _received(asm: PayloadAssembler | None) -> int:
+    return asm.bytes_received if asm is not None else 0
+
+
+def error_ack(code: ErrorCode, message: str, transfer_id: str, received: int = 0, import_s: float = 0.0) -> pb.KVAck:
+    """A failed `KVAck` (`received`: payload bytes taken before the failure)."""
     return pb.KVAck(
         ok=False,
         error_code=code.value,

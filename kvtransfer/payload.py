@@ -3,9 +3,12 @@
 Data layout on the wire: the K bytes, then the V bytes (each C-contiguous ``[layers, end-begin, kv_heads,
 head_dim]`` in the cache dtype, little-endian as numpy stores it on x86/ARM). Both are cut into ``chunk_bytes``
 pieces *separately*: a chunk never straddles the K/V boundary, so the last K chunk and the last V chunk may be
-short, and every chunk is a zero-copy view of exactly one array. ``chunk_xxh3[i]`` is the XXH3-64 hash (seed 0)
-of chunk i, K chunks first: ~15 GB/s here against ~3.7 GB/s for zlib's CRC32, so checking costs the receiver
-~1.5 ms per 24 MiB instead of ~6.5 ms. Dependencies: numpy + msgpack only (no ``llama_relax``, no transport).
+short, and every chunk is a zero-copy view of exactly one array. ``chunk_checksums[i]`` is chunk i's checksum, K
+chunks first, of the kind named by ``checksum``:
+- ``"xxh3_64"`` (host payloads): XXH3-64, seed 0. ~15 GB/s here against ~3.7 GB/s for zlib's CRC32, so checking
+  costs the receiver ~1.5 ms per 24 MiB instead of ~6.5 ms.
+- ``"wsum64"`` (device payloads, `nccl_transport`): ``sum((i + 1) * w[i]) mod 2**64`` over the chunk's
+  little-endian uint64 words ``w`` (zero-padded), computable by one reduction on a GPU without copying to host. Dependencies: numpy + msgpack only (no ``llama_relax``, no transport).
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import msgpack
 import numpy as np
 import xxhash
 
-FORMAT_VERSION = 2  # 2: per-chunk XXH3-64 instead of CRC32
+FORMAT_VERSION = 2  # 2: named per-chunk checksums (XXH3-64 or wsum64) instead of CRC32
 DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2}
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 64 << 20
@@ -60,8 +64,25 @@ class PayloadError(Exception):
 
 
 def chunk_checksum(data: bytes | bytearray | memoryview) -> int:
-    """XXH3-64 (seed 0) of one chunk: the value carried in `KVHeader.chunk_xxh3` (releases the GIL)."""
+    """XXH3-64 (seed 0) of one chunk: the ``"xxh3_64"`` checksum (releases the GIL)."""
     return xxhash.xxh3_64_intdigest(data)
+
+
+def wsum64(xp: Any, chunk: Any) -> Any:
+    """The ``"wsum64"`` checksum of a 1-D uint8 array `chunk` with array module `xp` (numpy or cupy): the
+    position-weighted sum of its uint64 words mod 2**64 (detects zeroed, truncated and swapped words). Returns an
+    `xp` scalar; call `int()` on it."""
+    pad = (-chunk.size) % 8
+    if pad:
+        chunk = xp.concatenate([chunk, xp.zeros(pad, dtype=xp.uint8)])
+    words = chunk.view(xp.uint64)
+    return (words * xp.arange(1, words.size + 1, dtype=xp.uint64)).sum(dtype=xp.uint64)
+
+
+HOST_CHECKSUMS: dict[str, Callable[[memoryview], int]] = {
+    "xxh3_64": chunk_checksum,
+    "wsum64": lambda data: int(wsum64(np, np.frombuffer(data, dtype=np.uint8))),
+}
 
 
 def _num_chunks(nbytes: int, chunk_bytes: int) -> int:
@@ -79,8 +100,8 @@ _INT_FIELDS = (
     "v_bytes",
     "chunk_bytes",
 )
-_STR_FIELDS = ("layout_fingerprint", "dtype", "request_id")
-_ALL_FIELDS = frozenset((*_INT_FIELDS, *_STR_FIELDS, "chunk_xxh3", "v"))
+_STR_FIELDS = ("layout_fingerprint", "dtype", "request_id", "checksum")
+_ALL_FIELDS = frozenset((*_INT_FIELDS, *_STR_FIELDS, "chunk_checksums", "v"))
 
 
 @dataclass(frozen=True)
@@ -98,8 +119,9 @@ class KVHeader:
     k_bytes: int
     v_bytes: int
     chunk_bytes: int
-    chunk_xxh3: tuple[int, ...]  # one per chunk, K chunks then V chunks
+    chunk_checksums: tuple[int, ...]  # one per chunk, K chunks then V chunks
     request_id: str
+    checksum: str = "xxh3_64"  # kind of `chunk_checksums`: a key of HOST_CHECKSUMS
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -119,7 +141,7 @@ class KVHeader:
 
     @property
     def num_chunks(self) -> int:
-        return len(self.chunk_xxh3)
+        return len(self.chunk_checksums)
 
     def chunk_spans(self) -> list[tuple[int, int]]:
         """(offset into the k||v byte stream, size) of every chunk, in order."""
@@ -131,7 +153,7 @@ class KVHeader:
     def to_bytes(self) -> bytes:
         """msgpack map (string keys, with a format version ``v``)."""
         d: dict[str, object] = {name: getattr(self, name) for name in (*_STR_FIELDS, *_INT_FIELDS)}
-        d["chunk_xxh3"] = list(self.chunk_xxh3)
+        d["chunk_checksums"] = list(self.chunk_checksums)
         d["v"] = FORMAT_VERSION
         return msgpack.packb(d, use_bin_type=True)
 
@@ -162,11 +184,11 @@ class KVHeader:
         for name in _INT_FIELDS:
             if type(d[name]) is not int:  # rejects bool and float
                 raise PayloadError(ErrorCode.MALFORMED, f"header field {name} must be an integer")
-        sums = d["chunk_xxh3"]
+        sums = d["chunk_checksums"]
         if not isinstance(sums, list) or any(type(c) is not int for c in sums):
-            raise PayloadError(ErrorCode.MALFORMED, "header field chunk_xxh3 must be a list of integers")
+            raise PayloadError(ErrorCode.MALFORMED, "header field chunk_checksums must be a list of integers")
         fields = {name: d[name] for name in (*_STR_FIELDS, *_INT_FIELDS)}
-        return cls(**fields, chunk_xxh3=tuple(sums))  # type: ignore[arg-type]
+        return cls(**fields, chunk_checksums=tuple(sums))  # type: ignore[arg-type]
 
 
 def _validate(h: KVHeader) -> None:
@@ -192,10 +214,12 @@ def _validate(h: KVHeader) -> None:
     if not 0 < h.chunk_bytes <= MAX_CHUNK_BYTES:
         raise bad(f"chunk_bytes {h.chunk_bytes} outside (0, {MAX_CHUNK_BYTES}]")
     n = _num_chunks(h.k_bytes, h.chunk_bytes) + _num_chunks(h.v_bytes, h.chunk_bytes)
-    if len(h.chunk_xxh3) != n:
-        raise bad(f"{len(h.chunk_xxh3)} chunk checksums for {n} chunks")
-    if any(not 0 <= c < 1 << 64 for c in h.chunk_xxh3):
-        raise bad("chunk_xxh3 values must be unsigned 64-bit")
+    if len(h.chunk_checksums) != n:
+        raise bad(f"{len(h.chunk_checksums)} chunk checksums for {n} chunks")
+    if any(not 0 <= c < 1 << 64 for c in h.chunk_checksums):
+        raise bad("chunk_checksums values must be unsigned 64-bit")
+    if h.checksum not in HOST_CHECKSUMS:
+        raise bad(f"checksum {h.checksum!r} not one of {sorted(HOST_CHECKSUMS)}")
 
 
 @dataclass(frozen=True)
@@ -226,14 +250,23 @@ def make_payload(
     if k.dtype != v.dtype or str(k.dtype) not in DTYPE_SIZES:
         raise ValueError(f"make_payload: dtype must be one of {sorted(DTYPE_SIZES)} for both, got {k.dtype}/{v.dtype}")
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
-    layers, n, heads, head_dim = k.shape
     sums = [chunk_checksum(c) for arr in (k, v) for c in _array_chunks(arr, chunk_bytes)]
-    header = KVHeader(
-        layout_fingerprint=fingerprint, dtype=str(k.dtype), page_size=page_size, num_layers=layers,
-        num_kv_heads=heads, head_dim=head_dim, begin=begin, end=begin + n, k_bytes=k.nbytes, v_bytes=v.nbytes,
-        chunk_bytes=chunk_bytes, chunk_xxh3=tuple(sums), request_id=request_id,
-    )  # fmt: skip
+    header = build_header(k.shape, str(k.dtype), fingerprint, begin, request_id, chunk_bytes, page_size, sums)
     return KVPayload(header, k, v)
+
+
+def build_header(
+    shape: tuple[int, ...], dtype: str, fingerprint: str, begin: int, request_id: str, chunk_bytes: int,
+    page_size: int, checksums: list[int], checksum: str = "xxh3_64",
+) -> KVHeader:  # fmt: skip
+    """The header of K and V of `shape` [layers, n_tokens, kv_heads, head_dim] each, for tokens [begin, begin + n)."""
+    layers, n, heads, head_dim = shape
+    nbytes = layers * n * heads * head_dim * DTYPE_SIZES[dtype]
+    return KVHeader(
+        layout_fingerprint=fingerprint, dtype=dtype, page_size=page_size, num_layers=layers, num_kv_heads=heads,
+        head_dim=head_dim, begin=begin, end=begin + n, k_bytes=nbytes, v_bytes=nbytes, chunk_bytes=chunk_bytes,
+        chunk_checksums=tuple(checksums), request_id=request_id, checksum=checksum,
+    )  # fmt: skip
 
 
 def _array_chunks(a: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:
@@ -271,6 +304,27 @@ def expect_shape(
     return check
 
 
+def check_header(
+    header: KVHeader,
+    expected_fingerprint: str | None,
+    expected_dtype: str | None,
+    expected_shape_fn: ShapeCheck | None = None,
+    max_total_bytes: int | None = None,
+) -> None:
+    """Raise `PayloadError` unless this receiver can take `header` (fingerprint, dtype, geometry, size)."""
+    if expected_fingerprint is not None and header.layout_fingerprint != expected_fingerprint:
+        raise PayloadError(
+            ErrorCode.FINGERPRINT_MISMATCH,
+            f"layout fingerprint {header.layout_fingerprint!r} != receiver's {expected_fingerprint!r}",
+        )
+    if expected_dtype is not None and header.dtype != expected_dtype:
+        raise PayloadError(ErrorCode.DTYPE_MISMATCH, f"dtype {header.dtype} != receiver's {expected_dtype}")
+    if expected_shape_fn is not None and (why := expected_shape_fn(header)) is not None:
+        raise PayloadError(ErrorCode.SHAPE_MISMATCH, why)
+    if max_total_bytes is not None and header.total_bytes > max_total_bytes:
+        raise PayloadError(ErrorCode.SHAPE_MISMATCH, f"payload of {header.total_bytes} bytes exceeds {max_total_bytes}")
+
+
 class PayloadAssembler:
     """Receives one payload's chunks in order into one preallocated buffer and hands back (k, v) views of it.
 
@@ -287,20 +341,9 @@ class PayloadAssembler:
         expected_shape_fn: ShapeCheck | None = None,
         max_total_bytes: int | None = None,
     ) -> None:
-        if expected_fingerprint is not None and header.layout_fingerprint != expected_fingerprint:
-            raise PayloadError(
-                ErrorCode.FINGERPRINT_MISMATCH,
-                f"layout fingerprint {header.layout_fingerprint!r} != receiver's {expected_fingerprint!r}",
-            )
-        if expected_dtype is not None and header.dtype != expected_dtype:
-            raise PayloadError(ErrorCode.DTYPE_MISMATCH, f"dtype {header.dtype} != receiver's {expected_dtype}")
-        if expected_shape_fn is not None and (why := expected_shape_fn(header)) is not None:
-            raise PayloadError(ErrorCode.SHAPE_MISMATCH, why)
-        if max_total_bytes is not None and header.total_bytes > max_total_bytes:
-            raise PayloadError(
-                ErrorCode.SHAPE_MISMATCH, f"payload of {header.total_bytes} bytes exceeds {max_total_bytes}"
-            )
+        check_header(header, expected_fingerprint, expected_dtype, expected_shape_fn, max_total_bytes)
         self.header = header
+        self._checksum = HOST_CHECKSUMS[header.checksum]
         self._spans = header.chunk_spans()
         self._buf = np.empty(header.total_bytes, dtype=np.uint8)  # [k_bytes + v_bytes]
         self._next = 0
@@ -319,8 +362,8 @@ class PayloadAssembler:
         off, size = self._spans[index]
         if len(data) != size:
             raise PayloadError(ErrorCode.MALFORMED, f"chunk {index} has {len(data)} bytes, expected {size}")
-        if chunk_checksum(data) != self.header.chunk_xxh3[index]:
-            raise PayloadError(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} fails its XXH3-64 check")
+        if self._checksum(data) != self.header.chunk_checksums[index]:
+            raise PayloadError(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} fails its {self.header.checksum} check")
         self._buf[off : off + size] = np.frombuffer(data, dtype=np.uint8)
         self._next += 1
         self.bytes_received += size

@@ -16,6 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
+from kvtransfer.nccl_transport import (
+    CupyNccl,
+    NcclKVReceiver,
+    NcclKVSender,
+    RoutedSender,
+    make_device_payload,
+    nccl_available,
+)
 from kvtransfer.payload import (
     DEFAULT_CHUNK_BYTES,
     ErrorCode,
@@ -25,7 +34,10 @@ from kvtransfer.payload import (
     expect_shape,
     make_payload,
 )
+from kvtransfer.transport import ImportSink, KVReceiver, KVSender
 from llama_relax.runtime import ModelRuntime
+
+_KDL_CUDA = 2
 
 
 def export_payload(
@@ -44,6 +56,51 @@ def export_payload(
         chunk_bytes=chunk_bytes,
         page_size=runtime.kv_config.page_size,
     )
+
+
+def export_device_payload(
+    runtime: ModelRuntime, sender: NcclKVSender, seq_id: int, request_id: str, begin: int = 0, end: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> KVPayload:  # fmt: skip
+    """K/V of tokens [begin, end) of `seq_id` read on the GPU and handed to the NCCL sender's backend zero-copy."""
+    end = runtime.sequence_length(seq_id) if end is None else end
+    kt, vt = runtime.read_kv_device(seq_id, begin, end)  # [L, n, Hkv, d] each, on the device
+    xp = sender.backend.xp
+    return make_device_payload(sender.backend, xp.from_dlpack(kt), xp.from_dlpack(vt), runtime.kv_fingerprint(),
+                               begin, request_id, chunk_bytes, runtime.kv_config.page_size)  # fmt: skip
+
+
+def export_for(runtime: ModelRuntime, sender: KVSender, target: str, seq_id: int, request_id: str) -> KVPayload:
+    """The payload `sender` will move to `target` best: on the device for the NCCL path, else in host memory."""
+    if isinstance(sender, RoutedSender) and sender.nccl is not None and sender.uses_nccl(target):
+        return export_device_payload(runtime, sender.nccl, seq_id, request_id)
+    return export_payload(runtime, seq_id, request_id)
+
+
+def _cuda_id(runtime: ModelRuntime) -> int | None:
+    dev = runtime.device
+    return dev.index if dev.dlpack_device_type() == _KDL_CUDA else None
+
+
+def make_sender(runtime: ModelRuntime) -> RoutedSender:
+    """A prefill worker's sender: NCCL to "nccl://" targets when its KV is on CUDA and NCCL works, else gRPC."""
+    dev = _cuda_id(runtime)
+    nccl = NcclKVSender(CupyNccl(dev)) if dev is not None and nccl_available() else None
+    return RoutedSender(GrpcKVSender(), nccl)
+
+
+def make_receiver(
+    runtime: ModelRuntime, sink: ImportSink, host: str, port: int, on_orphaned: Callable[[KVHeader], None]
+) -> tuple[KVReceiver, str]:
+    """A decode worker's started receiver and the target it publishes: "nccl://host:port" (NCCL, plus the host
+    Push) when its KV is on CUDA and NCCL works, else a gRPC receiver's "host:port"."""
+    dev = _cuda_id(runtime)
+    if dev is not None and nccl_available():
+        rx = NcclKVReceiver(sink, host, port, CupyNccl(dev), on_orphaned=on_orphaned, **receiver_checks(runtime))
+        rx.start()
+        return rx, rx.advertised
+    grx = GrpcKVReceiver(sink, host=host, port=port, on_orphaned=on_orphaned, **receiver_checks(runtime))
+    return grx, grx.start()
 
 
 def receiver_checks(runtime: ModelRuntime) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tvm
@@ -294,28 +295,40 @@ class ModelRuntime:
         c = self.config
         return (c.num_hidden_layers, n_tokens, c.num_key_value_heads, c.head_dim)
 
-    def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copy K (rotated, as stored) and V of tokens [begin, end) into new host arrays [L, n, Hkv, d]."""
+    def _check_range(self, seq_id: int, begin: int, end: int) -> None:
         if seq_id not in self._seq_lens:
             raise KeyError(f"sequence {seq_id} was not added")
         if not 0 <= begin < end <= self._seq_lens[seq_id]:
             raise ValueError(f"read_kv: range [{begin}, {end}) outside sequence {seq_id} of {self._seq_lens[seq_id]}")
+
+    def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copy K (rotated, as stored) and V of tokens [begin, end) into new host arrays [L, n, Hkv, d]."""
+        if self.device.dlpack_device_type() != 1:  # a GPU: read on the device, then one copy to host
+            kt, vt = self.read_kv_device(seq_id, begin, end)
+            return kt.numpy(), vt.numpy()
+        self._check_range(seq_id, begin, end)
         shape = self.kv_shape(end - begin)
         k = aligned_empty(shape, self.compiled.dtype)
         v = aligned_empty(shape, self.compiled.dtype)
-        if self.device.dlpack_device_type() == 1:  # CPU: the kernel writes straight into the numpy buffers
-            _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, tvm.runtime.from_dlpack(k), tvm.runtime.from_dlpack(v))
-        else:
-            kt = tvm.runtime.empty(shape, self.compiled.dtype, self.device)
-            vt = tvm.runtime.empty(shape, self.compiled.dtype, self.device)
-            _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, kt, vt)
-            k[...], v[...] = kt.numpy(), vt.numpy()
+        # CPU: the kernel writes straight into the numpy buffers
+        _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, tvm.runtime.from_dlpack(k), tvm.runtime.from_dlpack(v))
         return k, v
+
+    def read_kv_device(self, seq_id: int, begin: int, end: int) -> tuple[tvm.runtime.Tensor, tvm.runtime.Tensor]:
+        """K and V of tokens [begin, end) as new tensors [L, n, Hkv, d] on this runtime's device (no host copy;
+        hand them on with DLPack, e.g. `cupy.from_dlpack`)."""
+        self._check_range(seq_id, begin, end)
+        shape = self.kv_shape(end - begin)
+        kt = tvm.runtime.empty(shape, self.compiled.dtype, self.device)
+        vt = tvm.runtime.empty(shape, self.compiled.dtype, self.device)
+        _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, kt, vt)
+        return kt, vt
 
     def append_kv(self, seq_id: int, k: np.ndarray, v: np.ndarray) -> None:
         """Append n tokens of precomputed K/V ([L, n, Hkv, d], cache dtype, K rotated) to a sequence, as if a
         forward had produced them. Validates everything before touching the cache; if writing fails midway the
-        sequence is removed (its state would be undefined) and the error re-raised."""
+        sequence is removed (its state would be undefined) and the error re-raised. k and v may also be device
+        arrays exposing DLPack (e.g. cupy, from the NCCL path) when this runtime is on a GPU."""
         if not self.kv_pages:
             raise RuntimeError("this runtime's KV pages are not reachable (created with model_create_fn=True)")
         if seq_id not in self._seq_lens:
@@ -344,13 +357,18 @@ class ModelRuntime:
             else:  # device memory: the library's own append kernel, one layer at a time
                 pos = tvm.runtime.tensor(positions, self.device)
                 for layer, pages in enumerate(self.kv_pages):
-                    kl = tvm.runtime.tensor(np.ascontiguousarray(k[layer]), self.device)  # [n, Hkv, d]
-                    vl = tvm.runtime.tensor(np.ascontiguousarray(v[layer]), self.device)
+                    kl, vl = self._device_layer(k[layer]), self._device_layer(v[layer])  # [n, Hkv, d]
                     self._transpose_append(pages, kl, vl, pos)
         except BaseException:
             self._abort_forward([seq_id])
             raise
         self._end([seq_id], [n])
+
+    def _device_layer(self, a: Any) -> tvm.runtime.Tensor:
+        """One layer's [n, Hkv, d] K or V on this device: host arrays are copied, device arrays taken zero-copy."""
+        if isinstance(a, np.ndarray):
+            return tvm.runtime.tensor(np.ascontiguousarray(a), self.device)
+        return tvm.runtime.from_dlpack(a)
 
     def kv_fingerprint(self) -> str:
         """Identifies the KV layout *and* the weights that produced it (config, dtype, page size, a digest of

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvtransfer.runtime_io import export_payload
+from kvtransfer.runtime_io import export_for
 from kvtransfer.transport import KVSender
 from llama_relax.generation import TokenEvent, TokenizerLike
 from llama_relax.runtime import ModelRuntime
@@ -148,7 +148,7 @@ class PrefillEngine(EngineLoop):
             self._finish(ft.request_id, PrefillResult(ft.request_id, ft.event, None, ft.queue_s, ft.prefill_s))
             return
         job.state = PrefillState.TRANSFERRING
-        payload = export_payload(self.runtime, ft.seq_id, ft.request_id)
+        payload = export_for(self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id)
         self._transfers.submit(self._transfer, job, ft, payload)
 
     def _transfer(self, job: _Job, ft: FirstToken, payload) -> None:  # transfer thread

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kvtransfer.grpc_transport import GrpcKVSender
+from kvtransfer.runtime_io import make_sender
 from llama_relax.generation import TokenEvent
 from llama_relax.models import open_model
 from llama_relax.runtime import KVCacheConfig
@@ -68,7 +68,7 @@ class PrefillWorker(HostedEngine):
         self.options = options
         self.model = open_worker_model(options)
         self.engine = PrefillEngine(
-            self.model.runtime, self.model.tokenizer, GrpcKVSender(), max_queue=options.max_queue,
+            self.model.runtime, self.model.tokenizer, make_sender(self.model.runtime), max_queue=options.max_queue,
             max_seqs=options.max_batch_size, transfer_timeout_s=options.transfer_timeout_s,
         )  # fmt: skip
         self.engine.start()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10kvtransfer.proto\x12\npdserve.v1\"[\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\x0c\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\x08\"w\n\x05KVAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x10\n\x08import_s\x18\x05 \x01(\x01\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t2>\n\nKVTransfer\x12\x30\n\x04Push\x12\x13.pdserve.v1.KVChunk\x1a\x11.pdserve.v1.KVAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10kvtransfer.proto\x12\npdserve.v1\"q\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\x0c\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\x08\x12\x14\n\x0cnccl_session\x18\x06 \x01(\t\"\x86\x01\n\x05KVAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x10\n\x08import_s\x18\x05 \x01(\x01\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t\x12\r\n\x05ready\x18\x07 \x01(\x08\"2\n\tNcclHello\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tunique_id\x18\x02 \x01(\x0c\"*\n\x0bNcclWelcome\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xb5\x01\n\nKVTransfer\x12\x30\n\x04Push\x12\x13.pdserve.v1.KVChunk\x1a\x11.pdserve.v1.KVAck(\x01\x12=\n\x0bNcclConnect\x12\x15.pdserve.v1.NcclHello\x1a\x17.pdserve.v1.NcclWelcome\x12\x36\n\x08NcclPush\x12\x13.pdserve.v1.KVChunk\x1a\x11.pdserve.v1.KVAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVCHUNK']._serialized_start=32
-  _globals['_KVCHUNK']._serialized_end=123
-  _globals['_KVACK']._serialized_start=125
-  _globals['_KVACK']._serialized_end=244
-  _globals['_KVTRANSFER']._serialized_start=246
-  _globals['_KVTRANSFER']._serialized_end=308
+  _globals['_KVCHUNK']._serialized_end=145
+  _globals['_KVACK']._serialized_start=148
+  _globals['_KVACK']._serialized_end=282
+  _globals['_NCCLHELLO']._serialized_start=284
+  _globals['_NCCLHELLO']._serialized_end=334
+  _globals['_NCCLWELCOME']._serialized_start=336
+  _globals['_NCCLWELCOME']._serialized_end=378
+  _globals['_KVTRANSFER']._serialized_start=381
+  _globals['_KVTRANSFER']._serialized_end=562
 # @@protoc_insertion_point(module_scope)

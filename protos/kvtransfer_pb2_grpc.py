@@ -39,6 +39,16 @@ class KVTransferStub:
                 request_serializer=kvtransfer__pb2.KVChunk.SerializeToString,
                 response_deserializer=kvtransfer__pb2.KVAck.FromString,
                 _registered_method=True)
+        self.NcclConnect = channel.unary_unary(
+                '/pdserve.v1.KVTransfer/NcclConnect',
+                request_serializer=kvtransfer__pb2.NcclHello.SerializeToString,
+                response_deserializer=kvtransfer__pb2.NcclWelcome.FromString,
+                _registered_method=True)
+        self.NcclPush = channel.stream_stream(
+                '/pdserve.v1.KVTransfer/NcclPush',
+                request_serializer=kvtransfer__pb2.KVChunk.SerializeToString,
+                response_deserializer=kvtransfer__pb2.KVAck.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -50,11 +60,38 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NcclConnect(self, request, context):
+        """GPU path (kvtransfer/nccl_transport.py): the sender makes an NCCL unique id and both sides join a 2-rank
+        communicator with it (sender rank 0, receiver rank 1); it is reused for every later NcclPush of the session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NcclPush(self, request_iterator, context):
+        """GPU path: KVChunk{transfer_id, header, nccl_session} -> KVAck{ready} once the receiver posted its NCCL
+        receive -> the k||v bytes move over NCCL -> KVChunk{commit} -> KVAck (the import's result). A stream that
+        ends without the commit imports nothing, and both sides drop the session's communicator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
+                    request_deserializer=kvtransfer__pb2.KVChunk.FromString,
+                    response_serializer=kvtransfer__pb2.KVAck.SerializeToString,
+            ),
+            'NcclConnect': grpc.unary_unary_rpc_method_handler(
+                    servicer.NcclConnect,
+                    request_deserializer=kvtransfer__pb2.NcclHello.FromString,
+                    response_serializer=kvtransfer__pb2.NcclWelcome.SerializeToString,
+            ),
+            'NcclPush': grpc.stream_stream_rpc_method_handler(
+                    servicer.NcclPush,
                     request_deserializer=kvtransfer__pb2.KVChunk.FromString,
                     response_serializer=kvtransfer__pb2.KVAck.SerializeToString,
             ),
@@ -84,6 +121,60 @@ class KVTransfer:
             request_iterator,
             target,
             '/pdserve.v1.KVTransfer/Push',
+            kvtransfer__pb2.KVChunk.SerializeToString,
+            kvtransfer__pb2.KVAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NcclConnect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVTransfer/NcclConnect',
+            kvtransfer__pb2.NcclHello.SerializeToString,
+            kvtransfer__pb2.NcclWelcome.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NcclPush(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.v1.KVTransfer/NcclPush',
             kvtransfer__pb2.KVChunk.SerializeToString,
             kvtransfer__pb2.KVAck.FromString,
             options,

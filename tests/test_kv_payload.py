@@ -50,7 +50,7 @@ def test_make_payload_sizes_and_chunks_do_not_straddle():
     chunks = list(iter_chunks(p))
     assert [len(c) for c in chunks] == [96] * 6 + [64] + [96] * 6 + [64]
     assert b"".join(chunks) == p.k.tobytes() + p.v.tobytes()
-    assert [xxhash.xxh3_64_intdigest(bytes(c)) for c in chunks] == list(h.chunk_xxh3)
+    assert [xxhash.xxh3_64_intdigest(bytes(c)) for c in chunks] == list(h.chunk_checksums)
     assert chunks[0].obj is p.k and chunks[-1].obj is p.v  # zero-copy views of the arrays
     assert [s for _, s in h.chunk_spans()] == [len(c) for c in chunks]
     assert h.chunk_spans()[7][0] == h.k_bytes
@@ -103,9 +103,9 @@ _DROP = object()
         _raw_header(end=3),  # empty range
         _raw_header(k_bytes=639),
         _raw_header(chunk_bytes=0),
-        _raw_header(chunk_xxh3=[1, 2]),
-        _raw_header(chunk_xxh3=[-1] * 14),
-        _raw_header(chunk_xxh3="x"),
+        _raw_header(chunk_checksums=[1, 2]),
+        _raw_header(chunk_checksums=[-1] * 14),
+        _raw_header(chunk_checksums="x"),
         _raw_header(request_id="r" * 300),
         b"\x00" * (2 << 20),
     ],
