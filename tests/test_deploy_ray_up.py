@@ -84,6 +84,23 @@ def sshd_and_alias(compiled_gqa, cache_dir):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _ours(new: set[int], before: set[int]) -> set[int]:
+    """The new processes this test is responsible for: descendants of this process, or orphans (Ray daemonizes,
+    so its processes hang off pid 1). Processes that other users of the machine start meanwhile hang off
+    processes that existed before the test, and are left out."""
+    me, mine = os.getpid(), set()
+    for pid in new:
+        try:
+            proc = psutil.Process(pid)
+            while proc is not None and proc.pid in new:
+                proc = proc.parent()
+        except psutil.NoSuchProcess:
+            continue
+        if proc is None or proc.pid in (me, 1):
+            mine.add(pid)
+    return mine
+
+
 def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
     base, key, model, cache_dir = sshd_and_alias
     grpc_port, ray_port = free_port(), free_port()
@@ -119,10 +136,12 @@ def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
         responses = list(pb_grpc.GenerationStub(channel).Generate(req, timeout=120))
         assert [len(r.token_ids) for r in responses] == [1, 1, 1, 1] and responses[-1].finish_reason == "length"
         channel.close()
-        started = {p.pid for p in psutil.process_iter()} - before
+        started = _ours({p.pid for p in psutil.process_iter()} - before, before)
+        names = " ".join(" ".join(psutil.Process(p).cmdline()[:2]) for p in started if psutil.pid_exists(p))
+        assert "gcs_server" in names and "raylet" in names, names  # the leak check below sees Ray's daemons
         assert listeners_beyond_loopback(started) == []
     finally:
-        started |= {p.pid for p in psutil.process_iter()} - before
+        started |= _ours({p.pid for p in psutil.process_iter()} - before, before)
         down = run([ray_cli, "down", "-y", str(config)], env=env, timeout=300)
     assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
     deadline, left = time.monotonic() + 90, []  # `pdserve serve` exits ~10 s after its cluster is gone
