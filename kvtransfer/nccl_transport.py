@@ -67,6 +67,7 @@ from kvtransfer.payload import (
     ShapeCheck,
     build_header,
     check_header,
+    make_payload,
     wsum64,
 )
 from kvtransfer.transport import CancelResult, ImportSink, KVReceiver, KVSender, TransferResult
@@ -129,6 +130,13 @@ class _Session:
     session_id: str
     link: BulkLink
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def close(self, abort: bool) -> None:
+        """Release the link (`abort`: an operation may be pending); failures are logged, never raised."""
+        try:
+            self.link.close(abort=abort)
+        except Exception as e:
+            log.warning("closing NCCL session %s (abort=%s): %s", self.session_id, abort, e)
 
 
 class _Failed(Exception):
@@ -213,10 +221,7 @@ class NcclKVSender(KVSender):
         with self._lock:
             if self._sessions.get(target) is sess:
                 del self._sessions[target]
-        try:
-            sess.link.close(abort=True)
-        except Exception as e:
-            log.warning("aborting NCCL session %s: %s", sess.session_id, e)
+        sess.close(abort=True)
 
     def send(self, payload: KVPayload, target: str, timeout_s: float) -> TransferResult:
         t0 = time.perf_counter()
@@ -315,10 +320,7 @@ class NcclKVSender(KVSender):
         for c in calls:
             c.cancel()
         for s in sessions:
-            try:
-                s.link.close(abort=bool(calls))
-            except Exception as e:
-                log.warning("closing NCCL session %s: %s", s.session_id, e)
+            s.close(abort=bool(calls))
         for ch in channels:
             ch.close()
 
@@ -392,10 +394,7 @@ class NcclKVReceiver(KVReceiver):
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for s in sessions:
-            try:
-                s.link.close(abort=True)
-            except Exception as e:
-                log.warning("closing NCCL session %s: %s", s.session_id, e)
+            s.close(abort=True)
 
     def _connect(self, hello: pb.NcclHello, context: grpc.ServicerContext) -> pb.NcclWelcome:
         if not hello.session_id or len(hello.unique_id) == 0:
@@ -412,10 +411,7 @@ class NcclKVReceiver(KVReceiver):
         with self._lock:
             if self._sessions.get(sess.session_id) is sess:
                 del self._sessions[sess.session_id]
-        try:
-            sess.link.close(abort=True)
-        except Exception as e:
-            log.warning("aborting NCCL session %s: %s", sess.session_id, e)
+        sess.close(abort=True)
 
     def _nccl_push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.KVAck]:
         """header -> checks -> post receives -> ready -> commit -> wait, verify -> sink -> ack."""
@@ -502,8 +498,6 @@ class RoutedSender(KVSender):
             assert self.nccl is not None
             return self.nccl.send(payload, target, timeout_s)
         if payload.header.checksum != "xxh3_64":  # a device payload on the host path: copy it to host once
-            from kvtransfer.payload import make_payload
-
             h = payload.header
             host = [np.asarray(a.get() if hasattr(a, "get") else a) for a in (payload.k, payload.v)]
             payload = make_payload(*host, h.layout_fingerprint, h.begin, h.request_id, h.chunk_bytes, h.page_size)
