@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from kvtransfer.net import WILDCARD_HOSTS, host_port, message_limits
 from kvtransfer.payload import (
     ErrorCode,
     KVHeader,
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 _SERVICE = pb.DESCRIPTOR.services_by_name["KVTransfer"]
 PUSH_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Push'].name}"  # "/pdserve.v1.KVTransfer/Push"
 DEFAULT_MAX_MESSAGE_BYTES = 80 << 20  # > payload.MAX_CHUNK_BYTES + framing
-_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -53,8 +53,7 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     a larger write buffer or disabling BDP probing did not help.
     """
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        *message_limits(max_message_bytes),
         ("grpc.http2.max_frame_size", (16 << 20) - 1),  # the HTTP/2 maximum
         ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
         ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
@@ -302,12 +301,12 @@ class GrpcKVReceiver(KVReceiver):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_orphaned: Callable[[KVHeader], None] | None = None,
     ) -> None:
-        if host in _WILDCARD_HOSTS:
+        if host in WILDCARD_HOSTS:
             raise ValueError(f"refusing to bind the wildcard address {host!r}; give an explicit host")
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self._sink = sink
-        self._bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._bind = host_port(host, port)
         self._host = host
         self._max_concurrent = max_concurrent
         self._expect = (expected_fingerprint, expected_dtype, shape_check, max_payload_bytes)
@@ -402,7 +401,7 @@ def serve_kv(
     if port == 0:
         raise OSError(f"cannot bind {bind}")
     server.start()
-    return server, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return server, host_port(host, port)
 
 
 def run_sink(

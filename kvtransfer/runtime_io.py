@@ -42,39 +42,35 @@ _KDL_CUDA = 2
 
 def export_payload(
     runtime: ModelRuntime, seq_id: int, request_id: str, begin: int = 0, end: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES, meta: bytes = b"",
 ) -> KVPayload:  # fmt: skip
     """K/V of tokens [begin, end) of `seq_id` (default: all) as a payload owning fresh host arrays."""
     end = runtime.sequence_length(seq_id) if end is None else end
     k, v = runtime.read_kv(seq_id, begin, end)  # [L, n, Hkv, d] each
     return make_payload(
-        k,
-        v,
-        runtime.kv_fingerprint(),
-        begin,
-        request_id,
-        chunk_bytes=chunk_bytes,
-        page_size=runtime.kv_config.page_size,
+        k, v, runtime.kv_fingerprint(), begin, request_id, chunk_bytes, runtime.kv_config.page_size, meta
     )
 
 
 def export_device_payload(
     runtime: ModelRuntime, sender: NcclKVSender, seq_id: int, request_id: str, begin: int = 0, end: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES, meta: bytes = b"",
 ) -> KVPayload:  # fmt: skip
     """K/V of tokens [begin, end) of `seq_id` read on the GPU and handed to the NCCL sender's backend zero-copy."""
     end = runtime.sequence_length(seq_id) if end is None else end
     kt, vt = runtime.read_kv_device(seq_id, begin, end)  # [L, n, Hkv, d] each, on the device
     xp = sender.backend.xp
     return make_device_payload(sender.backend, xp.from_dlpack(kt), xp.from_dlpack(vt), runtime.kv_fingerprint(),
-                               begin, request_id, chunk_bytes, runtime.kv_config.page_size)  # fmt: skip
+                               begin, request_id, chunk_bytes, runtime.kv_config.page_size, meta)  # fmt: skip
 
 
-def export_for(runtime: ModelRuntime, sender: KVSender, target: str, seq_id: int, request_id: str) -> KVPayload:
+def export_for(
+    runtime: ModelRuntime, sender: KVSender, target: str, seq_id: int, request_id: str, meta: bytes = b""
+) -> KVPayload:
     """The payload `sender` will move to `target` best: on the device for the NCCL path, else in host memory."""
     if isinstance(sender, RoutedSender) and sender.nccl is not None and sender.uses_nccl(target):
-        return export_device_payload(runtime, sender.nccl, seq_id, request_id)
-    return export_payload(runtime, seq_id, request_id)
+        return export_device_payload(runtime, sender.nccl, seq_id, request_id, meta=meta)
+    return export_payload(runtime, seq_id, request_id, meta=meta)
 
 
 def _cuda_id(runtime: ModelRuntime) -> int | None:

@@ -41,6 +41,9 @@ def test_header_round_trip():
         assert KVHeader.from_bytes(h.to_bytes()) == h
         assert h.dtype == np.dtype(dtype).name
         assert (h.begin, h.end, h.shape) == (3, 8, (2, 5, 2, 8))
+    k, v = _kv()
+    with_meta = make_payload(k, v, "fp-1", 0, "req-m", meta=b"\x00token\xff").header
+    assert KVHeader.from_bytes(with_meta.to_bytes()).meta == b"\x00token\xff"
 
 
 def test_make_payload_sizes_and_chunks_do_not_straddle():
@@ -88,7 +91,10 @@ _DROP = object()
         _raw_header()[:-3],  # cut short
         _raw_header() + b"\x00",  # trailing bytes
         _raw_header(v=1),  # the CRC32 format before XXH3
-        _raw_header(v=3),
+        _raw_header(v=2),  # XXH3 chunks but no `meta`
+        _raw_header(v=4),
+        _raw_header(meta="first token"),  # must be bytes
+        _raw_header(meta=b"x" * (65 << 10)),
         _raw_header(v=True),
         _raw_header(extra=1),
         _raw_header(request_id=_DROP),
