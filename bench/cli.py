@@ -21,6 +21,7 @@ from bench.client import BenchClient, ClientOptions, LaunchedServer, ServerInfo
 from bench.report import RunOutcome, format_sweep, format_table, rate_json, rate_text, write_plots, write_results
 from bench.stats import SLO, compute_metrics, latency_samples_ms
 from bench.workload import DATASETS, Workload, WorkloadSpec, WorkloadSummary, build_workload, tokenizer_counter
+from llama_relax.errors import UserError
 
 RESULTS_VERSION = 1
 
@@ -187,7 +188,7 @@ def _warm_up(client: BenchClient, workload: Workload, n: int) -> None:
     reqs = [workload.requests[i % len(workload.requests)] for i in range(n)]
     failed = [r for r in client.run(reqs, [0.0] * n, progress=False).records if not r.ok]
     if failed:
-        raise RuntimeError(f"{len(failed)}/{n} warm-up requests failed, e.g. {failed[0].error}: "
+        raise UserError(f"{len(failed)}/{n} warm-up requests failed, e.g. {failed[0].error}: "
                            f"{failed[0].error_detail}")  # fmt: skip
 
 
@@ -308,20 +309,12 @@ def commands() -> list:
 
 def main(argv: list[str] | None = None) -> int:
     """`pdserve bench ...` without the dispatcher (same parser, same one-line errors, exit status 2)."""
-    from llama_relax.cli import USER_ERRORS, build_parser
+    from llama_relax.cli import build_parser, run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(commands()).parse_args(["bench", *argv])
     args.argv = argv
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("pdserve: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"pdserve: error: {msg}", file=sys.stderr)
-        return 2
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,13 @@ from tqdm import tqdm
 
 from bench.stats import SERVER_FIELDS, RequestRecord, ServerTimings
 from bench.workload import BenchRequest
+from kvtransfer.net import message_limits
+from llama_relax.errors import UserError
 from protos import generate_pb2 as pb
 from protos import generate_pb2_grpc as pb_grpc
 
-MAX_MESSAGE_BYTES = 64 << 20
 MAX_THREADS = 1024  # in-flight requests when --max-concurrency is not given
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+CHANNEL_OPTIONS = message_limits()
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ class BenchClient:
         try:
             m = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s)
         except grpc.RpcError as e:
-            raise RuntimeError(f"GetModelInfo from {self.addr} failed: {e.code().name}: {e.details()}") from None
+            raise UserError(f"GetModelInfo from {self.addr} failed: {e.code().name}: {e.details()}") from None
         return ServerInfo(m.model, m.mode, m.vocab_size, m.context_window_size, m.has_tokenizer)
 
     def run(
@@ -240,14 +238,14 @@ class LaunchedServer:
             except queue.Empty:
                 continue
             if line is None:
-                raise RuntimeError(f"pdserve serve {shlex.join(self.flags)} exited early: {self._last_error()}")
+                raise UserError(f"pdserve serve {shlex.join(self.flags)} exited early: {self._last_error()}")
             if m := re.search(r"serving .* on (\S+:\d+)", line):
                 self.addr = m.group(1)
             if line.strip() == "pdserve: ready":
                 if not self.addr:
                     raise RuntimeError("pdserve serve said ready without printing its address")
                 return
-        raise RuntimeError(f"pdserve serve {shlex.join(self.flags)} not ready after {self.ready_timeout_s:.0f} s")
+        raise UserError(f"pdserve serve {shlex.join(self.flags)} not ready after {self.ready_timeout_s:.0f} s")
 
     def _last_error(self) -> str:
         if self.proc is not None:

@@ -39,12 +39,11 @@ def run_bench_kv(args: argparse.Namespace) -> int:
     from kvtransfer.grpc_transport import GrpcKVReceiver
     from kvtransfer.peer import SenderJob, spawn_sender
     from kvtransfer.runtime_io import RuntimeImporter, receiver_checks
-    from llama_relax.compile import default_cache_dir
     from llama_relax.models import default_model_path, open_model
     from llama_relax.runtime import KVCacheConfig
 
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
-    cache_dir = args.cache_dir or default_cache_dir()
+    cache_dir = args.cache_dir
     model_path = args.model or default_model_path(cache_dir)
     kv = KVCacheConfig(max_batch_size=4, max_total_seq_len=args.tokens + 512, prefill_chunk_size=512)
     model = open_model(model_path, cache_dir=cache_dir, kv=kv, quiet=args.json)

@@ -11,7 +11,6 @@ frozen `SenderReport` (plain data; KV bytes never travel this way).
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,7 +49,9 @@ class SenderReport:
 
 
 def _sender_main(job: SenderJob, conn) -> None:
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    from llama_relax.process import use_all_cores
+
+    use_all_cores()  # this process's entry point
     from kvtransfer.grpc_transport import GrpcKVSender
     from kvtransfer.payload import KVPayload
     from kvtransfer.runtime_io import export_payload

@@ -21,6 +21,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from llama_relax.process import use_all_cores
 from llama_relax.schedule_cpu import cpu_schedule_pass
 
 COLD_BYTES = 96 << 20  # > 16 MiB L3
@@ -143,9 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-m", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args(argv)
     repeat, rounds = (2, 1) if args.quick else (3, 3)
-    # TVM sizes its pool as hardware_concurrency / 2 on x86 (1 thread on this 2-vCPU VM) unless told;
-    # the pool reads this when the first parallel kernel runs.
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    use_all_cores()  # this script's entry point: before the first parallel kernel starts TVM's pool
     target = default_target()
     print(f"target: {target}  TVM threads {os.environ['TVM_NUM_THREADS']}  numpy {np.__version__}")
     rng = np.random.default_rng(0)

@@ -2,27 +2,25 @@
 bench-model); packages further up the stack (workers, router, bench) add theirs through the `pdserve.commands`
 entry-point group, so this dispatcher never imports them directly (imports flow one way).
 
-Errors the user can fix print one line on stderr and exit with status 2; never a traceback.
+Errors the user can fix (`llama_relax.errors.USER_ERRORS`) print one line on stderr and exit with status 2; any
+other exception is a bug and shows its traceback. Process setup (TVM's thread count, the cache dir's default) happens
+here, once, in `main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from llama_relax.errors import USER_ERRORS, UserError
+from llama_relax.process import use_all_cores
+
 # (name, help, add_arguments, run)
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError)
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line."""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -162,7 +160,7 @@ def _run_compile(args: argparse.Namespace) -> int:
 
     path = args.model or default_model_path(args.cache_dir)
     config = load_config(resolve_model(path))
-    cm = compile_model(config, args.dtype, _target(args), args.cache_dir, force=args.force)
+    cm = compile_model(config, args.dtype, _target(args), cache_dir=args.cache_dir, force=args.force)
     state = "cached" if cm.cache_hit else f"built in {cm.build_s:.1f}s"
     print(f"{cm.lib_path} ({state})")
     return 0
@@ -224,23 +222,25 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     return parser
 
 
-def use_all_cores() -> None:
-    """TVM's CPU thread pool defaults to half the logical cores on x86 (1 thread on a 2-core machine); use all
-    cores this process may run on unless TVM_NUM_THREADS says otherwise. Must run before the pool starts."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-
-
 def main(argv: list[str] | None = None) -> int:
     use_all_cores()
     by_name = {c[0]: c for c in BUILTIN_COMMANDS}
     by_name.update({c[0]: c for c in _plugin_commands()})  # a package further up may extend a command (generate)
-    args = build_parser(list(by_name.values())).parse_args(argv)
+    return run_command(build_parser(list(by_name.values())).parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command: user errors as one line and exit status 2, Ctrl-C as 130, bugs with a traceback."""
     try:
+        if getattr(args, "cache_dir", False) is None:  # the one place the cache dir's default is read
+            from llama_relax.compile import default_cache_dir
+
+            args.cache_dir = default_cache_dir()
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("pdserve: interrupted", file=sys.stderr)
         return 130
-    except (UserError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"pdserve: error: {msg}", file=sys.stderr)
         return 2

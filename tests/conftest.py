@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # before TVM's pool starts
+from llama_relax.process import use_all_cores
+
+use_all_cores()  # this process's entry point: before TVM's pool starts
 # Ray reads these when it is first imported (anywhere in this process): keep every Ray process on loopback
 os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"})
 
-from llama_relax.config import LlamaConfig
+from llama_relax.config import LlamaConfig  # noqa: E402
 
 LLAMA3 = {
     "rope_type": "llama3",

@@ -2,17 +2,14 @@
 
 Run as `python -m llama_relax.kernels.bench_attention [--quick]`. Times are per call (one layer).
 TVM's CPU thread pool defaults to half the logical cores on x86 (1 thread on a 2-vCPU box): set
-TVM_NUM_THREADS to the core count before TVM starts, which this script does if it is unset.
+TVM_NUM_THREADS to the core count before TVM starts, which this script's `main` does if it is unset.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-
 import argparse
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -21,6 +18,7 @@ import tvm
 from tvm.relax.frontend.nn.llm import kv_cache as stock
 
 from llama_relax.kernels import attention_cpu as mine
+from llama_relax.process import use_all_cores
 
 H_Q, H_KV, D, PAGE = 9, 3, 64, 16
 DTYPE = "float32"
@@ -125,6 +123,7 @@ def _paged_prefill_args(n: int, ctx: int) -> list:
 
 
 def main() -> None:
+    use_all_cores()  # this script's entry point: before TVM's pool starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the slow stock runs of the big cases")
     args = parser.parse_args()
