@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import numpy as np
@@ -58,6 +58,7 @@ from kvtransfer.nccl_backend import (  # noqa: F401 - NCCL_UNAVAILABLE, nccl_ava
     unique_id_from_bytes,
     unique_id_to_bytes,
 )
+from kvtransfer.net import host_port
 from kvtransfer.payload import (
     DEFAULT_CHUNK_BYTES,
     ErrorCode,
@@ -86,7 +87,7 @@ def _flat_u8(a: Any) -> Any:
 
 def make_device_payload(
     backend: BulkBackend, k: Any, v: Any, fingerprint: str, begin: int, request_id: str,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, page_size: int = 16,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES, page_size: int = 16, meta: bytes = b"",
 ) -> KVPayload:  # fmt: skip
     """A payload of device arrays k, v [layers, n, kv_heads, head_dim] (referenced, not copied) whose header
     carries per-chunk "wsum64" checksums computed on the device."""
@@ -97,7 +98,7 @@ def make_device_payload(
     sums = [int(wsum64(xp, f[off : off + chunk_bytes])) for f in (_flat_u8(k), _flat_u8(v))
             for off in range(0, f.size, chunk_bytes)]  # fmt: skip
     header = build_header(tuple(k.shape), str(k.dtype), fingerprint, begin, request_id, chunk_bytes, page_size,
-                          sums, checksum="wsum64")  # fmt: skip
+                          sums, checksum="wsum64", meta=meta)  # fmt: skip
     return KVPayload(header, k, v)
 
 
@@ -107,16 +108,7 @@ def to_device_payload(backend: BulkBackend, payload: KVPayload) -> KVPayload:
         return KVPayload(payload.header, backend.to_device(payload.k), backend.to_device(payload.v))
     h = payload.header
     return make_device_payload(backend, payload.k, payload.v, h.layout_fingerprint, h.begin, h.request_id,
-                               h.chunk_bytes, h.page_size)  # fmt: skip
-
-
-def select_transport(src_device: str, dst_device: str) -> Literal["nccl", "grpc"]:
-    """ "nccl" when both ends keep their KV cache on CUDA devices ("cuda", "cuda:1", "gpu"), else "grpc"."""
-    return "nccl" if _is_cuda(src_device) and _is_cuda(dst_device) else "grpc"
-
-
-def _is_cuda(device: str) -> bool:
-    return device.strip().lower().split(":", 1)[0] in {"cuda", "gpu"}
+                               h.chunk_bytes, h.page_size, h.meta)  # fmt: skip
 
 
 def split_target(target: str) -> tuple[bool, str]:
@@ -382,7 +374,7 @@ class NcclKVReceiver(KVReceiver):
                 self._nccl_push, request_deserializer=None, response_serializer=pb.KVAck.SerializeToString
             ),
         }  # fmt: skip
-        bind = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
+        bind = host_port(self._host, self._port)
         # each transfer holds a worker thread, and so does each rendezvous in progress
         self._server, self.address = serve_kv(handlers, self._host, bind, self._max_concurrent + 2, self._options)
         return self.address
@@ -500,7 +492,7 @@ class RoutedSender(KVSender):
         if payload.header.checksum != "xxh3_64":  # a device payload on the host path: copy it to host once
             h = payload.header
             host = [np.asarray(a.get() if hasattr(a, "get") else a) for a in (payload.k, payload.v)]
-            payload = make_payload(*host, h.layout_fingerprint, h.begin, h.request_id, h.chunk_bytes, h.page_size)
+            payload = make_payload(*host, h.layout_fingerprint, h.begin, h.request_id, h.chunk_bytes, h.page_size, h.meta)
         return self.grpc.send(payload, split_target(target)[1], timeout_s)
 
     def cancel(self, request_id: str) -> CancelResult:

@@ -181,9 +181,6 @@ class LlamaConfig:
         p = self.layer_partition()
         return [range(p[i], p[i + 1]) for i in range(self.pipeline_parallel_stages)]
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
-
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 

@@ -7,13 +7,12 @@ shape, head counts, rope settings and the model library's attention/append/copy 
 wrapped by a recorder. One `debug_get_kv` over a dummy one-token sequence then hands us every layer's page tensor
 (`[num_pages, 2, kv_heads, page_size, head_dim]`), which KV export/import (kvtransfer) reads and writes.
 
-Ownership: the cache owns the pages; `PageTensors.pages` holds references that must be dropped with the cache.
+Ownership: the cache owns the pages; the runtime's `kv_pages` holds references that must be dropped with the cache.
 The recorder holds no reference to the cache (a cycle through the C++ object would leak it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,13 +62,6 @@ def extract_create_args(mod: tvm.IRModule) -> list[Any]:
         raise RuntimeError(f"unsupported kv cache argument {type(e).__name__}: {e}")
 
     return [enc(a) for a in call.args[1:]]
-
-
-@dataclass
-class PageTensors:
-    """Per-layer page tensors of one KV cache: `pages[layer]` is `[num_pages, 2, kv_heads, page_size, head_dim]`."""
-
-    pages: list[tvm.runtime.Tensor]
 
 
 class _Recorder:

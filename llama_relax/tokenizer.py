@@ -313,11 +313,6 @@ class StreamDecoder:
         self.ids.append(token_id)
         return self._advance(final=False)
 
-    def push_many(self, token_ids: Iterable[int]) -> str:
-        """Add several ids; return the text they complete."""
-        self.ids.extend(token_ids)
-        return self._advance(final=False)
-
     def flush(self) -> str:
         """Return whatever is held back (incomplete bytes render as U+FFFD)."""
         return self._advance(final=True)

@@ -349,11 +349,9 @@ def test_closed_sender_fails_cleanly(receiver):
     assert not res.ok and res.error is ErrorCode.CANCELLED
 
 
-def test_nccl_transport_import_safe_and_selection(sink):
+def test_nccl_transport_import_safe(sink):
     from kvtransfer import nccl_transport as nt
 
-    assert nt.select_transport("cuda:0", "CUDA") == "nccl"
-    assert nt.select_transport("cuda", "cpu") == "grpc" and nt.select_transport("llvm", "cuda:1") == "grpc"
     uid = tuple(range(-64, 64))
     assert nt.unique_id_from_bytes(nt.unique_id_to_bytes(uid)) == uid
     if not nt.nccl_available():
