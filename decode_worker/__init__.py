@@ -1,4 +1,3 @@
-"""decode_worker: continuous-batching decode over imported KV, and the colocated engine (the baseline).
-
-`engine.DecodeEngine`, `colocated.ColocatedEngine`, `worker.DecodeWorker` / `worker.ColocatedWorker` (processes of
-their own; Ray actors under the router), pure `scheduler`, `decode_batch.DecodeBatch` (shared decode step)."""
+"""decode_worker: continuous-batching decode over KV imported from prefill workers or prefilled here.
+`engine.DecodeEngine` (schedule -> execute -> update on its own thread) and `worker.DecodeWorker` /
+`worker.ColocatedWorker` (processes of their own; Ray actors under the router). Built on `engine/`."""

@@ -1,36 +1,38 @@
-"""The decode worker: continuous batching with `batch_decode`, fed by KV imported from prefill workers.
+"""The decode engine: continuous batching with `batch_decode` over one runtime. Requests enter with their KV
+from a prefill worker (`reserve` -> `import_kv`) or are prefilled here (`submit`: the colocated engine, the
+baseline every disaggregation claim is measured against, is this engine fed only that way).
 
 Request lifecycle (`DecodeState`):
-  1. RESERVED     `reserve(req)`: pages for the prompt + a first slice of output are set aside (or refused: BUSY).
-  2. KV / FIRST   the KV arrives over the receiver (imported between steps on the engine thread) and the router
-                  hands over the first token with `start_decoding(request_id, first_event)`; either may come first.
-  3. DECODING     both are in: the sequence joins the running batch at the next step; each step samples one token
-                  per sequence and streams it to the request's `OutputStream`.
+  1. RESERVED     `reserve(req)`: pages for the prompt + a first slice of output are set aside (BUSY when full;
+                  INVALID for a duplicate id or a request that never fits).
+     PREFILLING   `submit(req)`: the same admission, then the prompt is prefilled here, chunk by chunk, each step
+                  before the decode step (neither starves); its first token is sampled here and streamed.
+  2. (import)     the KV arrives over the worker's receiver with the first token in its header; it is imported
+                  between steps on the engine thread and the sequence starts decoding at once.
+  3. DECODING     each step samples one token per running sequence and streams it to the request's `OutputStream`.
   4. FINISHED / CANCELLED / FAILED   stop condition, `cancel(request_id)`, eviction or error: the sequence and its
-                  pages are freed in the same step and the stream gets its terminal item.
-Memory: the engine owns the runtime (one KV cache) and the receiver; streams are handed to the caller.
+                  pages are freed in the same step (`_end`, the one release path) and the stream gets its terminal
+                  item.
+Memory: the engine owns the runtime (one KV cache) and the page pool; streams are handed to the caller.
 """
 
 from __future__ import annotations
 
-import enum
-import threading
+import itertools
 
-from decode_worker.decode_batch import DecodeBatch, Running, release
-from decode_worker.scheduler import admit_decode
+from engine.decode_batch import DecodeBatch, DecodeSequence, DecodeState
+from engine.kvmeta import decode_first_token
+from engine.loop import EngineLoop, OutputStream
+from engine.messages import Admission, ErrorKind, GenerationRequest, RequestError, WorkerLoad
+from engine.pages import PagePool, pages_for
+from engine.prefill_batch import FirstToken, PrefillBatch
+from engine.scheduler import admit, decode_reservation
 from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
-from kvtransfer.runtime_io import import_into, make_receiver
-from llama_relax.generation import SequenceDecoder, TokenEvent, TokenizerLike
+from kvtransfer.runtime_io import import_into
+from llama_relax.generation import SequenceDecoder, TokenizerLike
 from llama_relax.runtime import ModelRuntime
-from prefill_worker.loop import EngineLoop, OutputStream
-from prefill_worker.messages import ErrorKind, GenerationRequest, RequestError
-from prefill_worker.pages import PagePool
-from prefill_worker.scheduler import Admission
 
-
-class DecodeState(enum.Enum):
-    RESERVED = "reserved"
-    DECODING = "decoding"
+_ENDED_BY = {ErrorKind.CANCELLED: DecodeState.CANCELLED}
 
 
 class DecodeEngine(EngineLoop):
@@ -41,126 +43,171 @@ class DecodeEngine(EngineLoop):
         *,
         max_batch: int = 16,
         output_slice: int = 16,
-        kv_host: str = "127.0.0.1",
-        kv_port: int = 0,
+        token_budget: int = 0,
+        name: str = "decode",
     ) -> None:
-        super().__init__("decode")
+        super().__init__(name)
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.output_slice = output_slice
+        self.max_seqs = runtime.kv_config.max_batch_size  # requests held at once: each needs a cache sequence
         self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
-        self.batch = DecodeBatch(runtime, self.pool, max_batch)
-        self.max_seqs = min(runtime.kv_config.max_batch_size, max_batch * 4)
-        self._pending: dict[str, Running] = {}  # reserved, not yet decoding
+        self.prefill = PrefillBatch(runtime, self.max_seqs, token_budget)
+        self.decode = DecodeBatch(runtime, self.pool, max_batch)
+        self.seqs: dict[str, DecodeSequence] = {}  # every request held, admission order
         self._unclaimed: dict[str, OutputStream] = {}  # streams not yet taken by `stream()` (may outlive the request)
-        self._next_seq = 0
-        self._lock = threading.Lock()
-        self.receiver, self.kv_address = make_receiver(runtime, self._import, kv_host, kv_port, self._orphaned)
+        self._seq_ids = itertools.count(1)
 
     # ---- control (any thread) -----------------------------------------------------------------------------
     def reserve(self, req: GenerationRequest) -> Admission:
-        return self.call(lambda: self._reserve(req))
+        """Set pages aside for a request whose KV (and first token) a prefill worker will push."""
+        return self.call(lambda: self._admit(req, DecodeState.RESERVED))
 
-    def start_decoding(self, request_id: str, first: TokenEvent) -> None:
-        """The first token (sampled by the prefill worker) is known; decoding may start once the KV is in."""
-        self.call(lambda: self._start(request_id, first))
+    def submit(self, req: GenerationRequest) -> tuple[Admission, OutputStream | None]:
+        """Prefill and decode `req` here; its stream (every event) when admitted."""
 
-    def cancel(self, request_id: str) -> bool:
-        return self.call(lambda: self._cancel(request_id, "cancelled by the client"))
+        def work() -> tuple[Admission, OutputStream | None]:
+            decision = self._admit(req, DecodeState.PREFILLING)
+            return decision, (self._unclaimed.pop(req.request_id) if decision.ok else None)
+
+        return self.call(work)
 
     def stream(self, request_id: str) -> OutputStream:
-        return self.call(lambda: self._stream(request_id))
+        """Hand the request's stream to the caller (once); it may already hold every event up to the end."""
 
-    def state(self, request_id: str) -> DecodeState | None:
-        return self.call(lambda: DecodeState.RESERVED if request_id in self._pending
-                         else DecodeState.DECODING if request_id in self.batch.running else None)  # fmt: skip
+        def claim() -> OutputStream:
+            stream = self._unclaimed.pop(request_id, None)
+            if stream is None:
+                stream = OutputStream()
+                stream.put(RequestError(request_id, ErrorKind.INTERNAL, f"no request {request_id!r} on this worker"))
+            return stream
 
-    def load(self) -> dict[str, int]:
-        """Running sequences, reservations and free pages (for the router's placement)."""
-        return self.call(lambda: {"running": len(self.batch.running), "reserved": len(self._pending),
-                                  "free_pages": self.pool.free, "total_pages": self.pool.total})  # fmt: skip
+        return self.call(claim)
+
+    def cancel(self, request_id: str) -> bool:
+        def work() -> bool:
+            self._unclaimed.pop(request_id, None)  # whoever cancels does not want the events
+            seq = self.seqs.get(request_id)
+            if seq is None:
+                return False
+            self._end(seq, RequestError(request_id, ErrorKind.CANCELLED, "cancelled by the client"))
+            return True
+
+        return self.call(work)
+
+    def load(self, incarnation: str = "") -> WorkerLoad:
+        def read() -> WorkerLoad:
+            states = [s.state for s in self.seqs.values()]
+            return WorkerLoad(
+                incarnation,
+                queued=len(self.prefill.queue),
+                queued_tokens=self.prefill.queued_tokens,
+                reserved=states.count(DecodeState.RESERVED),
+                running=states.count(DecodeState.DECODING),
+                sequences=len(self.runtime.sequence_ids()),
+                free_pages=self.pool.free,
+                total_pages=self.pool.total,
+                max_batch_seen=max(self.decode.batch_sizes, default=0),
+            )
+
+        return self.call(read)
 
     def close(self) -> None:
-        self.receiver.stop(0)
         self.stop()
-        for rid in list(self._pending) + list(self.batch.running):
-            self._cancel(rid, "decode worker shutting down")
-
-    # ---- engine thread ------------------------------------------------------------------------------------
-    def step(self) -> bool:
-        return self.batch.step()
-
-    def on_broken(self, error: BaseException) -> None:
-        for rid in list(self._pending) + list(self.batch.running):
-            self._cancel(rid, f"decode engine failed: {error}", ErrorKind.INTERNAL)
-
-    def _reserve(self, req: GenerationRequest) -> Admission:
-        rid = req.request_id
-        if rid in self._pending or rid in self.batch.running:
-            return Admission(False, f"request {rid} is already on this worker")
-        n_seqs = len(self._pending) + len(self.batch.running)
-        decision, pages = admit_decode(self.pool, n_seqs, self.max_seqs, len(req.prompt_ids),
-                                       req.params.max_tokens, self.output_slice)  # fmt: skip
-        if decision.ok:
-            self.pool.reserve(rid, pages)
-            self._next_seq += 1
-            ctx = self.runtime.config.context_window_size
-            decoder = SequenceDecoder(req.params, self.tokenizer, len(req.prompt_ids), ctx)
-            self._pending[rid] = Running(req, self._next_seq, decoder, OutputStream(), length=0)
-            self._unclaimed[rid] = self._pending[rid].out
-        return decision
-
-    def _start(self, request_id: str, first: TokenEvent) -> None:
-        r = self._pending.get(request_id)
-        if r is None:
-            raise KeyError(f"no reservation for request {request_id}")
-        r.decoder.append(first.token_id, first.logprobs)  # replay token 1: same stop/detok state as the sender
-        r.last_token = first.token_id
-        if first.finish_reason is not None:  # finished at the prefill worker: nothing to decode here
-            self._cancel(request_id, "", None)
-            return
-        self._maybe_promote(r)
-
-    def _maybe_promote(self, r: Running) -> None:
-        if r.in_cache and r.last_token is not None:
-            r.ready = True
-            del self._pending[r.req.request_id]
-            self.batch.add(r)
-
-    def _stream(self, request_id: str) -> OutputStream:
-        """Hand the request's stream to the caller (once); it may already hold every event up to the end."""
-        stream = self._unclaimed.pop(request_id, None)
-        if stream is None:
-            raise KeyError(f"no request {request_id} on this worker (or its stream was already taken)")
-        return stream
-
-    def _cancel(self, request_id: str, message: str, kind: ErrorKind | None = ErrorKind.CANCELLED) -> bool:
-        error = RequestError(request_id, kind, message) if kind is not None else None
-        if kind is None:  # ended at the prefill worker: nobody will stream it
-            self._unclaimed.pop(request_id, None)
-        r = self._pending.pop(request_id, None)
-        if r is not None:
-            release(self.runtime, self.pool, r, error)
-            return True
-        return self.batch.finish(request_id, error)
+        self._fail_all(f"{self.name} worker shutting down")
 
     # ---- KV receiver callbacks (transport threads) -> engine thread ----------------------------------------
+    def import_kv(self, header: KVHeader, k, v) -> None:
+        """`ImportSink`: import a verified payload for a reserved request and start decoding it (blocks until
+        done on the engine thread; a `PayloadError` leaves the cache as it was)."""
+        self.call(lambda: self._import(header, k, v))
+
+    def orphaned(self, header: KVHeader) -> None:
+        """The sender went away after the commit while we imported: nobody will serve this request."""
+        self.post(lambda: self._end_id(header.request_id, ErrorKind.TRANSFER_FAILED, "KV transfer abandoned"))
+
+    # ---- engine thread ------------------------------------------------------------------------------------
+    def _admit(self, req: GenerationRequest, state: DecodeState) -> Admission:
+        rid, n = req.request_id, len(req.prompt_ids)
+        tokens = decode_reservation(n, req.params.max_tokens, self.output_slice)
+        decision = admit(self.pool, rid, self.seqs, tokens=tokens, active=len(self.seqs), max_active=self.max_seqs,
+                         what=f"{self.name} engine")  # fmt: skip
+        if not decision.ok:
+            return decision
+        self.pool.reserve(rid, pages_for(tokens, self.pool.page_size))
+        decoder = SequenceDecoder(req.params, self.tokenizer, n, self.runtime.config.context_window_size)
+        seq = DecodeSequence(req, next(self._seq_ids), decoder, OutputStream(), state)
+        self.seqs[rid] = seq
+        self._unclaimed[rid] = seq.out
+        if state is DecodeState.PREFILLING:
+            self.prefill.add(req, seq.seq_id, decoder)
+        return decision
+
     def _import(self, header: KVHeader, k, v) -> None:
-        def work() -> None:
-            r = self._pending.get(header.request_id)
-            if r is None:
-                raise PayloadError(ErrorCode.IMPORT_FAILED, f"no reservation for request {header.request_id}")
-            if header.end != len(r.req.prompt_ids):
-                raise PayloadError(ErrorCode.SHAPE_MISMATCH, f"KV covers {header.end} tokens, the prompt has "
-                                   f"{len(r.req.prompt_ids)}")  # fmt: skip
-            import_into(self.runtime, r.seq_id, header, k, v)
-            r.in_cache = True
-            r.length = header.end
-            self._maybe_promote(r)
+        seq = self.seqs.get(header.request_id)
+        if seq is None or seq.state is not DecodeState.RESERVED:
+            raise PayloadError(ErrorCode.IMPORT_FAILED, f"no reservation for request {header.request_id}")
+        if header.end != len(seq.req.prompt_ids):
+            raise PayloadError(ErrorCode.SHAPE_MISMATCH,
+                               f"KV covers {header.end} tokens, the prompt has {len(seq.req.prompt_ids)}")  # fmt: skip
+        first = decode_first_token(header.meta)
+        if first.finish_reason is not None:
+            raise PayloadError(ErrorCode.MALFORMED, "a request that ended with its first token sends no KV")
+        import_into(self.runtime, seq.seq_id, header, k, v)
+        seq.length = header.end
+        replay = seq.decoder.append(first.token_id, first.logprobs)  # same stop/detok state as the sender
+        seq.last_token = first.token_id
+        seq.state = DecodeState.DECODING
+        if replay.finish_reason is not None:  # a tokenizer that disagrees with the prefill worker's
+            self._end(seq, RequestError(seq.request_id, ErrorKind.INTERNAL, "decode state diverged at token 1"))
 
-        self.call(work)
+    def step(self) -> bool:
+        did = False
+        if self.prefill.queue:
+            did = True
+            free_slots = self.max_seqs - len(self.runtime.sequence_ids())
+            firsts, failures = self.prefill.step(free_slots)
+            for f in failures:
+                self._end_id(f.request_id, ErrorKind.INTERNAL, f.message)
+            for ft in firsts:
+                self._start(ft)
+        running = [s for s in self.seqs.values() if s.state is DecodeState.DECODING]
+        if running:
+            worked, ended = self.decode.step(running)
+            did = did or worked
+            for e in ended:
+                self._end(e.seq, e.error)
+        return did
 
-    def _orphaned(self, header: KVHeader) -> None:
-        self.post(
-            lambda: self._cancel(header.request_id, "KV transfer abandoned by the sender", ErrorKind.TRANSFER_FAILED)
-        )
+    def _start(self, ft: FirstToken) -> None:
+        """A prompt prefilled here: stream token 1; the sequence decodes from the next step on (in place)."""
+        seq = self.seqs[ft.request_id]
+        seq.out.put(ft.event)
+        seq.length = len(ft.req.prompt_ids)
+        seq.last_token = ft.event.token_id
+        seq.state = DecodeState.DECODING
+        if ft.event.finish_reason is not None:
+            self._end(seq, None)
+
+    def on_broken(self, error: BaseException) -> None:
+        self._fail_all(f"{self.name} engine failed: {error}")
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.seqs.values()):
+            self._end(seq, RequestError(seq.request_id, ErrorKind.INTERNAL, message))
+
+    def _end_id(self, request_id: str, kind: ErrorKind, message: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self._end(seq, RequestError(request_id, kind, message))
+
+    def _end(self, seq: DecodeSequence, error: RequestError | None) -> None:
+        """The one release path: out of the prefill queue, sequence and pages freed, terminal item streamed."""
+        rid = seq.request_id
+        self.seqs.pop(rid, None)
+        self.prefill.drop(rid)
+        self.runtime.remove_sequence(seq.seq_id)
+        self.pool.release(rid)
+        seq.state = DecodeState.FINISHED if error is None else _ENDED_BY.get(error.kind, DecodeState.FAILED)
+        if error is not None:
+            seq.out.put(error)

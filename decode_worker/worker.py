@@ -1,79 +1,68 @@
-"""`DecodeWorker` and `ColocatedWorker`: engines in a process of their own (Ray actors under the router).
+"""`DecodeWorker` and `ColocatedWorker`: decode engines in a process of their own (Ray actors under the router).
 
-DecodeWorker lifecycle: `DecodeWorker(options)` opens the model and starts the KV receiver (`kv_address()`) ->
-per request `reserve(req)` -> (KV arrives from a prefill worker) -> `start_decoding(request_id, first)` ->
-`stream(request_id)` yields token events until the terminal one -> `cancel(request_id)` at any time.
+DecodeWorker lifecycle: `DecodeWorker(options)` opens the model, starts the engine and the KV receiver (its
+address is in `describe()`) -> per request `reserve(req)` -> a prefill worker pushes the KV with the first token
+in its header; the engine starts the sequence on import -> `stream(request_id)` yields the token events after the
+first until the terminal one -> `cancel(request_id)` at any time.
 ColocatedWorker: `generate(req)` yields every event of a request (prefill and decode on one runtime).
-Methods take and return picklable frozen dataclasses."""
+They implement `engine.protocols.DecodeAPI` / `ColocatedAPI`, with the frozen dataclasses of `engine.messages`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from decode_worker.colocated import ColocatedEngine
 from decode_worker.engine import DecodeEngine
-from llama_relax.generation import TokenEvent
-from prefill_worker.loop import Output, is_terminal
-from prefill_worker.messages import ErrorKind, GenerationRequest, RequestError, WorkerOptions
-from prefill_worker.scheduler import Admission
-from prefill_worker.worker import HostedEngine, open_worker_model
+from engine.hosting import HostedEngine, open_worker_model
+from engine.loop import Output
+from engine.messages import Admission, GenerationRequest, Role, WorkerOptions
+from kvtransfer.runtime_io import make_receiver
+
+
+def _engine(options: WorkerOptions, model, name: str) -> DecodeEngine:
+    return DecodeEngine(model.runtime, model.tokenizer, max_batch=options.max_batch_size,
+                        output_slice=options.output_slice, name=name)  # fmt: skip
 
 
 class DecodeWorker(HostedEngine):
-    role = "decode"
+    role = Role.DECODE
 
     def __init__(self, options: WorkerOptions) -> None:
+        super().__init__()
         self.options = options
         self.model = open_worker_model(options)
-        self.engine = DecodeEngine(self.model.runtime, self.model.tokenizer, max_batch=options.max_batch_size,
-                                   output_slice=options.output_slice, kv_host=options.kv_host)  # fmt: skip
+        self.engine = _engine(options, self.model, "decode")
+        self.receiver, self._kv_address = make_receiver(
+            self.model.runtime, self.engine.import_kv, options.kv_host, 0, self.engine.orphaned
+        )
         self.engine.start()
 
     def kv_address(self) -> str:
-        return self.engine.kv_address
+        return self._kv_address
 
     def reserve(self, req: GenerationRequest) -> Admission:
         return self.engine.reserve(req)
 
-    def start_decoding(self, request_id: str, first: TokenEvent) -> None:
-        self.engine.start_decoding(request_id, first)
-
     def stream(self, request_id: str) -> Iterator[Output]:
-        """Token events after the first, ending with a finish reason or a RequestError."""
-        try:
-            s = self.engine.stream(request_id)
-        except KeyError as e:
-            yield RequestError(request_id, ErrorKind.INTERNAL, str(e))
-            return
-        yield from s
+        yield from self.engine.stream(request_id)
 
-    def load(self) -> dict[str, int]:
-        info = super().load()
-        info["max_batch_seen"] = max(self.engine.batch.batch_sizes, default=0)
-        return info
+    def shutdown(self) -> None:
+        self.receiver.stop(0)
+        super().shutdown()
 
 
 class ColocatedWorker(HostedEngine):
-    role = "colocated"
+    role = Role.COLOCATED
 
     def __init__(self, options: WorkerOptions) -> None:
+        super().__init__()
         self.options = options
         self.model = open_worker_model(options)
-        self.engine = ColocatedEngine(self.model.runtime, self.model.tokenizer, max_batch=options.max_batch_size,
-                                      max_queue=options.max_queue, output_slice=options.output_slice)  # fmt: skip
+        self.engine = _engine(options, self.model, "colocated")
         self.engine.start()
 
     def generate(self, req: GenerationRequest) -> Iterator[Output]:
         admission, stream = self.engine.submit(req)
-        if not admission.ok:
-            yield RequestError(req.request_id, ErrorKind.BUSY, admission.reason)
+        if stream is None:
+            yield admission.error(req.request_id)
             return
-        for item in stream:
-            yield item
-            if is_terminal(item):
-                return
-
-    def load(self) -> dict[str, int]:
-        info = super().load()
-        info["max_batch_seen"] = max(self.engine.decode.batch_sizes, default=0)
-        return info
+        yield from stream

@@ -202,7 +202,10 @@ class ModelRuntime:
             self._seq_lens[sid] += n
 
     def forward_hidden(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> tvm.runtime.Tensor:
-        """Append `chunks[i]` to `seq_ids[i]` in one forward; hidden states of every token, [1, sum(len), h]."""
+        """Append `chunks[i]` to `seq_ids[i]` in one forward; hidden states of every token, [1, sum(len), h].
+
+        One sequence runs `prefill_to_last_hidden_states`, several `batch_forward_to_last_hidden_states` (the
+        same math; the model keeps both entry points, as MLC's do)."""
         lengths = [len(c) for c in chunks]
         total = sum(lengths)
         if total > self.prefill_chunk_size:
@@ -211,7 +214,8 @@ class ModelRuntime:
         emb = self._embed(ids, (1, total, self.config.hidden_size))
         self._begin(seq_ids, lengths)
         try:
-            hidden, _ = self._fn["batch_forward_to_last_hidden_states"](emb, self.kv_cache, self.params)
+            fn = "prefill_to_last_hidden_states" if len(seq_ids) == 1 else "batch_forward_to_last_hidden_states"
+            hidden, _ = self._fn[fn](emb, self.kv_cache, self.params)
         except BaseException:
             self._abort_forward(seq_ids)
             raise

@@ -1,62 +1,73 @@
-"""The prefill worker: batched (and chunked) prefill, first token sampled here, then the KV is shipped.
+"""The prefill engine: batched (and chunked) prefill, the first token sampled here, then the KV shipped with that
+token in its header.
 
 Request lifecycle (`PrefillState`):
-  1. QUEUED        `submit(req, kv_target, on_result)`: admitted if the queue has room and the prompt's pages can be
-                   reserved, else refused at once (BUSY) - the queue never grows without bound.
-  2. PREFILLING    each step packs waiting prompts into one forward of at most `token_budget` tokens
-                   (`batch_forward_to_last_hidden_states` + `batch_select_last_hidden_states` + `get_logits`);
-                   longer prompts continue over several steps.
-  3. FIRST TOKEN   the last chunk's logits give token 1, sampled with the request's params; `on_first(event)`
-                   reports it at once (this is what TTFT measures).
-  4. TRANSFERRING  the KV is exported on the engine thread and pushed to the decode worker by a transfer thread,
-                   so the engine keeps prefilling meanwhile.
-  5. DONE / FAILED / CANCELLED   the receiver's ack (or failure / timeout / cancel) ends it: the sequence and its
-                   pages are released on the engine thread and `on_result(PrefillResult)` is called exactly once.
-Memory: the engine owns the runtime; a payload is owned by its transfer thread until the send returns.
+  1. QUEUED        `submit(req, kv_target, on_event)`: admitted if the queue has room and the prompt's pages can be
+                   reserved, else refused at once (BUSY; INVALID for a duplicate id or a prompt that never fits).
+  2. PREFILLING    each step packs waiting prompts into one forward of at most `token_budget` tokens (one sequence:
+                   `prefill_to_last_hidden_states`, several: `batch_forward_to_last_hidden_states`); longer prompts
+                   continue over several steps. A failed forward fails only its own requests.
+  3. TRANSFERRING  the last chunk's logits give token 1; `on_event(event)` reports it at once (TTFT), the KV is
+                   exported on the engine thread with token 1 in its header, and a transfer thread pushes it to the
+                   decode worker, so the engine keeps prefilling meanwhile.
+  4. DONE / FAILED / CANCELLED   the receiver's ack (or a failure / timeout / cancel) ends it: `on_event` gets the
+                   `PrefillResult` exactly once, then the sequence and its pages are released on the engine thread.
+Memory: the engine owns the runtime and the page pool; a payload is owned by its transfer thread until the send
+returns.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import enum
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.kvmeta import encode_first_token
+from engine.loop import EngineLoop
+from engine.messages import Admission, ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerLoad
+from engine.pages import PagePool, pages_for
+from engine.prefill_batch import FirstToken, PrefillBatch
+from engine.scheduler import admit
+from kvtransfer.payload import KVPayload
 from kvtransfer.runtime_io import export_for
 from kvtransfer.transport import KVSender
-from llama_relax.generation import TokenEvent, TokenizerLike
+from llama_relax.generation import SequenceDecoder, TokenEvent, TokenizerLike
 from llama_relax.runtime import ModelRuntime
-from prefill_worker.loop import EngineLoop
-from prefill_worker.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError
-from prefill_worker.pages import PagePool
-from prefill_worker.prefill_batch import FirstToken, PrefillBatch
-from prefill_worker.scheduler import Admission
 
 
 class PrefillState(enum.Enum):
     QUEUED = "queued"
+    PREFILLING = "prefilling"
     TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # a transferring job stays listed in this state until its send returns
+
+
+PrefillEvent = TokenEvent | PrefillResult
+_TERMINAL = frozenset({PrefillState.DONE, PrefillState.FAILED, PrefillState.CANCELLED})
 
 
 @dataclass
 class _Job:
     req: GenerationRequest
     kv_target: str
-    on_result: Callable[[PrefillResult], None]
-    on_first: Callable[[TokenEvent], None] | None
+    on_event: Callable[[PrefillEvent], None]
+    seq_id: int
     state: PrefillState = PrefillState.QUEUED
-    cancelled: bool = False
-    reported: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    _reported: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def report(self, result: PrefillResult) -> None:
         """Deliver the result exactly once, from whichever thread gets there first."""
-        with self.lock:
-            if self.reported:
+        with self._lock:
+            if self._reported:
                 return
-            self.reported = True
-        self.on_result(result)
+            self._reported = True
+        self.on_event(result)
 
 
 class PrefillEngine(EngineLoop):
@@ -74,115 +85,136 @@ class PrefillEngine(EngineLoop):
     ) -> None:
         super().__init__("prefill")
         self.runtime = runtime
+        self.tokenizer = tokenizer
         self.sender = sender
+        self.max_queue = max_queue
         self.transfer_timeout_s = transfer_timeout_s
         self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
-        self.batch = PrefillBatch(runtime, tokenizer, self.pool, max_queue, max_seqs, token_budget)
+        self.batch = PrefillBatch(runtime, max_seqs, token_budget)
         self.jobs: dict[str, _Job] = {}
+        self._seq_ids = itertools.count(1)
         self._transfers = cf.ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-send")
 
     # ---- control (any thread) -----------------------------------------------------------------------------
-    def submit(
-        self,
-        req: GenerationRequest,
-        kv_target: str,
-        on_result: Callable[[PrefillResult], None],
-        on_first: Callable[[TokenEvent], None] | None = None,
-    ) -> Admission:
-        return self.call(lambda: self._submit(_Job(req, kv_target, on_result, on_first)))
+    def submit(self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None]) -> Admission:
+        """Queue `req`; `on_event` gets its first `TokenEvent` (unless the forward fails), then one `PrefillResult`."""
+        return self.call(lambda: self._submit(req, kv_target, on_event))
 
     def cancel(self, request_id: str) -> bool:
         return self.call(lambda: self._cancel(request_id))
 
-    def load(self) -> dict[str, int]:
-        return self.call(lambda: {"queued": len(self.batch.queue), "transferring": len(self.jobs) - len(self.batch.queue),
-                                  "queued_tokens": sum(e.item.remaining for e in self.batch.queue),
-                                  "free_pages": self.pool.free, "total_pages": self.pool.total})  # fmt: skip
+    def load(self, incarnation: str = "") -> WorkerLoad:
+        def read() -> WorkerLoad:
+            transferring = sum(j.state is not PrefillState.QUEUED and j.state is not PrefillState.PREFILLING
+                               for j in self.jobs.values())  # fmt: skip
+            return WorkerLoad(
+                incarnation,
+                queued=len(self.batch.queue),
+                queued_tokens=self.batch.queued_tokens,
+                transferring=transferring,
+                sequences=len(self.runtime.sequence_ids()),
+                free_pages=self.pool.free,
+                total_pages=self.pool.total,
+            )
+
+        return self.call(read)
 
     def close(self) -> None:
         self.stop()
         self._transfers.shutdown(wait=True)
-        for rid in list(self.jobs):
-            self._fail(rid, ErrorKind.INTERNAL, "prefill worker shutting down")
+        for job in list(self.jobs.values()):
+            self._fail(job, ErrorKind.INTERNAL, "prefill worker shutting down")
 
     # ---- engine thread ------------------------------------------------------------------------------------
-    def _submit(self, job: _Job) -> Admission:
-        rid = job.req.request_id
-        if rid in self.jobs:
-            return Admission(False, f"request {rid} is already on this worker")
-        decision = self.batch.admit(job.req)
+    def _submit(self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None]) -> Admission:
+        rid, n = req.request_id, len(req.prompt_ids)
+        decision = admit(self.pool, rid, self.jobs, tokens=n, active=len(self.batch.queue),
+                         max_active=self.max_queue, what="prefill queue")  # fmt: skip
         if decision.ok:
+            self.pool.reserve(rid, pages_for(n, self.pool.page_size))
+            job = _Job(req, kv_target, on_event, next(self._seq_ids))
             self.jobs[rid] = job
+            self.batch.add(req, job.seq_id, self._decoder(req))
         return decision
+
+    def _decoder(self, req: GenerationRequest) -> SequenceDecoder:
+        ctx = self.runtime.config.context_window_size
+        return SequenceDecoder(req.params, self.tokenizer, len(req.prompt_ids), ctx)
 
     def _cancel(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
-        if job is None:
+        if job is None or job.state in _TERMINAL:
             return False
-        if job.state is PrefillState.QUEUED:
-            self.batch.drop(request_id)
-            self._finish(request_id, PrefillResult(request_id, None, RequestError(request_id, ErrorKind.CANCELLED,
-                                                                                 "cancelled")))  # fmt: skip
-        else:  # in flight: the transfer thread sees the flag / the sender's cancel and reports
-            job.cancelled = True
+        if job.state is PrefillState.TRANSFERRING:  # the transfer thread sees the state / the sender's cancel
+            job.state = PrefillState.CANCELLED
             self.sender.cancel(request_id)
+        else:
+            self._fail(job, ErrorKind.CANCELLED, "cancelled")
         return True
 
     def step(self) -> bool:
         if not self.batch.queue:
             return False
-        for first in self.batch.step():
-            self._after_prefill(first)
+        free_slots = self.runtime.kv_config.max_batch_size - len(self.runtime.sequence_ids())
+        firsts, failures = self.batch.step(free_slots)
+        for f in failures:
+            self._fail(self.jobs[f.request_id], ErrorKind.INTERNAL, f.message)
+        for e in self.batch.queue:
+            if e.item.started:
+                self.jobs[e.req.request_id].state = PrefillState.PREFILLING
+        for ft in firsts:
+            self._after_prefill(self.jobs[ft.request_id], ft)
         return True
 
     def on_broken(self, error: BaseException) -> None:
-        for rid in list(self.jobs):
-            self._fail(rid, ErrorKind.INTERNAL, f"prefill engine failed: {error}")
+        for job in list(self.jobs.values()):
+            self._fail(job, ErrorKind.INTERNAL, f"prefill engine failed: {error}")
 
-    def _after_prefill(self, ft: FirstToken) -> None:
-        job = self.jobs[ft.request_id]
-        if job.on_first is not None:
-            job.on_first(ft.event)
+    def _after_prefill(self, job: _Job, ft: FirstToken) -> None:
+        job.on_event(ft.event)
         if ft.event.finish_reason is not None:  # the request ended with its first token: no KV to ship
-            self.batch.release(ft.request_id, ft.seq_id)
-            self._finish(ft.request_id, PrefillResult(ft.request_id, ft.event, None, ft.queue_s, ft.prefill_s))
+            self._release(job, PrefillState.DONE)
+            job.report(PrefillResult(job.req.request_id, ft.event, None, ft.queue_s, ft.prefill_s))
             return
         job.state = PrefillState.TRANSFERRING
-        payload = export_for(self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id)
+        try:
+            payload = export_for(self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id,
+                                 meta=encode_first_token(ft.event))  # fmt: skip
+        except Exception as e:  # this request fails alone
+            self._fail(job, ErrorKind.INTERNAL, f"KV export failed: {type(e).__name__}: {e}", ft.event)
+            return
         self._transfers.submit(self._transfer, job, ft, payload)
 
-    def _transfer(self, job: _Job, ft: FirstToken, payload) -> None:  # transfer thread
+    def _transfer(self, job: _Job, ft: FirstToken, payload: KVPayload) -> None:  # transfer thread
         result = self.sender.send(payload, job.kv_target, self.transfer_timeout_s)
         del payload
         rid = ft.request_id
-        if result.ok and not job.cancelled:
-            outcome = PrefillResult(rid, ft.event, None, ft.queue_s, ft.prefill_s, result.transfer_s, result.nbytes)
-        else:
-            kind = ErrorKind.CANCELLED if job.cancelled else ErrorKind.TRANSFER_FAILED
-            msg = (
-                f"KV transfer to {job.kv_target} failed: {result.error}: {result.message}"
-                if not result.ok
-                else "cancelled"
-            )
-            outcome = PrefillResult(rid, ft.event, RequestError(rid, kind, msg), ft.queue_s, ft.prefill_s,
-                                    result.transfer_s, result.nbytes)  # fmt: skip
+        cancelled = job.state is PrefillState.CANCELLED
+        error = None
+        if cancelled:
+            error = RequestError(rid, ErrorKind.CANCELLED, "cancelled")
+        elif not result.ok:
+            msg = f"KV transfer to {job.kv_target} failed: {result.error}: {result.message}"
+            error = RequestError(rid, ErrorKind.TRANSFER_FAILED, msg)
         # Report at once: the decode worker may start as soon as the KV is in, not after our current prefill
         # step (waiting for the engine thread here put a whole prefill step between tokens 1 and 2).
-        job.report(outcome)
-
-        def release() -> None:
-            self.batch.release(rid, ft.seq_id)
-            self.jobs.pop(rid, None)
-
-        fut = self.post(release)
+        job.report(PrefillResult(rid, ft.event, error, ft.queue_s, ft.prefill_s, result.transfer_s, result.nbytes))
+        final = PrefillState.DONE if error is None else (PrefillState.CANCELLED if cancelled else PrefillState.FAILED)
+        fut = self.post(lambda: self._release(job, final))
         if fut.cancelled() or (fut.done() and fut.exception() is not None):  # engine stopped: release inline
-            release()
+            self._release(job, final)
 
-    def _fail(self, request_id: str, kind: ErrorKind, message: str) -> None:
-        if self.batch.drop(request_id) or request_id in self.jobs:
-            self._finish(request_id, PrefillResult(request_id, None, RequestError(request_id, kind, message)))
+    def _fail(self, job: _Job, kind: ErrorKind, message: str, first: TokenEvent | None = None) -> None:
+        rid = job.req.request_id
+        self._release(job, PrefillState.CANCELLED if kind is ErrorKind.CANCELLED else PrefillState.FAILED)
+        job.report(PrefillResult(rid, first, RequestError(rid, kind, message)))
 
-    def _finish(self, request_id: str, result: PrefillResult) -> None:
-        job = self.jobs.pop(request_id, None)
-        if job is not None:
-            job.report(result)
+    def _release(self, job: _Job, final: PrefillState) -> None:
+        """The one release path: out of the queue, sequence and pages freed, job forgotten."""
+        rid = job.req.request_id
+        self.batch.drop(rid)
+        self.runtime.remove_sequence(job.seq_id)
+        self.pool.release(rid)
+        job.state = final
+        if self.jobs.get(rid) is job:
+            del self.jobs[rid]

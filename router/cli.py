@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
-
-MAX_MESSAGE_BYTES = 64 << 20
 
 
 # ---- serve ----------------------------------------------------------------------------------------------------
@@ -33,11 +30,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from llama_relax.compile import compile_model, default_cache_dir, resolve_target
+    from router.cluster import ClusterSpec, connect_ray, loopback_ray_env, start_pools, stop_pools
+
+    loopback_ray_env()  # before anything below imports Ray
+    from engine.messages import WorkerOptions
+    from llama_relax.compile import compile_model, resolve_target
     from llama_relax.loader import load_config, resolve_model
     from llama_relax.models import default_model_path, load_tokenizer
-    from prefill_worker.messages import WorkerOptions
-    from router.cluster import ClusterSpec, connect_ray, start_pools, stop_pools
     from router.convert import ModelLimits
     from router.metrics import Metrics
     from router.router import Router
@@ -46,12 +45,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.colocated and (args.prefill_workers != 1 or args.decode_workers != 1):
         raise ValueError("--colocated replaces --prefill-workers/--decode-workers; give one or the other")
     spec = ClusterSpec(args.prefill_workers, args.decode_workers, args.colocated, args.address, args.threads_per_worker)
-    cache_dir = args.cache_dir or default_cache_dir()
+    cache_dir = args.cache_dir
     model_path = args.model or default_model_path(cache_dir)
     src = resolve_model(model_path)
     config = load_config(src)
     tokenizer = load_tokenizer(src)
-    compile_model(config, args.dtype, resolve_target(args.target), cache_dir)  # once, so workers hit the cache
+    compile_model(config, args.dtype, resolve_target(args.target), cache_dir=cache_dir)  # once: workers hit the cache
     options = WorkerOptions(
         model=str(Path(model_path).resolve()), cache_dir=str(Path(cache_dir).resolve()), dtype=args.dtype,
         target=args.target, max_batch_size=args.max_batch_size, max_total_seq_len=args.max_total_seq_len,
@@ -60,13 +59,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"[pdserve] starting {spec.mode} workers on Ray ({spec.address or 'local cluster on 127.0.0.1'})...",
+    print(f"[pdserve] starting {spec.mode.value} workers on Ray ({spec.address or 'local cluster on 127.0.0.1'})...",
           file=sys.stderr, flush=True)  # fmt: skip
     ray = connect_ray(spec)
-    pools = server = None
+    cluster = server = router = None
     try:
-        pools = start_pools(ray, spec, options)
-        router = Router(ray, pools, spec.mode)
+        cluster = start_pools(ray, spec, options)
+        pools = cluster.pools
+        router = Router(pools, spec.mode)
         metrics = Metrics()
         if args.metrics_port:
             metrics.serve(args.metrics_port, args.host)
@@ -79,21 +79,23 @@ def _run_serve(args: argparse.Namespace) -> int:
         print("pdserve: ready", flush=True)
         lost = 0
         while not stop.wait(1.0):
-            pools.refresh(ray)
+            pools.refresh()
             lost = lost + 1 if not any(w.alive for w in pools.workers) else 0
             if spec.address is not None and lost >= 10:  # the joined cluster went away (e.g. `ray down`)
                 print("pdserve: lost every worker of the Ray cluster; exiting", file=sys.stderr, flush=True)
                 break
             for w in pools.workers:
-                metrics.kv_free.labels(w.name, w.role).set(w.free_pages)
-                metrics.kv_total.labels(w.name, w.role).set(w.total_pages)
+                metrics.kv_free.labels(w.name, w.role.value).set(w.load.free_pages)
+                metrics.kv_total.labels(w.name, w.role.value).set(w.load.total_pages)
         print("pdserve: shutting down", file=sys.stderr, flush=True)
         health.enter_graceful_shutdown()
     finally:
         if server is not None:
             server.stop(grace=5).wait(10)
-        if pools is not None:
-            stop_pools(ray, pools)
+        if router is not None:
+            router.close()
+        if cluster is not None:
+            stop_pools(ray, cluster)
         ray.shutdown()
     return 0
 
@@ -114,6 +116,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         return run_local(args)
     import grpc
 
+    from kvtransfer.net import message_limits
+    from llama_relax.errors import UserError
     from protos import generate_pb2 as pb
     from protos import generate_pb2_grpc as pb_grpc
 
@@ -126,9 +130,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         req.text = args.prompt
     else:
         req.token_ids.ids.extend(args.prompt_ids)
-    opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     prompt_ids, ids, text, logprobs, finish = [], [], [], [], ""
-    with grpc.insecure_channel(args.addr, options=opts) as channel:
+    with grpc.insecure_channel(args.addr, options=message_limits()) as channel:
         try:
             for resp in pb_grpc.GenerationStub(channel).Generate(req, timeout=args.timeout):
                 prompt_ids.extend(resp.prompt_token_ids)
@@ -141,7 +144,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                     sys.stdout.write(resp.text)
                     sys.stdout.flush()
         except grpc.RpcError as e:
-            raise RuntimeError(f"{e.code().name}: {e.details()}") from None
+            raise UserError(f"{e.code().name}: {e.details()}") from None
     if args.json:
         print(json.dumps({"prompt_token_ids": prompt_ids, "token_ids": ids, "text": "".join(text),
                           "finish_reason": finish, "logprobs": logprobs if args.logprobs else None}))  # fmt: skip
@@ -151,11 +154,6 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def commands() -> list:
-    # Ray reads these when first imported; set them before any command can import it (loopback-only Ray)
-    from router.cluster import RAY_LOOPBACK_ENV
-
-    for k, v in RAY_LOOPBACK_ENV.items():
-        os.environ.setdefault(k, v)
     return [
         ("serve", "serve the gRPC generate API from a Ray cluster of prefill/decode workers", _serve_args, _run_serve),
         ("generate", "generate text locally, or from a server with --addr", _generate_args, _run_generate),

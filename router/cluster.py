@@ -11,10 +11,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from prefill_worker.messages import WorkerOptions
-from router.pools import Pools, WorkerState
+from engine.messages import Role, WorkerOptions
+from router.clients import RayColocatedClient, RayDecodeClient, RayPrefillClient
+from router.pools import Pools, WorkerSlot
+from router.router import ServeMode
 
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def loopback_ray_env() -> None:
+    """Keep every Ray process this one starts on loopback (unless the caller set these explicitly). Call it at
+    a process's entry point, before anything imports Ray: Ray reads them once, at import."""
+    for k, v in RAY_LOOPBACK_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 @dataclass(frozen=True)
@@ -34,8 +43,8 @@ class ClusterSpec:
             raise ValueError("need at least one prefill and one decode worker (or --colocated N)")
 
     @property
-    def mode(self) -> str:
-        return "colocated" if self.colocated else "disaggregated"
+    def mode(self) -> ServeMode:
+        return ServeMode.COLOCATED if self.colocated else ServeMode.DISAGGREGATED
 
     @property
     def num_workers(self) -> int:
@@ -43,55 +52,70 @@ class ClusterSpec:
 
 
 def connect_ray(spec: ClusterSpec) -> Any:
-    """Start a local loopback cluster (with the pools' custom resources) or join `spec.address`."""
-    for k, v in RAY_LOOPBACK_ENV.items():
-        os.environ.setdefault(k, v)
+    """Start a local loopback cluster (with the pools' custom resources) or join `spec.address`. The process's
+    entry point must have called `loopback_ray_env()` before Ray was first imported."""
     import ray
     from ray._private import ray_constants
 
     if spec.address is None and ray_constants.ENABLE_RAY_CLUSTER:  # read when ray was first imported
-        raise RuntimeError("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: a local cluster "
-                           "would bind beyond loopback")  # fmt: skip
-
+        raise RuntimeError(
+            "Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: a local cluster would bind beyond "
+            "loopback"
+        )
     threads = spec.threads_per_worker or max(1, len(os.sched_getaffinity(0)) // spec.num_workers)
     env = {"env_vars": {**{k: os.environ[k] for k in RAY_LOOPBACK_ENV}, "TVM_NUM_THREADS": str(threads)}}
     if spec.address is None:
-        ray.init(
-            num_cpus=max(2, spec.num_workers), include_dashboard=False, _node_ip_address="127.0.0.1",
-            resources={"prefill": spec.prefill_workers, "decode": spec.decode_workers, "colocated": spec.colocated},
-            log_to_driver=False, runtime_env=env,
-        )  # fmt: skip
+        resources = {Role.PREFILL.value: spec.prefill_workers, Role.DECODE.value: spec.decode_workers,
+                     Role.COLOCATED.value: spec.colocated}  # fmt: skip
+        ray.init(num_cpus=max(2, spec.num_workers), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 resources=resources, log_to_driver=False, runtime_env=env)  # fmt: skip
     else:
         ray.init(address=spec.address, log_to_driver=False, runtime_env=env)
     return ray
 
 
-def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions) -> Pools:
-    """Create the worker actors and wait until each has loaded its model."""
+@dataclass
+class Cluster:
+    """The started actors (for their lifecycle) and the router's typed view of them."""
+
+    handles: list[Any]
+    pools: Pools
+
+
+def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions) -> Cluster:
+    """Create the worker actors (on the custom resource named by their role) and wait until each has loaded its
+    model; the pools are refreshed once, so every worker's KV address and load are known."""
     from decode_worker.worker import ColocatedWorker, DecodeWorker
     from prefill_worker.worker import PrefillWorker
 
     actor = {"max_concurrency": 256, "num_cpus": 0, "max_restarts": 1}
-    pools = Pools()
-    plan: list[tuple[str, type, str]] = []
-    if spec.colocated:
-        plan += [("colocated", ColocatedWorker, "colocated")] * spec.colocated
-    else:
-        plan += [("prefill", PrefillWorker, "prefill")] * spec.prefill_workers
-        plan += [("decode", DecodeWorker, "decode")] * spec.decode_workers
     gpus = 1 if options.target == "cuda" else 0  # a CUDA worker holds one GPU of its node
-    for i, (role, cls, resource) in enumerate(plan):
-        handle = ray.remote(cls).options(resources={resource: 1}, num_gpus=gpus, **actor).remote(options)
-        pools.workers.append(WorkerState(f"{role}-{i}", role, handle))
-    ray.get([w.handle.ping.remote() for w in pools.workers])
-    pools.refresh(ray)
-    return pools
+
+    def make(role: Role, cls: type) -> Any:
+        return ray.remote(cls).options(resources={role.value: 1}, num_gpus=gpus, **actor).remote(options)
+
+    pools, handles = Pools(), []
+    if spec.colocated:
+        for i in range(spec.colocated):
+            handles.append(h := make(Role.COLOCATED, ColocatedWorker))
+            pools.colocated.append(WorkerSlot(f"colocated-{i}", Role.COLOCATED, RayColocatedClient(ray, h, f"colocated-{i}")))
+    else:
+        for i in range(spec.prefill_workers):
+            handles.append(h := make(Role.PREFILL, PrefillWorker))
+            pools.prefill.append(WorkerSlot(f"prefill-{i}", Role.PREFILL, RayPrefillClient(ray, h, f"prefill-{i}")))
+        for i in range(spec.decode_workers):
+            n = spec.prefill_workers + i
+            handles.append(h := make(Role.DECODE, DecodeWorker))
+            pools.decode.append(WorkerSlot(f"decode-{n}", Role.DECODE, RayDecodeClient(ray, h, f"decode-{n}")))
+    ray.get([h.ping.remote() for h in handles])
+    pools.refresh()
+    return Cluster(handles, pools)
 
 
-def stop_pools(ray: Any, pools: Pools, timeout_s: float = 30.0) -> None:
-    refs = [w.handle.shutdown.remote() for w in pools.workers]
+def stop_pools(ray: Any, cluster: Cluster, timeout_s: float = 30.0) -> None:
+    refs = [h.shutdown.remote() for h in cluster.handles]
     with contextlib.suppress(Exception):  # a dead or stuck worker is killed below anyway
         ray.get(refs, timeout=timeout_s)
-    for w in pools.workers:
+    for h in cluster.handles:
         with contextlib.suppress(Exception):  # already gone
-            ray.kill(w.handle)
+            ray.kill(h)

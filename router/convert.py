@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from engine.messages import ErrorKind, GenerationRequest
 from llama_relax.config import LlamaConfig
 from llama_relax.generation import TokenEvent
 from llama_relax.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams, resolve_seed
-from prefill_worker.messages import ErrorKind, GenerationRequest
 from protos import generate_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 64
@@ -20,6 +20,7 @@ STATUS_FOR_ERROR = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.EVICTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.TRANSFER_FAILED: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,

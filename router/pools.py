@@ -1,70 +1,98 @@
-"""Worker pools as the router sees them: Ray actor handles, liveness, load, and the placement policies.
+"""Worker pools as the router sees them: one typed client per worker, liveness, load, and the placement policies.
 
-Policies are pure functions over `WorkerState`s (unit-tested without Ray): a prefill worker with the fewest
-queued prompt tokens; decode workers ordered by most free KV pages, then fewest running sequences."""
+Policies are pure functions over `WorkerSlot`s (unit-tested without Ray): a prefill worker with the fewest queued
+prompt tokens; decode workers ordered by most free KV pages, then fewest active requests.
+
+`refresh()` asks every worker for its `WorkerLoad`; a worker answering with a new `incarnation` (Ray restarted
+its process) is described again, so its new KV address is learned once per process, never per request."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
-ROLES = ("prefill", "decode", "colocated")
+from engine.messages import Role, WorkerInfo, WorkerLoad
+from engine.protocols import ColocatedAPI, DecodeAPI, PrefillAPI, WorkerAPI
+
+C = TypeVar("C", bound=WorkerAPI)
 
 
-@dataclass
-class WorkerState:
-    """Router-side view of one worker. `queued_tokens`/`active` are kept by the router as it assigns work and
-    corrected from the worker's own `load()` on each refresh."""
+@dataclass(eq=False)
+class WorkerSlot(Generic[C]):
+    """Router-side view of one worker. `active` / `queued_tokens` are kept by the router as it assigns work;
+    `queued_tokens` is corrected from the worker's own load on each refresh."""
 
     name: str
-    role: str
-    handle: Any = None
+    role: Role
+    client: C
     alive: bool = True
-    queued_tokens: int = 0
+    info: WorkerInfo | None = None
+    load: WorkerLoad = field(default_factory=lambda: WorkerLoad(""))
     active: int = 0
-    free_pages: int = 0
-    total_pages: int = 0
-    running: int = 0
+    queued_tokens: int = 0
+    restarts: int = 0
+
+    @property
+    def kv_address(self) -> str:
+        return self.info.kv_address if self.info is not None else ""
 
 
-def pick_prefill(workers: Sequence[WorkerState]) -> WorkerState | None:
+def pick_prefill(workers: Sequence[WorkerSlot[PrefillAPI]]) -> WorkerSlot[PrefillAPI] | None:
     """The live prefill worker with the fewest queued prompt tokens (ties: first)."""
     live = [w for w in workers if w.alive]
     return min(live, key=lambda w: w.queued_tokens) if live else None
 
 
-def decode_order(workers: Sequence[WorkerState]) -> list[WorkerState]:
+def decode_order(workers: Sequence[WorkerSlot[C]]) -> list[WorkerSlot[C]]:
     """Live decode (or colocated) workers, best first: most free pages, then fewest active requests."""
-    return sorted((w for w in workers if w.alive), key=lambda w: (-w.free_pages, w.active))
+    return sorted((w for w in workers if w.alive), key=lambda w: (-w.load.free_pages, w.active))
 
 
 @dataclass
 class Pools:
-    workers: list[WorkerState] = field(default_factory=list)
+    prefill: list[WorkerSlot[PrefillAPI]] = field(default_factory=list)
+    decode: list[WorkerSlot[DecodeAPI]] = field(default_factory=list)
+    colocated: list[WorkerSlot[ColocatedAPI]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def role(self, role: str) -> list[WorkerState]:
-        return [w for w in self.workers if w.role == role]
+    @property
+    def workers(self) -> list[WorkerSlot]:
+        return [*self.prefill, *self.decode, *self.colocated]
 
-    def mark_dead(self, w: WorkerState) -> None:
+    def mark_dead(self, w: WorkerSlot) -> None:
         with self.lock:
             w.alive = False
 
-    def refresh(self, ray: Any, timeout_s: float = 5.0) -> None:
-        """Ask every worker for its load; one that fails to answer is marked dead until it answers again."""
-        refs = [(w, w.handle.load.remote()) for w in self.workers]
-        for w, ref in refs:
-            try:
-                load = ray.get(ref, timeout=timeout_s)
-            except Exception:  # any failure (died, restarting, timeout) means "not alive now"
-                self.mark_dead(w)
-                continue
-            with self.lock:
-                w.alive = True
-                w.free_pages = int(load.get("free_pages", 0))
-                w.total_pages = int(load.get("total_pages", 0))
-                w.running = int(load.get("running", 0))
-                if "queued_tokens" in load:
-                    w.queued_tokens = int(load["queued_tokens"])
+    def refresh(self) -> None:
+        """Ask every worker for its load (concurrently); one that fails to answer is marked dead until it answers
+        again. A new incarnation is described again and counted as a restart."""
+        workers = self.workers
+        if not workers:
+            return
+        with cf.ThreadPoolExecutor(len(workers)) as ex:
+            for w, fut in [(w, ex.submit(_observe, w)) for w in workers]:
+                observed = fut.result()
+                with self.lock:
+                    if observed is None:
+                        w.alive = False
+                        continue
+                    load, info = observed
+                    if info is not None:
+                        w.restarts += w.info is not None
+                        w.info = info
+                    w.alive = True
+                    w.load = load
+                    w.queued_tokens = load.queued_tokens
+
+
+def _observe(w: WorkerSlot) -> tuple[WorkerLoad, WorkerInfo | None] | None:
+    """(load, info if the process is new to us) or None when the worker does not answer."""
+    try:
+        load = w.client.load()
+        fresh = w.info is None or w.info.incarnation != load.incarnation
+        return load, (w.client.describe() if fresh else None)
+    except Exception:  # any failure (died, restarting, timeout, a broken engine) means "not alive now"
+        return None

@@ -1,29 +1,37 @@
-"""The router's request path over the worker pools (Ray actors).
+"""The router's request path over the worker pools, through the typed worker protocols (`engine.protocols`).
 
 Request lifecycle (`RequestState`, each transition time-stamped; the stamps give the TTFT breakdown):
-  1. QUEUED       validated request enters `generate()`.
-  2. RESERVED     a decode worker reserved pages for it (best decode worker first; all refuse -> BUSY).
+  1. QUEUED       a validated request enters `generate()`.
+  2. RESERVED     a decode worker set pages aside for it (best decode worker first; all full -> BUSY).
   3. PREFILLING   the least-loaded prefill worker runs the prompt; its first token is yielded at once (TTFT).
-  4. KV_TRANSFER  the prefill worker pushes the KV straight to the decode worker (never through the router).
+  4. KV_TRANSFER  the prefill worker pushes the KV, with the first token in its header, straight to the decode
+                  worker (never through the router); the decode worker starts the sequence on import.
   5. DECODING     the decode worker streams the remaining tokens; the router forwards them.
-  6. FINISHED / CANCELLED / FAILED   in `finally` the router tells both workers to drop anything left.
-A prefill worker that dies before a token was sent is retried on another; after that the request ends UNAVAILABLE.
-Colocated mode: one colocated worker runs the whole request (the baseline), same API.
+  6. FINISHED / CANCELLED / FAILED   in `finally` the router tells every worker holding the request to drop it.
+A prefill worker that dies or is full before a token was sent is retried on another; after a token went out a
+failure ends the request. Colocated mode: one colocated worker runs the whole request (the baseline), same API.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import enum
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
+from engine.loop import Output
+from engine.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError, Role
+from engine.protocols import DecodeAPI, WorkerFault, WorkerGone
 from llama_relax.generation import TokenEvent
-from prefill_worker.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError
-from router.pools import Pools, WorkerState, decode_order, pick_prefill
+from router.pools import C, Pools, WorkerSlot, decode_order, pick_prefill
+
+
+class ServeMode(enum.Enum):
+    DISAGGREGATED = "disaggregated"
+    COLOCATED = "colocated"
 
 
 class RequestState(enum.Enum):
@@ -38,36 +46,29 @@ class RequestState(enum.Enum):
 
 
 class RouterError(Exception):
+    """A request's explicit outcome when it did not finish; `kind` picks the gRPC status."""
+
     def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
 
 
-class NoWorker(RouterError):
-    """A pool has no live worker (UNAVAILABLE)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorKind.TRANSFER_FAILED, message)
-
-
 @dataclass
 class RequestRecord:
-    """Time-stamped states and outcome of one request (monotonic seconds)."""
+    """The state and time-stamped transitions of one request (monotonic seconds)."""
 
     request_id: str
     prompt_tokens: int
+    state: RequestState = RequestState.QUEUED
     stamps: dict[RequestState, float] = field(default_factory=dict)
     completion_tokens: int = 0
     prefill: PrefillResult | None = None
-    workers: dict[str, WorkerState] = field(default_factory=dict)
+    workers: dict[Role, WorkerSlot] = field(default_factory=dict)  # who holds (or held) the request
 
     def mark(self, state: RequestState) -> None:
+        self.state = state
         self.stamps[state] = time.monotonic()
-
-    @property
-    def state(self) -> RequestState:
-        return max(self.stamps, key=self.stamps.get) if self.stamps else RequestState.QUEUED
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,16 @@ class Done:
 
 
 class Router:
-    def __init__(self, ray: Any, pools: Pools, mode: str) -> None:
-        self.ray = ray
+    def __init__(self, pools: Pools, mode: ServeMode) -> None:
         self.pools = pools
         self.mode = mode
         self._inflight: dict[str, RequestRecord] = {}
         self._lock = threading.Lock()
+        self._background = cf.ThreadPoolExecutor(4, thread_name_prefix="router-cancel")
 
     # ---- public -------------------------------------------------------------------------------------------
     def generate(self, req: GenerationRequest) -> Iterator[TokenEvent | Done]:
+        """The request's token events, then `Done`; raises `RouterError` with the outcome when it fails."""
         rec = RequestRecord(req.request_id, len(req.prompt_ids))
         rec.mark(RequestState.QUEUED)
         with self._lock:
@@ -95,12 +97,11 @@ class Router:
             self._inflight[req.request_id] = rec
         finished = False
         try:
-            flow = self._colocated(req, rec) if self.mode == "colocated" else self._disaggregated(req, rec)
+            flow = self._colocated(req, rec) if self.mode is ServeMode.COLOCATED else self._disaggregated(req, rec)
             for event in flow:
                 rec.completion_tokens += 1
                 yield event
-                if event.finish_reason is not None:
-                    finished = True
+                finished = event.finish_reason is not None
             rec.mark(RequestState.FINISHED if finished else RequestState.CANCELLED)
             yield Done(rec)
         except RouterError:
@@ -113,143 +114,154 @@ class Router:
                 self._inflight.pop(req.request_id, None)
 
     def cancel(self, request_id: str) -> None:
-        """Tell every worker holding the request to drop it (fire and forget; safe to repeat)."""
+        """Tell every worker holding the request to drop it (in the background; safe to repeat)."""
         with self._lock:
             rec = self._inflight.get(request_id)
         if rec is None:
             return
         for w in rec.workers.values():
-            with contextlib.suppress(Exception):  # a dead worker holds nothing any more
-                w.handle.cancel.remote(request_id)
+            self._background.submit(_quiet_cancel, w, request_id)
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
 
     # ---- flows --------------------------------------------------------------------------------------------
-    def _call(self, w: WorkerState, method: str, *args: Any) -> Any:
+    def _disaggregated(self, req: GenerationRequest, rec: RequestRecord) -> Iterator[TokenEvent]:
+        d = self._reserve(self.pools.decode, req, rec)
         try:
-            return self.ray.get(getattr(w.handle, method).remote(*args))
-        except self.ray.exceptions.RayActorError as e:
-            self.pools.mark_dead(w)
-            raise WorkerDied(w) from e
-
-    def _stream(self, w: WorkerState, method: str, *args: Any) -> Iterator[Any]:
-        try:
-            for ref in getattr(w.handle, method).remote(*args):
-                yield self.ray.get(ref)
-        except self.ray.exceptions.RayActorError as e:
-            self.pools.mark_dead(w)
-            raise WorkerDied(w) from e
-
-    def _events(self, w: WorkerState, method: str, *args: Any, on_first=None) -> Iterator[TokenEvent]:
-        """Forward a worker's token stream until its terminal item; a RequestError becomes a RouterError."""
-        for i, item in enumerate(self._stream(w, method, *args)):
-            if isinstance(item, RequestError):
-                raise RouterError(item.kind, item.message)
-            if i == 0 and on_first is not None:
-                on_first()
-            yield item
-            if item.finish_reason is not None:
+            first = yield from self._prefill(req, rec, d)
+            if first.finish_reason is not None:  # ended with its first token: free the decode side's reservation
+                self._background.submit(_quiet_cancel, d, req.request_id)
                 return
+            rec.mark(RequestState.DECODING)
+            with self._calling(d):
+                yield from self._events(d.client.stream(req.request_id))
+        finally:
+            with self.pools.lock:
+                d.active -= 1
 
-    def _reserve_decode(self, req: GenerationRequest, rec: RequestRecord, role: str) -> WorkerState:
-        """Try decode workers best first. A candidate's `active` count is raised before asking it (under the
-        pool lock), so concurrent requests spread out instead of all picking the same "best" worker."""
+    def _reserve(self, slots: list[WorkerSlot[DecodeAPI]], req: GenerationRequest, rec: RequestRecord):
+        """Reserve on the best decode worker that has room. A candidate's `active` count is raised before asking
+        it (under the pool lock), so concurrent requests spread out instead of all picking the same one."""
         reasons: list[str] = []
         tried: set[str] = set()
         while True:
             with self.pools.lock:
-                order = [w for w in decode_order(self.pools.role(role)) if w.name not in tried]
+                order = [w for w in decode_order(slots) if w.name not in tried]
                 if not order:
                     break
                 w = order[0]
                 w.active += 1
             tried.add(w.name)
             try:
-                admission = self._call(w, "reserve", req)
-            except WorkerDied:
+                admission = w.client.reserve(req)
+            except (WorkerGone, WorkerFault) as e:
+                if isinstance(e, WorkerGone):
+                    self.pools.mark_dead(w)
                 admission = None
+                reasons.append(f"{w.name}: {e}")
             if admission is not None and admission.ok:
-                rec.workers["decode"] = w
+                rec.workers[Role.DECODE] = w
+                rec.mark(RequestState.RESERVED)
                 return w
             with self.pools.lock:
                 w.active -= 1
             if admission is not None:
+                if admission.kind is ErrorKind.INVALID:  # the workers are alike: no other one takes it either
+                    raise RouterError(ErrorKind.INVALID, admission.reason)
                 reasons.append(f"{w.name}: {admission.reason}")
-        if not reasons:
-            raise NoWorker(f"no live {role} worker")
+        if not any(w.alive for w in slots):
+            raise RouterError(ErrorKind.UNAVAILABLE, "no live decode worker")
         raise RouterError(ErrorKind.BUSY, "all decode workers are busy (" + "; ".join(reasons) + ")")
 
-    def _disaggregated(self, req: GenerationRequest, rec: RequestRecord) -> Iterator[TokenEvent]:
-        d = self._reserve_decode(req, rec, "decode")
-        rec.mark(RequestState.RESERVED)
-        try:
-            kv_address = self._call(d, "kv_address")
-            first, result = yield from self._prefill(req, rec, kv_address)
-            if first is None or not result.ok:
-                err = result.error if result.error else RequestError(req.request_id, ErrorKind.INTERNAL, "no token")
-                raise RouterError(err.kind, err.message)
-            self._call(d, "start_decoding", req.request_id, first)
-            if first.finish_reason is not None:
-                return
-            rec.mark(RequestState.DECODING)
-            yield from self._events(d, "stream", req.request_id)
-        except WorkerDied as e:
-            raise RouterError(ErrorKind.TRANSFER_FAILED, f"worker {e.worker.name} died") from e
-        finally:
-            with self.pools.lock:
-                d.active -= 1
+    def _prefill(self, req: GenerationRequest, rec: RequestRecord, d: WorkerSlot[DecodeAPI]):
+        """Run the prompt on a prefill worker, which pushes the KV to `d`; yields the first token and returns it.
 
-    def _prefill(self, req: GenerationRequest, rec: RequestRecord, kv_address: str):
-        """Run the prompt on a prefill worker; yields the first token event; returns (first, result)."""
+        Before a token went out, a prefill worker that died or was full is replaced by the next one."""
         tried: set[str] = set()
+        reasons: list[str] = []
         while True:
-            p = pick_prefill([w for w in self.pools.role("prefill") if w.name not in tried])
+            p = pick_prefill([w for w in self.pools.prefill if w.name not in tried])
             if p is None:
-                raise NoWorker("no live prefill worker" + (" (all tried)" if tried else ""))
+                if reasons and any(w.alive for w in self.pools.prefill):
+                    raise RouterError(ErrorKind.BUSY, "all prefill workers are busy (" + "; ".join(reasons) + ")")
+                raise RouterError(ErrorKind.UNAVAILABLE, "no live prefill worker" + (" (all tried)" if tried else ""))
             tried.add(p.name)
-            rec.workers["prefill"] = p
+            rec.workers[Role.PREFILL] = p
             rec.mark(RequestState.PREFILLING)
+            first: TokenEvent | None = None
             with self.pools.lock:
                 p.queued_tokens += len(req.prompt_ids)
-            first: TokenEvent | None = None
             try:
-                for item in self._stream(p, "prefill_stream", req, kv_address):
+                for item in p.client.prefill_stream(req, d.kv_address):
                     if isinstance(item, TokenEvent):
                         first = item
                         rec.mark(RequestState.KV_TRANSFER)
                         yield item
-                    else:
-                        rec.prefill = item
-                        return first, item
-                raise RouterError(ErrorKind.INTERNAL, "prefill stream ended without a result")
-            except WorkerDied:
+                        continue
+                    rec.prefill = item
+                    if item.error is not None:
+                        if first is None and item.error.kind is ErrorKind.BUSY:
+                            reasons.append(f"{p.name}: {item.error.message}")
+                            break  # try the next prefill worker
+                        raise RouterError(item.error.kind, item.error.message)
+                    if first is None:
+                        raise RouterError(ErrorKind.INTERNAL, f"{p.name} reported no first token")
+                    return first
+                else:
+                    raise RouterError(ErrorKind.INTERNAL, f"{p.name}: prefill stream ended without a result")
+            except WorkerGone as e:
+                self.pools.mark_dead(p)
                 if first is not None:  # a token already went out: no silent retry
-                    raise
+                    raise RouterError(ErrorKind.UNAVAILABLE, f"worker {p.name} died") from e
+                reasons.append(f"{p.name}: died")
+            except WorkerFault as e:
+                raise RouterError(ErrorKind.INTERNAL, f"worker {p.name} failed: {e.message}") from e
             finally:
                 with self.pools.lock:
                     p.queued_tokens = max(0, p.queued_tokens - len(req.prompt_ids))
 
     def _colocated(self, req: GenerationRequest, rec: RequestRecord) -> Iterator[TokenEvent]:
-        w = self._reserve_colocated(rec)
+        with self.pools.lock:
+            order = decode_order(self.pools.colocated)
+            if not order:
+                raise RouterError(ErrorKind.UNAVAILABLE, "no live colocated worker")
+            w = order[0]
+            w.active += 1
+        rec.workers[Role.COLOCATED] = w
         rec.mark(RequestState.PREFILLING)
         try:
-            yield from self._events(w, "generate", req, on_first=lambda: rec.mark(RequestState.DECODING))
-        except WorkerDied as e:
-            raise RouterError(ErrorKind.TRANSFER_FAILED, f"worker {e.worker.name} died") from e
+            with self._calling(w):
+                for i, event in enumerate(self._events(w.client.generate(req))):
+                    if i == 0:
+                        rec.mark(RequestState.DECODING)
+                    yield event
         finally:
             with self.pools.lock:
                 w.active -= 1
 
-    def _reserve_colocated(self, rec: RequestRecord) -> WorkerState:
-        order = decode_order(self.pools.role("colocated"))
-        if not order:
-            raise NoWorker("no live colocated worker")
-        w = order[0]
-        rec.workers["colocated"] = w
-        with self.pools.lock:
-            w.active += 1
-        return w
+    @staticmethod
+    def _events(items: Iterator[Output]) -> Iterator[TokenEvent]:
+        """Forward a worker's token stream until its terminal item; a RequestError becomes a RouterError."""
+        for item in items:
+            if isinstance(item, RequestError):
+                raise RouterError(item.kind, item.message)
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    @contextlib.contextmanager
+    def _calling(self, w: WorkerSlot[C]) -> Iterator[None]:
+        """Turn a worker's failure into the request's outcome: gone -> UNAVAILABLE, fault -> INTERNAL."""
+        try:
+            yield
+        except WorkerGone as e:
+            self.pools.mark_dead(w)
+            raise RouterError(ErrorKind.UNAVAILABLE, f"worker {w.name} died") from e
+        except WorkerFault as e:
+            raise RouterError(ErrorKind.INTERNAL, f"worker {w.name} failed: {e.message}") from e
 
 
-class WorkerDied(Exception):
-    def __init__(self, worker: WorkerState) -> None:
-        super().__init__(worker.name)
-        self.worker = worker
+def _quiet_cancel(w: WorkerSlot, request_id: str) -> None:
+    with contextlib.suppress(Exception):  # a dead worker holds nothing any more
+        w.client.cancel(request_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from prefill_worker.messages import ErrorKind
+from engine.messages import ErrorKind
+from kvtransfer.net import host_port, message_limits
 from protos import generate_pb2 as pb
 from protos import generate_pb2_grpc as pb_grpc
 from router.convert import STATUS_FOR_ERROR, InvalidArgument, ModelLimits, event_to_pb, request_from_pb
@@ -25,7 +27,6 @@ from router.router import Done, RequestRecord, RequestState, Router, RouterError
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
-MAX_MESSAGE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,15 @@ class GenerationService(pb_grpc.GenerationServicer):
             self.metrics.requests.labels(e.kind.value).inc()
             if e.kind is ErrorKind.TRANSFER_FAILED:
                 self.metrics.kv_failures.inc()
-            context.abort(STATUS_FOR_ERROR[e.kind], e.message)
+            status, message = STATUS_FOR_ERROR[e.kind], e.message
+        except Exception:  # a bug on the request path: INTERNAL with an id to find it in the log, never a traceback
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("request %s failed (error id %s)", req.request_id, error_id)
+            self.metrics.requests.labels(ErrorKind.INTERNAL.value).inc()
+            status, message = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})"
+        else:
+            return
+        context.abort(status, message)
 
     def _final(self, msg: pb.GenerateResponse, rec: RequestRecord, t0: float) -> pb.GenerateResponse:
         """The last message: the last token plus finish reason, usage and timings."""
@@ -104,33 +113,41 @@ class GenerationService(pb_grpc.GenerationServicer):
         m = self.model
         return pb.ModelInfo(model=m.name, dtype=m.dtype, vocab_size=m.limits.vocab_size,
                             context_window_size=m.limits.context_window_size, num_hidden_layers=m.num_hidden_layers,
-                            hidden_size=m.hidden_size, mode=self.router.mode,
+                            hidden_size=m.hidden_size, mode=self.router.mode.value,
                             has_tokenizer=m.tokenizer is not None)  # fmt: skip
 
     def GetClusterStatus(self, request, context):
         out = pb.ClusterStatus()
         for w in self.router.pools.workers:
-            out.workers.append(pb.WorkerStatus(name=w.name, role=w.role, alive=w.alive, queued=0, running=w.running,
-                                               free_pages=w.free_pages, total_pages=w.total_pages,
-                                               queued_prompt_tokens=w.queued_tokens))  # fmt: skip
+            out.workers.append(
+                pb.WorkerStatus(
+                    name=w.name,
+                    role=w.role.value,
+                    alive=w.alive,
+                    queued=w.load.queued,
+                    running=w.load.running,
+                    free_pages=w.load.free_pages,
+                    total_pages=w.load.total_pages,
+                    queued_prompt_tokens=w.queued_tokens,
+                )
+            )
         return out
 
 
 def start_server(service: GenerationService, host: str = "127.0.0.1", port: int = 50051,
                  max_workers: int = 64) -> tuple[grpc.Server, health.HealthServicer, int]:  # fmt: skip
     """Start the gRPC server (Generation + health + reflection); returns it, the health servicer and the port."""
-    opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=opts)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=message_limits())
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bind = host_port(host, port)
     bound = server.add_insecure_port(bind)
     if bound == 0:
-        raise RuntimeError(f"could not bind {bind}")
+        raise OSError(f"could not bind {bind}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

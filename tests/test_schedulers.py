@@ -1,15 +1,19 @@
-"""Pure scheduling decisions of the workers (no TVM): admission, prefill packing, decode batches and eviction,
-driven by small factories; every scenario ends with a leak check (all pages back in the pool)."""
+"""Pure scheduling decisions of the engines (no TVM): the shared admission policy, prefill packing, decode
+batches and eviction, driven by small factories; every scenario ends with a leak check (all pages back)."""
 
 from __future__ import annotations
 
-from decode_worker.scheduler import DecodeSeq, admit_decode, schedule_decode
-from prefill_worker.pages import PagePool, pages_for
-from prefill_worker.scheduler import PrefillItem, admit_prefill, schedule_prefill
+from engine.messages import ErrorKind
+from engine.pages import PagePool, pages_for
+from engine.scheduler import DecodeSeq, PrefillItem, admit, decode_reservation, schedule_decode, schedule_prefill
 
 
 def items(*lengths: int) -> list[PrefillItem]:
     return [PrefillItem(f"r{i}", n) for i, n in enumerate(lengths)]
+
+
+def assert_no_leaks(pool: PagePool) -> None:
+    assert pool.free == pool.total and not pool.held
 
 
 def test_pages_for():
@@ -32,36 +36,48 @@ def test_prefill_respects_max_seqs_and_empty_queue():
     assert schedule_prefill([], 100, 4) == []
 
 
-def test_admission_refuses_full_queue_and_missing_pages():
+def test_prefill_starts_no_more_prompts_than_free_cache_slots():
+    queue = items(10, 10, 10)
+    queue[0].done = 4  # already has its sequence
+    plan = schedule_prefill(queue, 100, max_seqs=8, max_new=1)
+    assert [s.request_id for s in plan] == ["r0", "r1"]
+    assert [s.request_id for s in schedule_prefill(queue, 100, max_seqs=8, max_new=0)] == ["r0"]
+
+
+def test_admission_kinds():
     pool = PagePool(total=10)
-    assert admit_prefill(3, 3, pool, 5).ok is False
-    assert "queue full" in admit_prefill(3, 3, pool, 5).reason
-    assert admit_prefill(0, 3, pool, 16 * 10).ok
-    assert "has 10" in admit_prefill(0, 3, pool, 16 * 11).reason
+    ok = admit(pool, "a", set(), tokens=16 * 10, active=0, max_active=3, what="queue")
+    assert ok.ok and ok.kind is None
+    full = admit(pool, "a", set(), tokens=5, active=3, max_active=3, what="prefill queue")
+    assert full.kind is ErrorKind.BUSY and "prefill queue full" in full.reason
+    never = admit(pool, "a", set(), tokens=16 * 11, active=0, max_active=3, what="queue")
+    assert never.kind is ErrorKind.INVALID and "has 10" in never.reason
+    dup = admit(pool, "a", {"a"}, tokens=5, active=0, max_active=3, what="queue")
+    assert dup.kind is ErrorKind.INVALID and "already" in dup.reason
     pool.reserve("x", 9)
-    assert "exhausted" in admit_prefill(0, 3, pool, 17).reason
+    taken = admit(pool, "b", {"x"}, tokens=17, active=1, max_active=3, what="queue")
+    assert taken.kind is ErrorKind.BUSY and "exhausted" in taken.reason
+    assert taken.error("b").kind is ErrorKind.BUSY
     pool.release("x")
-    assert pool.free == pool.total
+    assert_no_leaks(pool)
 
 
 def test_decode_admission_reserves_prompt_plus_slice():
-    pool = PagePool(total=8)
-    decision, pages = admit_decode(pool, 0, 4, prompt_len=20, max_tokens=100, output_slice=12)
-    assert decision.ok and pages == pages_for(32)
-    decision, pages = admit_decode(pool, 4, 4, prompt_len=1, max_tokens=1, output_slice=1)
-    assert not decision.ok and "batch full" in decision.reason
+    assert decode_reservation(20, max_tokens=100, output_slice=12) == 32
+    assert decode_reservation(20, max_tokens=3, output_slice=12) == 23
 
 
 def test_decode_batch_grows_and_evicts_latest_when_pages_run_out():
     pool = PagePool(total=5)
-    seqs = [DecodeSeq("a", 16, True), DecodeSeq("b", 16, True), DecodeSeq("c", 5, False)]
+    seqs = [DecodeSeq("a", 16), DecodeSeq("b", 16)]
     for s in seqs:
-        assert pool.ensure(s.request_id, s.length)
+        assert pool.reserve(s.request_id, pages_for(s.length))
+    assert pool.reserve("c", 1)  # reserved, not decoding
     plan = schedule_decode(seqs, pool, max_batch=8)
     assert plan.batch == ("a", "b") and plan.evict == () and dict(plan.grow) == {"a": 1, "b": 1}
     for rid, n in plan.grow:
         pool.reserve(rid, n)
-    seqs[0].length = seqs[1].length = 32  # both need a third page; 0 free -> evict the later one
+    seqs = [DecodeSeq("a", 32), DecodeSeq("b", 32)]  # both need a third page; 0 free -> evict the later one
     plan = schedule_decode(seqs, pool, max_batch=8)
     assert plan.evict == ("b",) and plan.batch == ("a",) and dict(plan.grow) == {"a": 1}
     pool.release("b")
@@ -69,11 +85,12 @@ def test_decode_batch_grows_and_evicts_latest_when_pages_run_out():
         assert pool.reserve(rid, n)
     for rid in ("a", "c"):
         pool.release(rid)
-    assert pool.free == pool.total and not pool.held
+    assert_no_leaks(pool)
 
 
-def test_decode_batch_limit_and_not_ready_sequences_wait():
+def test_decode_batch_limit():
     pool = PagePool(total=100)
-    seqs = [DecodeSeq(f"s{i}", 3, ready=i != 1) for i in range(6)]
+    seqs = [DecodeSeq(f"s{i}", 3) for i in range(6)]
     plan = schedule_decode(seqs, pool, max_batch=3)
-    assert plan.batch == ("s0", "s2", "s3")
+    assert plan.batch == ("s0", "s1", "s2")
+    assert_no_leaks(pool)

@@ -166,10 +166,21 @@ def test_bad_input_is_invalid_argument_naming_the_field(disagg, req, field):
     assert field in e.value.details()
 
 
-def test_pages_exhausted_is_resource_exhausted(colocated):
+def test_request_that_never_fits_is_invalid_argument(colocated):
     with pytest.raises(grpc.RpcError) as e:
         collect(colocated.stub, request([5] * 200, max_tokens=8))  # 13 pages > the worker's 11
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "KV pages" in e.value.details()
+    assert colocated.pages_all_free()
+
+
+def test_pages_exhausted_is_resource_exhausted(colocated):
+    hog = colocated.stub.Generate(request([5] * 80, max_tokens=150), timeout=120)  # 96 tokens reserved: 6 pages
+    next(hog)
+    with pytest.raises(grpc.RpcError) as e:
+        collect(colocated.stub, request([6] * 80, max_tokens=150))  # 6 more pages > the 5 left
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    hog.cancel()
     assert colocated.pages_all_free()
 
 

@@ -14,9 +14,9 @@ from model_files import write_hf_dir
 from ray_cluster import listeners_beyond_loopback, local_ray
 from reference import random_params
 
+from engine.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerOptions
 from llama_relax.generation import TokenEvent
 from llama_relax.sampling import SamplingParams
-from prefill_worker.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerOptions
 
 LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]  # 40 and 33 exceed the 32-token prefill chunk
 
@@ -46,19 +46,20 @@ def cluster(tmp_path_factory, compiled_gqa, cache_dir):
 
 
 def disagg(ray, prefill, decode, req: GenerationRequest, on_event=None) -> list[TokenEvent | RequestError]:
-    """What the router does for one request: reserve on D, prefill on P (first token), hand over, stream from D."""
+    """What the router does for one request: reserve on D, prefill on P (first token, sent to D with the KV),
+    stream the rest from D."""
     admission = ray.get(decode.reserve.remote(req))
     if not admission.ok:
-        return [RequestError(req.request_id, ErrorKind.BUSY, admission.reason)]
-    kv_address = ray.get(decode.kv_address.remote())
+        return [admission.error(req.request_id)]
+    kv_address = ray.get(decode.describe.remote()).kv_address
     items = [ray.get(ref) for ref in prefill.prefill_stream.remote(req, kv_address)]
     result: PrefillResult = items[-1]
     if not result.ok:
         ray.get(decode.cancel.remote(req.request_id))
         return [result.error]
     first = result.first
-    ray.get(decode.start_decoding.remote(req.request_id, first))
     if first.finish_reason is not None:
+        ray.get(decode.cancel.remote(req.request_id))
         return [first]
     out: list[TokenEvent | RequestError] = [first]
     for ref in decode.stream.remote(req.request_id):
@@ -81,8 +82,8 @@ def make_requests(tag: str, params_for) -> list[GenerationRequest]:
 def assert_no_leaks(ray, handles) -> None:
     for name, h in handles.items():
         load = ray.get(h.load.remote())
-        assert load["free_pages"] == load["total_pages"], (name, load)
-        assert load["sequences"] == 0, (name, load)
+        assert load.free_pages == load.total_pages, (name, load)
+        assert load.sequences == 0, (name, load)
 
 
 def tokens(events) -> list[int]:
@@ -106,8 +107,8 @@ def test_disaggregated_matches_colocated(cluster, mode):
     assert [tokens(e) for e in got_d] == [tokens(e) for e in got_c]
     assert all(len(tokens(e)) == 8 for e in got_d)
     # continuous batching: requests arriving while others decode joined the running batch
-    assert ray.get(h["decode"].load.remote())["max_batch_seen"] > 1
-    assert ray.get(h["colocated"].load.remote())["max_batch_seen"] > 1
+    assert ray.get(h["decode"].load.remote()).max_batch_seen > 1
+    assert ray.get(h["colocated"].load.remote()).max_batch_seen > 1
     assert_no_leaks(ray, h)
 
 
@@ -139,7 +140,7 @@ def test_cancel_before_kv_arrives(cluster):
     req = GenerationRequest("cancel-early", tuple(range(1, 30)), SamplingParams(max_tokens=5, temperature=0))
     assert ray.get(h["decode"].reserve.remote(req)).ok
     assert ray.get(h["decode"].cancel.remote(req.request_id))
-    result = ray.get(h["prefill"].prefill.remote(req, ray.get(h["decode"].kv_address.remote())))
+    result = ray.get(h["prefill"].prefill.remote(req, ray.get(h["decode"].describe.remote()).kv_address))
     assert not result.ok and result.error.kind is ErrorKind.TRANSFER_FAILED
     assert "no reservation" in result.error.message
     assert_no_leaks(ray, h)
@@ -154,14 +155,30 @@ def test_transfer_failure_is_reported(cluster):
     assert_no_leaks(ray, h)
 
 
-def test_pages_exhausted_gives_busy_and_others_finish(cluster):
+def test_request_that_never_fits_is_invalid_and_others_finish(cluster):
     ray, h = cluster
     small = h["small_decode"]
     big = GenerationRequest("too-big", tuple(range(1, 81)), SamplingParams(max_tokens=8, temperature=0))
     events = disagg(ray, h["prefill"], small, big)
-    assert isinstance(events[0], RequestError) and events[0].kind is ErrorKind.BUSY
+    assert isinstance(events[0], RequestError) and events[0].kind is ErrorKind.INVALID, events
     ok = GenerationRequest("fits", (1, 2, 3), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(tokens(disagg(ray, h["prefill"], small, ok))) == 4
+    assert_no_leaks(ray, h)
+
+
+def test_pages_taken_gives_busy_until_they_are_free(cluster):
+    ray, h = cluster
+    small = h["small_decode"]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    hog = GenerationRequest("hog", tuple(range(1, 41)), params)  # 48 tokens reserved: 3 of the 4 pages
+    assert ray.get(small.reserve.remote(hog)).ok
+    second = ray.get(small.reserve.remote(GenerationRequest("second", tuple(range(1, 30)), params)))
+    assert second.kind is ErrorKind.BUSY and "exhausted" in second.reason
+    duplicate = ray.get(small.reserve.remote(hog))
+    assert duplicate.kind is ErrorKind.INVALID and "already" in duplicate.reason
+    assert ray.get(small.cancel.remote("hog"))
+    assert ray.get(small.reserve.remote(GenerationRequest("second", tuple(range(1, 30)), params))).ok
+    assert ray.get(small.cancel.remote("second"))
     assert_no_leaks(ray, h)
 
 

@@ -1,7 +1,7 @@
 """`PagePool`: pure bookkeeping of KV pages reserved per request, mirroring a runtime's paged cache.
 
-Workers reserve before they let a sequence grow, so the real cache never runs out under them; tests assert that
-every reservation is released (`pool.free == pool.total`) at the end."""
+Engines reserve before they let a sequence grow, so the real cache never runs out under them; tests assert that
+every reservation is released (`pool.free == pool.total`, `not pool.held`) at the end."""
 
 from __future__ import annotations
 
@@ -16,11 +16,18 @@ def pages_for(tokens: int, page_size: int = 16) -> int:
 class PagePool:
     total: int
     page_size: int = 16
-    held: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)  # owner -> pages reserved
+
+    @property
+    def used(self) -> int:
+        return sum(self.held.values())
 
     @property
     def free(self) -> int:
-        return self.total - sum(self.held.values())
+        return self.total - self.used
+
+    def held_by(self, owner: str) -> int:
+        return self.held.get(owner, 0)
 
     def can_reserve(self, n: int) -> bool:
         return n <= self.free
@@ -33,11 +40,6 @@ class PagePool:
             return False
         self.held[owner] = self.held.get(owner, 0) + n
         return True
-
-    def ensure(self, owner: str, tokens: int) -> bool:
-        """Make `owner` hold enough pages for `tokens` tokens; False if that needs more than is free."""
-        need = pages_for(tokens, self.page_size) - self.held.get(owner, 0)
-        return need <= 0 or self.reserve(owner, need)
 
     def release(self, owner: str) -> int:
         return self.held.pop(owner, 0)

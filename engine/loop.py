@@ -3,7 +3,7 @@
 The runtime and its KV cache are not thread-safe, so every touch goes through the loop's thread: other threads
 (RPC handlers, the KV receiver) hand it calls with `call(fn)` (blocks for the result) or `post(fn)`. Between
 calls the loop runs `step()` (schedule -> execute -> update) while there is work, and sleeps on its inbox
-otherwise. Tests may drive `step()` directly without starting the thread.
+otherwise. Tests may drive it by hand with `tick()` without starting the thread.
 """
 
 from __future__ import annotations
@@ -14,15 +14,19 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from engine.messages import RequestError
 from llama_relax.generation import TokenEvent
-from prefill_worker.messages import RequestError
 
 T = TypeVar("T")
 Output = TokenEvent | RequestError
 
 
 class EngineLoop:
-    """Base class: subclasses implement `step() -> bool` (True if it did work)."""
+    """Base class: subclasses implement `step() -> bool` (True if it did work).
+
+    Driven by hand (tests): never `start()` it, and call `tick()` from the thread that created the engine. Calls
+    from that thread run inline; calls posted from other threads (a transfer thread, a KV receiver) wait in the
+    inbox for the next `tick()`, so the runtime is still touched by one thread only."""
 
     idle_wait_s = 0.05
 
@@ -31,17 +35,19 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[tuple[Callable[[], object], cf.Future]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._owner = threading.get_ident()  # drives the engine until `start()`
         self.error: BaseException | None = None  # set if step() raised: the engine is broken and stops
 
     # ---- cross-thread entry points ------------------------------------------------------------------------
     def post(self, fn: Callable[[], T]) -> cf.Future:
+        """Run `fn` on the engine's thread; its future. Inline when already there."""
         fut: cf.Future = cf.Future()
-        if self._thread is None or threading.current_thread() is self._thread:
-            _run_into(fn, fut)  # not started (tests) or already on the loop thread: run inline
+        driver = self._thread.ident if self._thread is not None else self._owner
+        if threading.get_ident() == driver:
+            _run_into(fn, fut)
+        elif self._stop.is_set():
+            fut.set_exception(RuntimeError(f"{self.name} engine is stopped"))
         else:
-            if self._stop.is_set():
-                fut.set_exception(RuntimeError(f"{self.name} engine is stopped"))
-                return fut
             self._inbox.put((fn, fut))
         return fut
 
@@ -64,6 +70,11 @@ class EngineLoop:
 
     def step(self) -> bool:
         raise NotImplementedError
+
+    def tick(self) -> bool:
+        """One iteration: run what other threads posted, then `step()`. True if it did work."""
+        ran = self._drain()
+        return self.step() or ran > 0
 
     def _drain(self, cancel: bool = False) -> int:
         n = 0
@@ -113,7 +124,6 @@ class OutputStream:
 
     def __init__(self) -> None:
         self._q: queue.SimpleQueue[Output] = queue.SimpleQueue()
-        self.closed = False
 
     def put(self, item: Output) -> None:
         self._q.put(item)

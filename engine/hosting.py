@@ -1,0 +1,75 @@
+"""Hosting an engine in a worker process of its own (the router runs these as Ray actors; tests may too).
+
+Lifecycle: `open_worker_model(options)` opens the compiled model -> the worker builds its engine and starts its
+thread -> the router calls `describe()` once per process (`incarnation` tells a restarted process apart),
+`load()` for placement, `cancel()` at any time -> `shutdown()` releases everything. The process's TVM thread count
+is set by whoever starts the process (Ray's runtime env, the CLI's `main`), never here."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from engine.messages import Role, WorkerInfo, WorkerLoad, WorkerOptions
+from llama_relax.compile import resolve_target
+from llama_relax.models import OpenModel, open_model
+from llama_relax.runtime import KVCacheConfig
+
+
+def open_worker_model(options: WorkerOptions) -> OpenModel:
+    """Open the worker's model: its compiled library from the cache, weights, a KV cache sized by `options`."""
+    kv = KVCacheConfig(options.max_batch_size, options.max_total_seq_len, options.prefill_chunk_size)
+    return open_model(
+        Path(options.model),
+        dtype=options.dtype,
+        target=resolve_target(options.target),
+        cache_dir=Path(options.cache_dir),
+        kv=kv,
+        quiet=True,
+    )
+
+
+class HostableEngine(Protocol):
+    """What a hosted engine offers besides its own calls."""
+
+    error: BaseException | None
+
+    def cancel(self, request_id: str) -> bool: ...
+
+    def load(self, incarnation: str) -> WorkerLoad: ...
+
+    def close(self) -> None: ...
+
+
+class HostedEngine:
+    """Base of the worker classes: describe, load, cancel, ping, shutdown. Subclasses set `role`, `model` and a
+    started `engine`, and may override `kv_address()`."""
+
+    role: Role
+    model: OpenModel
+    engine: HostableEngine
+
+    def __init__(self) -> None:
+        self.incarnation = uuid.uuid4().hex[:16]
+
+    def kv_address(self) -> str:
+        return ""
+
+    def describe(self) -> WorkerInfo:
+        return WorkerInfo(self.role, self.incarnation, os.getpid(), self.kv_address())
+
+    def load(self) -> WorkerLoad:
+        return self.engine.load(self.incarnation)
+
+    def cancel(self, request_id: str) -> bool:
+        return self.engine.cancel(request_id)
+
+    def ping(self) -> None:
+        if self.engine.error is not None:
+            raise RuntimeError(f"{self.role.value} engine is broken: {self.engine.error}")
+
+    def shutdown(self) -> None:
+        self.engine.close()
+        self.model.close()

@@ -1,0 +1,146 @@
+"""Typed messages every worker and the router share: requests in, outcomes out, and the workers' control plane.
+
+Frozen dataclasses and Enums only (picklable across Ray); the router converts them to and from protobuf in one
+place (`router.convert`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from llama_relax.generation import TokenEvent
+from llama_relax.sampling import SamplingParams
+
+
+class Role(enum.Enum):
+    """What a worker process does; also the Ray custom resource its actor is placed on."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+
+class ErrorKind(enum.Enum):
+    """Why a request ended without finishing normally (maps to a gRPC status at the edge, `router.convert`)."""
+
+    INVALID = "invalid"  # bad input, a duplicate request id, a prompt that can never fit: INVALID_ARGUMENT
+    BUSY = "busy"  # queue, batch or pages full right now: RESOURCE_EXHAUSTED
+    UNAVAILABLE = "unavailable"  # no live worker in a pool, or the worker died: UNAVAILABLE
+    TRANSFER_FAILED = "transfer_failed"  # the KV never reached the decode worker: UNAVAILABLE
+    EVICTED = "evicted"  # pages ran out mid-generation: RESOURCE_EXHAUSTED
+    CANCELLED = "cancelled"  # the client went away: CANCELLED
+    INTERNAL = "internal"  # a failure inside a worker: INTERNAL
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the workers see it: validated token ids and sampling params with a concrete seed."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("prompt_ids: the prompt is empty")
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """Terminal outcome of a request that did not finish normally."""
+
+    request_id: str
+    kind: ErrorKind
+    message: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A worker's answer to a request: admitted (`kind is None`), or refused with the kind and the reason."""
+
+    kind: ErrorKind | None = None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is None
+
+    @classmethod
+    def refuse(cls, kind: ErrorKind, reason: str) -> Admission:
+        return cls(kind, reason)
+
+    def error(self, request_id: str) -> RequestError:
+        if self.kind is None:
+            raise ValueError("an admitted request has no error")
+        return RequestError(request_id, self.kind, self.reason)
+
+
+ADMITTED = Admission()
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What the prefill worker reports once the KV reached the decode worker (or failed to).
+
+    `first` is the first output token's event (TTFT is when it was sampled; it also travelled in the KV header, so
+    the decode worker starts on import); `error` is set on failure, and then the decode worker holds no KV."""
+
+    request_id: str
+    first: TokenEvent | None
+    error: RequestError | None = None
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    kv_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker process opens its model and sizes its engine (validated once, where the worker is made)."""
+
+    model: str  # HF dir or .gguf
+    cache_dir: str  # compiled libraries
+    dtype: str = "float32"
+    target: str = "llvm"
+    max_batch_size: int = 16  # sequences the KV cache holds at once
+    max_total_seq_len: int = 8192  # tokens the KV cache holds at once (all sequences)
+    prefill_chunk_size: int = 512  # tokens per prefill forward
+    max_queue: int = 64
+    output_slice: int = 16  # decode-side reservation: prompt + this many output tokens
+    kv_host: str = "127.0.0.1"
+    transfer_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "max_queue", "output_slice"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What does not change while a worker process lives; learned once per process (`incarnation`)."""
+
+    role: Role
+    incarnation: str  # unique per process start: a new one means the worker was restarted
+    pid: int
+    kv_address: str  # where prefill workers push KV ("" for roles that receive none)
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A worker's current load, the same fields for every role (0 where a role has none)."""
+
+    incarnation: str
+    queued: int = 0  # requests waiting to be prefilled here
+    queued_tokens: int = 0  # their prompt tokens not yet computed
+    reserved: int = 0  # decode reservations waiting for their KV
+    transferring: int = 0  # prefilled requests whose KV is being sent
+    running: int = 0  # sequences decoding
+    sequences: int = 0  # sequences in the KV cache
+    free_pages: int = 0
+    total_pages: int = 0
+    max_batch_seen: int = 0  # the largest decode batch so far (observability, tests)

@@ -1,0 +1,95 @@
+"""The worker protocols of `engine.protocols`, implemented over Ray actor handles: the only place the router
+touches Ray's call API. Each method names the actor method it calls (no string dispatch), and Ray's failures
+become the protocols' errors: an actor that died or does not answer raises `WorkerGone`, an exception raised
+inside the worker's method raises `WorkerFault` with a one-line message (never the remote traceback)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from engine.loop import Output
+from engine.messages import Admission, GenerationRequest, PrefillResult, WorkerInfo, WorkerLoad
+from engine.protocols import WorkerFault, WorkerGone
+from llama_relax.generation import TokenEvent
+
+MAX_FAULT_CHARS = 300
+
+
+def fault_message(error: BaseException) -> str:
+    """One line naming what a worker raised: the original exception's type and message, never a traceback."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        lines = [ln for ln in str(error).splitlines() if ln.strip()]
+        text = lines[-1] if lines else type(error).__name__
+    text = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return text[:MAX_FAULT_CHARS]
+
+
+class RayWorkerClient:
+    """The calls every role answers, on one actor. `call_timeout_s` bounds each blocking control call."""
+
+    def __init__(self, ray: Any, handle: Any, name: str, call_timeout_s: float = 10.0) -> None:
+        self.ray = ray
+        self.handle = handle
+        self.name = name
+        self.call_timeout_s = call_timeout_s
+
+    def _get(self, ref: Any, timeout_s: float | None = None) -> Any:
+        exc = self.ray.exceptions
+        try:
+            return self.ray.get(ref, timeout=timeout_s)
+        except (exc.RayActorError, exc.GetTimeoutError, exc.ObjectLostError) as e:
+            raise WorkerGone(f"{self.name}: {type(e).__name__}") from e
+        except exc.RayTaskError as e:
+            raise WorkerFault(fault_message(e)) from e
+
+    def _iter(self, refs: Any) -> Iterator[Any]:
+        """Items of a streaming actor call, in order (blocking on each, without a timeout)."""
+        exc = self.ray.exceptions
+        try:
+            for ref in refs:
+                yield self._get(ref)
+        except (exc.RayActorError, exc.ObjectLostError) as e:  # raised by the generator itself
+            raise WorkerGone(f"{self.name}: {type(e).__name__}") from e
+
+    def describe(self) -> WorkerInfo:
+        return self._get(self.handle.describe.remote(), self.call_timeout_s)
+
+    def load(self) -> WorkerLoad:
+        return self._get(self.handle.load.remote(), self.call_timeout_s)
+
+    def cancel(self, request_id: str) -> bool:
+        return self._get(self.handle.cancel.remote(request_id), self.call_timeout_s)
+
+    def ping(self) -> None:
+        self._get(self.handle.ping.remote(), self.call_timeout_s)
+
+    def shutdown(self) -> None:
+        self._get(self.handle.shutdown.remote(), self.call_timeout_s)
+
+
+class RayPrefillClient(RayWorkerClient):
+    """`engine.protocols.PrefillAPI` over a `PrefillWorker` actor."""
+
+    def prefill_stream(self, req: GenerationRequest, kv_target: str) -> Iterator[TokenEvent | PrefillResult]:
+        return self._iter(self.handle.prefill_stream.remote(req, kv_target))
+
+
+class RayDecodeClient(RayWorkerClient):
+    """`engine.protocols.DecodeAPI` over a `DecodeWorker` actor."""
+
+    def reserve(self, req: GenerationRequest) -> Admission:
+        return self._get(self.handle.reserve.remote(req), self.call_timeout_s)
+
+    def stream(self, request_id: str) -> Iterator[Output]:
+        return self._iter(self.handle.stream.remote(request_id))
+
+
+class RayColocatedClient(RayWorkerClient):
+    """`engine.protocols.ColocatedAPI` over a `ColocatedWorker` actor."""
+
+    def generate(self, req: GenerationRequest) -> Iterator[Output]:
+        return self._iter(self.handle.generate.remote(req))

@@ -1,0 +1,267 @@
+"""The prefill, decode and colocated engines driven step by step (no engine threads, no Ray) over real tiny compiled
+runtimes: first token in the KV header, continuous batching, failure isolation, admission kinds, and a leak check at
+the end of every test. Greedy tokens are checked against the NumPy float64 reference (each chosen token is the
+reference's argmax up to fp32 noise)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import TINY_GQA
+from reference import NumpyLlama, random_params
+
+from decode_worker.engine import DecodeEngine
+from engine.decode_batch import DecodeState
+from engine.kvmeta import decode_first_token
+from engine.loop import OutputStream
+from engine.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError
+from kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
+from kvtransfer.payload import ErrorCode, PayloadError, make_payload
+from kvtransfer.runtime_io import receiver_checks
+from kvtransfer.transport import KVSender, TransferResult
+from llama_relax.generation import TokenEvent
+from llama_relax.runtime import KVCacheConfig, ModelRuntime
+from llama_relax.sampling import SamplingParams
+from prefill_worker.engine import PrefillEngine, PrefillState
+
+LENGTHS = [5, 40, 17, 3, 33]  # 40 and 33 exceed the 32-token prefill chunk
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(TINY_GQA, seed=17)
+
+
+def new_runtime(compiled, params) -> ModelRuntime:
+    return ModelRuntime(compiled, params, KVCacheConfig(max_batch_size=8, max_total_seq_len=1024, prefill_chunk_size=32))
+
+
+@pytest.fixture
+def runtime(compiled_gqa, params):
+    rt = new_runtime(compiled_gqa, params)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def second_runtime(compiled_gqa, params):
+    rt = new_runtime(compiled_gqa, params)
+    yield rt
+    rt.close()
+
+
+def prompts() -> list[tuple[int, ...]]:
+    rng = np.random.default_rng(5)
+    return [tuple(int(t) for t in rng.integers(0, TINY_GQA.vocab_size, n)) for n in LENGTHS]
+
+
+def assert_greedy_matches_reference(params, prompt: tuple[int, ...], tokens: list[int]) -> None:
+    ref = NumpyLlama(TINY_GQA, params)
+    logits = ref.forward(0, list(prompt) + tokens[:-1])[len(prompt) - 1 :]  # [len(tokens), V]
+    for i, (row, t) in enumerate(zip(logits, tokens, strict=True)):
+        assert row[t] >= row.max() - 1e-3, f"token {i}: chose {t}, reference argmax {int(row.argmax())}"
+
+
+def drain(stream: OutputStream) -> list[TokenEvent | RequestError]:
+    out = []
+    while True:
+        item = stream.get(timeout=0)
+        out.append(item)
+        if isinstance(item, RequestError) or item.finish_reason is not None:
+            return out
+
+
+def assert_no_leaks(*engines) -> None:
+    for e in engines:
+        assert e.pool.free == e.pool.total and not e.pool.held, e.pool.held
+        assert e.runtime.sequence_ids() == []
+        load = e.load()
+        assert load.free_pages == load.total_pages and load.sequences == 0
+
+
+def run_until(engine, done, timeout_s: float = 30.0) -> None:
+    """Tick `engine` until `done()`; other threads (transfers) may be what it waits for."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if done():
+            return
+        if not engine.tick():
+            time.sleep(0.002)
+    raise AssertionError("engine did not get there")
+
+
+def test_colocated_engine_streams_reference_tokens_with_continuous_batching(runtime, params):
+    eng = DecodeEngine(runtime, None, max_batch=8, name="colocated")
+    streams = []
+    for i, p in enumerate(prompts()):
+        admission, stream = eng.submit(GenerationRequest(f"c{i}", p, GREEDY))
+        assert admission.ok
+        streams.append(stream)
+        eng.tick()  # requests arrive while others decode
+    run_until(eng, lambda: not eng.seqs)
+    for p, s in zip(prompts(), streams, strict=True):
+        events = drain(s)
+        tokens = [e.token_id for e in events]
+        assert len(tokens) == 6 and events[-1].finish_reason is not None
+        assert_greedy_matches_reference(params, p, tokens)
+    assert eng.load().max_batch_seen > 1
+    assert_no_leaks(eng)
+
+
+class Collect:
+    """Events of one prefill request, in arrival order (the engine calls it from whichever thread)."""
+
+    def __init__(self) -> None:
+        self.items: list[TokenEvent | PrefillResult] = []
+        self.done = threading.Event()
+
+    def __call__(self, item) -> None:
+        self.items.append(item)
+        if isinstance(item, PrefillResult):
+            self.done.set()
+
+
+def test_prefill_engine_sends_kv_with_the_first_token_and_the_decode_engine_continues(runtime, second_runtime, params):
+    """P is stepped here; D's engine thread runs, fed by a real gRPC receiver. D starts each sequence on import
+    (the first token came in the header) and the tokens equal the reference."""
+    d = DecodeEngine(second_runtime, None, max_batch=8)
+    rx = GrpcKVReceiver(d.import_kv, on_orphaned=d.orphaned, **receiver_checks(second_runtime))
+    address = rx.start()
+    d.start()
+    sender = GrpcKVSender()
+    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
+    try:
+        reqs = [GenerationRequest(f"p{i}", pr, GREEDY) for i, pr in enumerate(prompts())]
+        outs = []
+        for r in reqs:
+            assert d.reserve(r).ok
+            outs.append(Collect())
+            assert p.submit(r, address, outs[-1]).ok
+        assert p.load().queued == len(reqs)
+        run_until(p, lambda: not p.batch.queue)
+        assert all(o.done.wait(30) for o in outs)
+        for r, o in zip(reqs, outs, strict=True):
+            first, result = o.items
+            assert isinstance(first, TokenEvent) and result.ok and result.first == first and result.kv_bytes > 0
+            events = list(d.stream(r.request_id))
+            tokens = [first.token_id] + [e.token_id for e in events]
+            assert len(tokens) == 6
+            assert_greedy_matches_reference(params, r.prompt_ids, tokens)
+        run_until(p, lambda: not p.jobs)  # releases posted by the transfer thread ran inline
+        assert_no_leaks(p, d)
+    finally:
+        sender.close()
+        rx.stop(0)
+        d.stop()
+
+
+class RecordingSender(KVSender):
+    """Keeps every payload instead of sending it (answers ok): lets a test hand the KV to a decode engine on
+    the test's own thread, so both engines are stepped deterministically."""
+
+    def __init__(self) -> None:
+        self.payloads = []
+
+    def send(self, payload, target, timeout_s):
+        self.payloads.append(payload)
+        return TransferResult(True, None, "", payload.header.total_bytes, 0.001)
+
+    def cancel(self, request_id):
+        raise AssertionError("not expected")
+
+    def close(self):
+        pass
+
+
+def test_decode_engine_imports_kv_then_decodes_and_rejects_bad_imports(runtime, second_runtime, params):
+    sender = RecordingSender()
+    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
+    d = DecodeEngine(second_runtime, None, max_batch=8)
+    r = GenerationRequest("dx", prompts()[1], GREEDY)
+    out = Collect()
+    assert p.submit(r, "unused:1", out).ok
+    run_until(p, lambda: out.done.is_set())
+    payload = sender.payloads[0]
+    first = decode_first_token(payload.header.meta)
+    assert first.token_id == out.items[0].token_id and first.finish_reason is None
+    with pytest.raises(PayloadError) as e:  # not reserved
+        d.import_kv(payload.header, payload.k, payload.v)
+    assert e.value.code is ErrorCode.IMPORT_FAILED
+    assert d.reserve(r).ok
+    no_meta = make_payload(payload.k, payload.v, payload.header.layout_fingerprint, 0, "dx")
+    with pytest.raises(PayloadError) as e:
+        d.import_kv(no_meta.header, no_meta.k, no_meta.v)
+    assert e.value.code is ErrorCode.MALFORMED and d.seqs["dx"].state is DecodeState.RESERVED
+    assert second_runtime.sequence_ids() == []  # a rejected import leaves the cache as it was
+    d.import_kv(payload.header, payload.k, payload.v)
+    assert d.seqs["dx"].state is DecodeState.DECODING
+    run_until(d, lambda: not d.seqs)
+    tokens = [first.token_id] + [e.token_id for e in d.stream("dx")]
+    assert_greedy_matches_reference(params, r.prompt_ids, tokens)
+    run_until(p, lambda: not p.jobs)
+    assert_no_leaks(p, d)
+
+
+def test_a_failed_prefill_forward_fails_only_its_requests(runtime, monkeypatch):
+    p = PrefillEngine(runtime, None, RecordingSender(), max_seqs=1, transfer_threads=1)
+    outs = {f"f{i}": Collect() for i in range(3)}
+    for i, (rid, o) in enumerate(outs.items()):
+        assert p.submit(GenerationRequest(rid, prompts()[i], GREEDY), "unused:1", o).ok
+    real = runtime.forward_hidden
+    calls = []
+
+    def flaky(seq_ids, chunks):
+        calls.append(seq_ids)
+        if len(calls) == 2:  # the second forward (request f1) breaks
+            raise RuntimeError("injected forward failure")
+        return real(seq_ids, chunks)
+
+    monkeypatch.setattr(runtime, "forward_hidden", flaky)
+    run_until(p, lambda: all(o.done.is_set() for o in outs.values()))
+    results = {rid: o.items[-1] for rid, o in outs.items()}
+    assert results["f0"].ok and results["f2"].ok
+    assert results["f1"].error.kind is ErrorKind.INTERNAL and "injected" in results["f1"].error.message
+    assert p.error is None  # the engine is not broken
+    run_until(p, lambda: not p.jobs)
+    assert_no_leaks(p)
+
+
+def test_a_failed_decode_step_fails_its_batch_and_the_engine_goes_on(runtime, monkeypatch):
+    eng = DecodeEngine(runtime, None, max_batch=8, name="colocated")
+    _, s1 = eng.submit(GenerationRequest("a", prompts()[0], GREEDY))
+    real = runtime.decode
+    monkeypatch.setattr(runtime, "decode", lambda *a: (_ for _ in ()).throw(RuntimeError("injected decode failure")))
+    run_until(eng, lambda: not eng.seqs)
+    events = drain(s1)
+    assert isinstance(events[-1], RequestError) and events[-1].kind is ErrorKind.INTERNAL
+    monkeypatch.setattr(runtime, "decode", real)
+    _, s2 = eng.submit(GenerationRequest("b", prompts()[0], GREEDY))
+    run_until(eng, lambda: not eng.seqs)
+    assert [e.token_id for e in drain(s2)] and eng.error is None
+    assert_no_leaks(eng)
+
+
+def test_admission_kinds_and_cancel_release_everything(runtime, second_runtime):
+    d = DecodeEngine(second_runtime, None, max_batch=8, output_slice=4)
+    p = PrefillEngine(runtime, None, RecordingSender(), max_seqs=8, max_queue=2)
+    r = GenerationRequest("x", prompts()[1], GREEDY)
+    assert d.reserve(r).ok
+    assert d.reserve(r).kind is ErrorKind.INVALID  # duplicate id
+    huge = GenerationRequest("huge", tuple([1] * 200), SamplingParams(max_tokens=50))
+    small_pool = DecodeEngine(second_runtime, None, max_batch=8)
+    small_pool.pool.total = 4
+    assert small_pool.reserve(huge).kind is ErrorKind.INVALID  # can never fit
+    assert d.cancel("x") and not d.cancel("x")
+    out = [Collect() for _ in range(3)]
+    assert p.submit(GenerationRequest("q0", prompts()[0], GREEDY), "t:1", out[0]).ok
+    assert p.submit(GenerationRequest("q1", prompts()[0], GREEDY), "t:1", out[1]).ok
+    full = p.submit(GenerationRequest("q2", prompts()[0], GREEDY), "t:1", out[2])
+    assert full.kind is ErrorKind.BUSY and "prefill queue full" in full.reason
+    assert p.jobs["q0"].state is PrefillState.QUEUED
+    assert p.cancel("q0") and out[0].items[-1].error.kind is ErrorKind.CANCELLED
+    assert p.cancel("q1")
+    assert_no_leaks(p, d)
