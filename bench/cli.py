@@ -73,22 +73,42 @@ class BenchConfig:
         if not args.ready_timeout > 0:
             raise ValueError(f"--ready-timeout must be > 0, got {args.ready_timeout}")
         workload = WorkloadSpec(
-            dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-            range_ratio=args.range_ratio, long_fraction=args.long_fraction, long_input_len=args.long_input_len,
-            dataset_path=args.dataset_path, seed=args.seed,
-        )  # fmt: skip
+            dataset=args.dataset,
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            range_ratio=args.range_ratio,
+            long_fraction=args.long_fraction,
+            long_input_len=args.long_input_len,
+            dataset_path=args.dataset_path,
+            seed=args.seed,
+        )
         if workload.dataset_path is not None and not workload.dataset_path.is_file():
             raise FileNotFoundError(f"--dataset-path: no such file: {workload.dataset_path}")
-        client = ClientOptions(request_timeout_s=args.request_timeout, max_concurrency=args.max_concurrency,
-                               temperature=args.temperature, ignore_eos=args.ignore_eos,
-                               progress=not args.no_progress)  # fmt: skip
+        client = ClientOptions(
+            request_timeout_s=args.request_timeout,
+            max_concurrency=args.max_concurrency,
+            temperature=args.temperature,
+            ignore_eos=args.ignore_eos,
+            progress=not args.no_progress,
+        )
         tok_model = (
             None
             if args.dataset != "sharegpt"
             else args.model or next((_model_flag(t.serve_flags) for t in targets if t.serve_flags), None)
         )
-        return cls(targets, workload, client, rates, check_burstiness(args.burstiness), args.warmup,
-                   SLO.parse(args.slo), args.out, tok_model, args.ready_timeout)  # fmt: skip
+        return cls(
+            targets,
+            workload,
+            client,
+            rates,
+            check_burstiness(args.burstiness),
+            args.warmup,
+            SLO.parse(args.slo),
+            args.out,
+            tok_model,
+            args.ready_timeout,
+        )
 
     def to_json(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
@@ -172,7 +192,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline, seconds")
     o.add_argument("--ready-timeout", type=float, default=600.0, help="wait for a launched server, seconds")
     o.add_argument("--out", type=Path, default=None, help="write DIR/results.json and PNG plots")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")  # fmt: skip
+    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def _make_workload(cfg: BenchConfig, info: ServerInfo) -> Workload:
@@ -188,8 +208,7 @@ def _warm_up(client: BenchClient, workload: Workload, n: int) -> None:
     reqs = [workload.requests[i % len(workload.requests)] for i in range(n)]
     failed = [r for r in client.run(reqs, [0.0] * n, progress=False).records if not r.ok]
     if failed:
-        raise UserError(f"{len(failed)}/{n} warm-up requests failed, e.g. {failed[0].error}: "
-                           f"{failed[0].error_detail}")  # fmt: skip
+        raise UserError(f"{len(failed)}/{n} warm-up requests failed, e.g. {failed[0].error}: {failed[0].error_detail}")
 
 
 @dataclass(frozen=True)
@@ -231,8 +250,11 @@ def _measure(
     addr = target.addr or ""
     if target.serve_flags is not None:
         log = cfg.out / f"server-{target.label}.log" if cfg.out else None
-        print(f"pdserve bench: launching {target.label}: pdserve serve --port 0 {target.serve_flags}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"pdserve bench: launching {target.label}: pdserve serve --port 0 {target.serve_flags}",
+            file=sys.stderr,
+            flush=True,
+        )
         launched = stack.enter_context(LaunchedServer(target.serve_flags, log, cfg.ready_timeout_s))
         addr = launched.addr
     client = stack.enter_context(BenchClient(addr, cfg.client))
@@ -245,8 +267,9 @@ def _measure(
         offsets = arrival_offsets(len(workload.requests), rate, cfg.burstiness, cfg.workload.seed)
         result = client.run(workload.requests, offsets, desc=f"{target.label} @ {rate_text(rate)}")
         metrics = compute_metrics(result.records, result.duration_s, cfg.slo)
-        runs.append(RunOutcome(target.label, addr, target.serve_flags, rate, metrics,
-                               latency_samples_ms(result.records)))  # fmt: skip
+        runs.append(
+            RunOutcome(target.label, addr, target.serve_flags, rate, metrics, latency_samples_ms(result.records))
+        )
     return workload, info, launched, runs
 
 
@@ -261,14 +284,18 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             workload, info, launched, target_runs = _measure(cfg, target, stack, workload)
         first = first or info
         if (info.vocab_size, info.context_window_size) != (first.vocab_size, first.context_window_size):
-            print(f"pdserve bench: warning: {target.label} serves a different model than {cfg.targets[0].label} "
-                  f"(vocab/context {info.vocab_size}/{info.context_window_size} vs {first.vocab_size}/"
-                  f"{first.context_window_size})", file=sys.stderr)  # fmt: skip
+            print(
+                f"pdserve bench: warning: {target.label} serves a different model than {cfg.targets[0].label} "
+                f"(vocab/context {info.vocab_size}/{info.context_window_size} vs {first.vocab_size}/"
+                f"{first.context_window_size})",
+                file=sys.stderr,
+            )
         exit_code = launched.exit_code if launched else None
         if launched and exit_code != 0:
             print(f"pdserve bench: warning: server {target.label} exited with status {exit_code}", file=sys.stderr)
-        servers.append(ServerRecord(target.label, target_runs[0].addr, target.serve_flags, info.model, info.mode,
-                                    exit_code))  # fmt: skip
+        servers.append(
+            ServerRecord(target.label, target_runs[0].addr, target.serve_flags, info.model, info.mode, exit_code)
+        )
         runs.extend(target_runs)
     assert workload is not None
     return BenchResult(cfg, WorkloadSummary.of(workload), tuple(servers), tuple(runs))

@@ -112,9 +112,14 @@ class BenchClient:
         msgs = [to_message(r, self.options) for r in requests]
         limit = min(self.options.max_concurrency or MAX_THREADS, max(len(msgs), 1))
         slots = threading.BoundedSemaphore(limit)
-        bar = tqdm(total=len(msgs), desc=desc or None, unit="req", file=sys.stderr,
-                   disable=not (self.options.progress if progress is None else progress),
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=len(msgs),
+            desc=desc or None,
+            unit="req",
+            file=sys.stderr,
+            disable=not (self.options.progress if progress is None else progress),
+            dynamic_ncols=True,
+        )
         pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="bench-req")
         try:
             start = time.perf_counter()
@@ -214,8 +219,9 @@ class LaunchedServer:
             self._log = open(self.log_path, "w+", encoding="utf-8")  # noqa: SIM115 (closed in stop())
         else:
             self._log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
-                                     text=True, bufsize=1)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True, bufsize=1
+        )
         self._pump_thread = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
         self._pump_thread.start()
         try:
@@ -270,8 +276,10 @@ class LaunchedServer:
                 try:
                     proc.wait(timeout_s)
                 except subprocess.TimeoutExpired:
-                    print(f"pdserve bench: server pid {proc.pid} ignored SIGINT for {timeout_s:.0f} s; killing it",
-                          file=sys.stderr)  # fmt: skip
+                    print(
+                        f"pdserve bench: server pid {proc.pid} ignored SIGINT for {timeout_s:.0f} s; killing it",
+                        file=sys.stderr,
+                    )
                     proc.kill()
                     proc.wait(30)
             self.exit_code = proc.returncode

@@ -12,10 +12,20 @@ from pathlib import Path
 
 from bench.stats import Percentiles, RunMetrics
 
-LATENCIES = (("ttft_ms", "Time to first token, TTFT"), ("tpot_ms", "Time per output token, TPOT (excl. 1st)"),
-             ("itl_ms", "Inter-token latency, ITL"), ("e2e_ms", "End-to-end latency, E2E"))  # fmt: skip
-BREAKDOWN = (("queue_s", "queue"), ("prefill_s", "prefill"), ("kv_transfer_s", "KV transfer"),
-             ("first_token_s", "first token"), ("decode_s", "decode"), ("e2e_s", "e2e"))  # fmt: skip
+LATENCIES = (
+    ("ttft_ms", "Time to first token, TTFT"),
+    ("tpot_ms", "Time per output token, TPOT (excl. 1st)"),
+    ("itl_ms", "Inter-token latency, ITL"),
+    ("e2e_ms", "End-to-end latency, E2E"),
+)
+BREAKDOWN = (
+    ("queue_s", "queue"),
+    ("prefill_s", "prefill"),
+    ("kv_transfer_s", "KV transfer"),
+    ("first_token_s", "first token"),
+    ("decode_s", "decode"),
+    ("e2e_s", "e2e"),
+)
 
 
 @dataclass(frozen=True)
@@ -115,19 +125,40 @@ def format_table(runs: Sequence[RunOutcome], title: str) -> str:
 
 def format_sweep(runs: Sequence[RunOutcome]) -> str:
     """One line per (server, rate): throughput and latency percentiles."""
-    head = ("server", "rate", "done", "fail", "req/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-            "ITL p50", "E2E p50", "goodput")  # fmt: skip
+    head = (
+        "server",
+        "rate",
+        "done",
+        "fail",
+        "req/s",
+        "tok/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "ITL p50",
+        "E2E p50",
+        "goodput",
+    )
     widths = (10, 12, 6, 6, 9, 10, 10, 10, 10, 10, 10, 10, 9)
     lines = ["".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True))]
     for r in runs:
         m = r.metrics
         vals = (
-            r.label, rate_text(r.request_rate), str(m.completed), str(m.failed), _fmt(m.request_throughput, 2),
-            _fmt(m.output_token_throughput, 1), _fmt(getattr(m.ttft_ms, "p50", None), 2),
-            _fmt(getattr(m.ttft_ms, "p99", None), 2), _fmt(getattr(m.tpot_ms, "p50", None), 2),
-            _fmt(getattr(m.tpot_ms, "p99", None), 2), _fmt(getattr(m.itl_ms, "p50", None), 2),
-            _fmt(getattr(m.e2e_ms, "p50", None), 2), _fmt(m.goodput, 2),
-        )  # fmt: skip
+            r.label,
+            rate_text(r.request_rate),
+            str(m.completed),
+            str(m.failed),
+            _fmt(m.request_throughput, 2),
+            _fmt(m.output_token_throughput, 1),
+            _fmt(getattr(m.ttft_ms, "p50", None), 2),
+            _fmt(getattr(m.ttft_ms, "p99", None), 2),
+            _fmt(getattr(m.tpot_ms, "p50", None), 2),
+            _fmt(getattr(m.tpot_ms, "p99", None), 2),
+            _fmt(getattr(m.itl_ms, "p50", None), 2),
+            _fmt(getattr(m.e2e_ms, "p50", None), 2),
+            _fmt(m.goodput, 2),
+        )
         lines.append("".join(f"{v:>{w}}" for v, w in zip(vals, widths, strict=True)))
     bar = "=" * len(lines[0])
     return "\n".join([bar, f"{'pdserve bench: rate sweep (latencies in ms)':^{len(bar)}}", bar, *lines, bar])
@@ -180,8 +211,9 @@ def write_plots(out_dir: Path, runs: Sequence[RunOutcome]) -> list[Path]:
 
 def _plot_cdfs(plt, path: Path, runs: Sequence[RunOutcome]) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (key, title) in zip(axes, (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E latency")),
-                                strict=True):  # fmt: skip
+    for ax, (key, title) in zip(
+        axes, (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E latency")), strict=True
+    ):
         for r in runs:
             xs = sorted(r.samples_ms.get(key, []))
             if xs:
@@ -199,8 +231,10 @@ def _plot_cdfs(plt, path: Path, runs: Sequence[RunOutcome]) -> Path:
 
 def _plot_sweep(plt, path: Path, runs: Sequence[RunOutcome]) -> Path | None:
     labels = list(dict.fromkeys(r.label for r in runs))
-    series = {lb: sorted((r for r in runs if r.label == lb and math.isfinite(r.request_rate)),
-                         key=lambda r: r.request_rate) for lb in labels}  # fmt: skip
+    series = {
+        lb: sorted((r for r in runs if r.label == lb and math.isfinite(r.request_rate)), key=lambda r: r.request_rate)
+        for lb in labels
+    }
     if max(len(s) for s in series.values()) < 2:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

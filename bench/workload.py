@@ -102,9 +102,16 @@ class WorkloadSummary:
 
     @classmethod
     def of(cls, w: Workload) -> WorkloadSummary:
-        return cls(len(w.requests), w.total_prompt_tokens, w.total_output_tokens,
-                   tuple(r.prompt_len for r in w.requests), tuple(r.output_len for r in w.requests),
-                   w.skipped_malformed, w.skipped_too_long, w.length_source)  # fmt: skip
+        return cls(
+            len(w.requests),
+            w.total_prompt_tokens,
+            w.total_output_tokens,
+            tuple(r.prompt_len for r in w.requests),
+            tuple(r.output_len for r in w.requests),
+            w.skipped_malformed,
+            w.skipped_too_long,
+            w.length_source,
+        )
 
 
 def _rng(seed: int) -> np.random.Generator:

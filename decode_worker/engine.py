@@ -130,8 +130,15 @@ class DecodeEngine(EngineLoop):
     def _admit(self, req: GenerationRequest, state: DecodeState) -> Admission:
         rid, n = req.request_id, len(req.prompt_ids)
         tokens = decode_reservation(n, req.params.max_tokens, self.output_slice)
-        decision = admit(self.pool, rid, self.seqs, tokens=tokens, active=len(self.seqs), max_active=self.max_seqs,
-                         what=f"{self.name} engine")  # fmt: skip
+        decision = admit(
+            self.pool,
+            rid,
+            self.seqs,
+            tokens=tokens,
+            active=len(self.seqs),
+            max_active=self.max_seqs,
+            what=f"{self.name} engine",
+        )
         if not decision.ok:
             return decision
         self.pool.reserve(rid, pages_for(tokens, self.pool.page_size))
@@ -148,8 +155,9 @@ class DecodeEngine(EngineLoop):
         if seq is None or seq.state is not DecodeState.RESERVED:
             raise PayloadError(ErrorCode.IMPORT_FAILED, f"no reservation for request {header.request_id}")
         if header.end != len(seq.req.prompt_ids):
-            raise PayloadError(ErrorCode.SHAPE_MISMATCH,
-                               f"KV covers {header.end} tokens, the prompt has {len(seq.req.prompt_ids)}")  # fmt: skip
+            raise PayloadError(
+                ErrorCode.SHAPE_MISMATCH, f"KV covers {header.end} tokens, the prompt has {len(seq.req.prompt_ids)}"
+            )
         first = decode_first_token(header.meta)
         if first.finish_reason is not None:
             raise PayloadError(ErrorCode.MALFORMED, "a request that ended with its first token sends no KV")

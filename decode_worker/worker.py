@@ -19,8 +19,9 @@ from kvtransfer.runtime_io import make_receiver
 
 
 def _engine(options: WorkerOptions, model, name: str) -> DecodeEngine:
-    return DecodeEngine(model.runtime, model.tokenizer, max_batch=options.max_batch_size,
-                        output_slice=options.output_slice, name=name)  # fmt: skip
+    return DecodeEngine(
+        model.runtime, model.tokenizer, max_batch=options.max_batch_size, output_slice=options.output_slice, name=name
+    )
 
 
 class DecodeWorker(HostedEngine):

@@ -68,19 +68,37 @@ def pdserve_findings(config: dict[str, Any]) -> list[Finding]:
     head_cmds = _commands(config, "head_start_ray_commands")
     worker_cmds = _commands(config, "worker_start_ray_commands")
     if not re.search(r"pdserve\s+serve\b[^\n]*--address[ =]\S+", head_cmds):
-        out.append(Finding("head_start_ray_commands", "no `pdserve serve --address auto` (or --address HOST:PORT) start "
-                           "command: the router joins the cluster from the head", "pdserve"))  # fmt: skip
+        out.append(
+            Finding(
+                "head_start_ray_commands",
+                "no `pdserve serve --address auto` (or --address HOST:PORT) start "
+                "command: the router joins the cluster from the head",
+                "pdserve",
+            )
+        )
     if ptype == "local":
         text = head_cmds + "\n" + worker_cmds
         for res in POOL_RESOURCES:
             if res not in text:
-                out.append(Finding("worker_start_ray_commands",
-                                   f"no host advertises the `{res}` resource (local provider: give each host its "
-                                   "role in its `ray start --resources`)", "pdserve"))  # fmt: skip
-        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" not in head_cmds and provider.get("head_ip") in ("127.0.0.1",
-                                                                                                  "localhost"):  # fmt: skip
-            out.append(Finding("head_start_ray_commands",
-                               "a loopback cluster must set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", "pdserve"))  # fmt: skip
+                out.append(
+                    Finding(
+                        "worker_start_ray_commands",
+                        f"no host advertises the `{res}` resource (local provider: give each host its "
+                        "role in its `ray start --resources`)",
+                        "pdserve",
+                    )
+                )
+        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" not in head_cmds and provider.get("head_ip") in (
+            "127.0.0.1",
+            "localhost",
+        ):
+            out.append(
+                Finding(
+                    "head_start_ray_commands",
+                    "a loopback cluster must set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0",
+                    "pdserve",
+                )
+            )
     else:
         types = config.get("available_node_types") or {}
         if not types:
@@ -88,13 +106,23 @@ def pdserve_findings(config: dict[str, Any]) -> list[Finding]:
         for res in POOL_RESOURCES:
             holders = [n for n, t in types.items() if isinstance(t, dict) and (t.get("resources") or {}).get(res)]
             if not holders:
-                out.append(Finding("available_node_types", f"no node type offers the `{res}` resource "
-                                   "(the router places its workers on it)", "pdserve"))  # fmt: skip
+                out.append(
+                    Finding(
+                        "available_node_types",
+                        f"no node type offers the `{res}` resource (the router places its workers on it)",
+                        "pdserve",
+                    )
+                )
             for n in holders:
                 mw = types[n].get("max_workers", 0)
                 if isinstance(mw, int) and mw < 1:
-                    out.append(Finding(f"available_node_types.{n}.max_workers", f"the `{res}` pool can never start "
-                                       "a node (max_workers < 1)", "pdserve"))  # fmt: skip
+                    out.append(
+                        Finding(
+                            f"available_node_types.{n}.max_workers",
+                            f"the `{res}` pool can never start a node (max_workers < 1)",
+                            "pdserve",
+                        )
+                    )
         head = config.get("head_node_type")
         if head and head not in types:
             out.append(Finding("head_node_type", f"{head!r} is not among available_node_types", "pdserve"))

@@ -32,7 +32,6 @@ class DecodeState(enum.Enum):
     FAILED = "failed"  # evicted, transfer abandoned, forward failed
 
 
-
 @dataclass
 class DecodeSequence:
     """A request held by a decode engine. `length` counts its tokens in the cache; `last_token` is the next input

@@ -109,7 +109,9 @@ class PrefillBatch:
         for e, row in zip(done, logits, strict=True):
             event = e.decoder.sample_and_append(row)
             out.append(
-                FirstToken(e.req.request_id, e.req, e.seq_id, event, e.decoder, e.t_start - e.t_admit, t_done - e.t_start)
+                FirstToken(
+                    e.req.request_id, e.req, e.seq_id, event, e.decoder, e.t_start - e.t_admit, t_done - e.t_start
+                )
             )
             self.queue.remove(e)
         return out, []

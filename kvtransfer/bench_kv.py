@@ -66,9 +66,17 @@ def run_bench_kv(args: argparse.Namespace) -> int:
     address = receiver.start()
     try:
         prompt = tuple(int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, args.tokens))
-        job = SenderJob(model=str(model_path), cache_dir=str(cache_dir), prompt=prompt, seq_id=7, address=address,
-                        request_id=final_id, decode_tokens=(1,), kv_total_tokens=args.tokens + 512,
-                        repeats=max(1, args.repeats))  # fmt: skip
+        job = SenderJob(
+            model=str(model_path),
+            cache_dir=str(cache_dir),
+            prompt=prompt,
+            seq_id=7,
+            address=address,
+            request_id=final_id,
+            decode_tokens=(1,),
+            kv_total_tokens=args.tokens + 512,
+            repeats=max(1, args.repeats),
+        )
         log(f"sender process: prefill {args.tokens} tokens, export, push {job.repeats}x to {address} ...")
         proc, conn = spawn_sender(job)
         report = conn.recv() if conn.poll(1800) else None
@@ -121,6 +129,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=8, help="pushes of the same KV; the first is the cold one")
-    p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure a bare gRPC stream of the same bytes (the Python gRPC floor)")  # fmt: skip
+    p.add_argument(
+        "--bare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure a bare gRPC stream of the same bytes (the Python gRPC floor)",
+    )
     p.add_argument("--json", action="store_true")

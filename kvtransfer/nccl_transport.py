@@ -86,19 +86,39 @@ def _flat_u8(a: Any) -> Any:
 
 
 def make_device_payload(
-    backend: BulkBackend, k: Any, v: Any, fingerprint: str, begin: int, request_id: str,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, page_size: int = 16, meta: bytes = b"",
-) -> KVPayload:  # fmt: skip
+    backend: BulkBackend,
+    k: Any,
+    v: Any,
+    fingerprint: str,
+    begin: int,
+    request_id: str,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    page_size: int = 16,
+    meta: bytes = b"",
+) -> KVPayload:
     """A payload of device arrays k, v [layers, n, kv_heads, head_dim] (referenced, not copied) whose header
     carries per-chunk "wsum64" checksums computed on the device."""
     k, v = backend.to_device(k), backend.to_device(v)
     if k.ndim != 4 or k.shape != v.shape or k.dtype != v.dtype:
         raise ValueError(f"make_device_payload: k and v must share a [L, n, Hkv, d] shape and dtype, got {k.shape}")
     xp = backend.xp
-    sums = [int(wsum64(xp, f[off : off + chunk_bytes])) for f in (_flat_u8(k), _flat_u8(v))
-            for off in range(0, f.size, chunk_bytes)]  # fmt: skip
-    header = build_header(tuple(k.shape), str(k.dtype), fingerprint, begin, request_id, chunk_bytes, page_size,
-                          sums, checksum="wsum64", meta=meta)  # fmt: skip
+    sums = [
+        int(wsum64(xp, f[off : off + chunk_bytes]))
+        for f in (_flat_u8(k), _flat_u8(v))
+        for off in range(0, f.size, chunk_bytes)
+    ]
+    header = build_header(
+        tuple(k.shape),
+        str(k.dtype),
+        fingerprint,
+        begin,
+        request_id,
+        chunk_bytes,
+        page_size,
+        sums,
+        checksum="wsum64",
+        meta=meta,
+    )
     return KVPayload(header, k, v)
 
 
@@ -107,8 +127,9 @@ def to_device_payload(backend: BulkBackend, payload: KVPayload) -> KVPayload:
     if payload.header.checksum == "wsum64":
         return KVPayload(payload.header, backend.to_device(payload.k), backend.to_device(payload.v))
     h = payload.header
-    return make_device_payload(backend, payload.k, payload.v, h.layout_fingerprint, h.begin, h.request_id,
-                               h.chunk_bytes, h.page_size, h.meta)  # fmt: skip
+    return make_device_payload(
+        backend, payload.k, payload.v, h.layout_fingerprint, h.begin, h.request_id, h.chunk_bytes, h.page_size, h.meta
+    )
 
 
 def split_target(target: str) -> tuple[bool, str]:
@@ -142,9 +163,11 @@ class NcclKVSender(KVSender):
     `NcclKVReceiver` (an "nccl://" prefix is accepted)."""
 
     def __init__(
-        self, backend: BulkBackend | None = None, connect_timeout_s: float = 60.0,
+        self,
+        backend: BulkBackend | None = None,
+        connect_timeout_s: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._backend = backend if backend is not None else CupyNccl()
         self._connect_timeout_s = connect_timeout_s
         self._options = channel_options(max_message_bytes)
@@ -180,8 +203,11 @@ class NcclKVSender(KVSender):
                 if target in self._sessions:
                     return self._sessions[target]
             channel = self._channel(target)
-            connect = channel.unary_unary(f"/{_SERVICE}/NcclConnect", request_serializer=pb.NcclHello.SerializeToString,
-                                          response_deserializer=pb.NcclWelcome.FromString)  # fmt: skip
+            connect = channel.unary_unary(
+                f"/{_SERVICE}/NcclConnect",
+                request_serializer=pb.NcclHello.SerializeToString,
+                response_deserializer=pb.NcclWelcome.FromString,
+            )
             uid, sid = self._backend.new_unique_id(), uuid.uuid4().hex
             box: dict[str, Any] = {}
 
@@ -238,16 +264,20 @@ class NcclKVSender(KVSender):
             while (m := out.get()) is not None:
                 yield m
 
-        push = self._channel(target).stream_stream(f"/{_SERVICE}/NcclPush", request_serializer=None,
-                                                   response_deserializer=pb.KVAck.FromString)  # fmt: skip
+        push = self._channel(target).stream_stream(
+            f"/{_SERVICE}/NcclPush", request_serializer=None, response_deserializer=pb.KVAck.FromString
+        )
         call = push(requests(), timeout=timeout_s)
         with self._lock:
             self._inflight.setdefault(rid, set()).add(call)
         sent = False
         try:
             transfer_id = f"{rid}/{uuid.uuid4().hex[:12]}"
-            out.put(pb.KVChunk(transfer_id=transfer_id, header=payload.header.to_bytes(),
-                               nccl_session=sess.session_id).SerializeToString())  # fmt: skip
+            out.put(
+                pb.KVChunk(
+                    transfer_id=transfer_id, header=payload.header.to_bytes(), nccl_session=sess.session_id
+                ).SerializeToString()
+            )
             first = next(call, None)
             if first is None:
                 raise _Failed(ErrorCode.UNAVAILABLE, "receiver closed the stream without an answer")
@@ -287,8 +317,9 @@ class NcclKVSender(KVSender):
                     self._cancelled.discard(rid)
         if ack.ok:
             return TransferResult(True, None, "", ack.bytes_received, _since(t0), ack.import_s)
-        return TransferResult(False, ErrorCode.parse(ack.error_code), ack.message, ack.bytes_received, _since(t0),
-                              ack.import_s)  # fmt: skip
+        return TransferResult(
+            False, ErrorCode.parse(ack.error_code), ack.message, ack.bytes_received, _since(t0), ack.import_s
+        )
 
     def _take_cancel(self, rid: str) -> bool:
         with self._lock:
@@ -342,10 +373,17 @@ class NcclKVReceiver(KVReceiver):
     ) -> None:
         self._backend = backend if backend is not None else CupyNccl()
         self._host_rx = GrpcKVReceiver(  # validates host and max_concurrent
-            sink, host=host, port=port, max_concurrent=max_concurrent, expected_fingerprint=expected_fingerprint,
-            expected_dtype=expected_dtype, shape_check=shape_check, max_payload_bytes=max_payload_bytes,
-            max_message_bytes=max_message_bytes, on_orphaned=on_orphaned,
-        )  # fmt: skip
+            sink,
+            host=host,
+            port=port,
+            max_concurrent=max_concurrent,
+            expected_fingerprint=expected_fingerprint,
+            expected_dtype=expected_dtype,
+            shape_check=shape_check,
+            max_payload_bytes=max_payload_bytes,
+            max_message_bytes=max_message_bytes,
+            on_orphaned=on_orphaned,
+        )
         self._sink, self._on_orphaned = sink, on_orphaned
         self._expect = (expected_fingerprint, expected_dtype, shape_check, max_payload_bytes)
         self._host, self._port, self._max_concurrent = host, port, max_concurrent
@@ -367,13 +405,14 @@ class NcclKVReceiver(KVReceiver):
         handlers = {
             **self._host_rx.handlers(),
             "NcclConnect": grpc.unary_unary_rpc_method_handler(
-                self._connect, request_deserializer=pb.NcclHello.FromString,
+                self._connect,
+                request_deserializer=pb.NcclHello.FromString,
                 response_serializer=pb.NcclWelcome.SerializeToString,
             ),
             "NcclPush": grpc.stream_stream_rpc_method_handler(
                 self._nccl_push, request_deserializer=None, response_serializer=pb.KVAck.SerializeToString
             ),
-        }  # fmt: skip
+        }
         bind = host_port(self._host, self._port)
         # each transfer holds a worker thread, and so does each rendezvous in progress
         self._server, self.address = serve_kv(handlers, self._host, bind, self._max_concurrent + 2, self._options)
@@ -428,9 +467,13 @@ class NcclKVReceiver(KVReceiver):
             yield from self._receive(header, sess, requests, context, transfer_id)
 
     def _receive(
-        self, header: KVHeader, sess: _Session, requests: Iterator[bytes], context: grpc.ServicerContext,
+        self,
+        header: KVHeader,
+        sess: _Session,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
         transfer_id: str,
-    ) -> Iterator[pb.KVAck]:  # fmt: skip
+    ) -> Iterator[pb.KVAck]:
         try:
             buf = self._backend.empty(header.total_bytes)  # [k_bytes + v_bytes]
             sess.link.post_recv([buf[: header.k_bytes], buf[header.k_bytes :]])
@@ -492,7 +535,9 @@ class RoutedSender(KVSender):
         if payload.header.checksum != "xxh3_64":  # a device payload on the host path: copy it to host once
             h = payload.header
             host = [np.asarray(a.get() if hasattr(a, "get") else a) for a in (payload.k, payload.v)]
-            payload = make_payload(*host, h.layout_fingerprint, h.begin, h.request_id, h.chunk_bytes, h.page_size, h.meta)
+            payload = make_payload(
+                *host, h.layout_fingerprint, h.begin, h.request_id, h.chunk_bytes, h.page_size, h.meta
+            )
         return self.grpc.send(payload, split_target(target)[1], timeout_s)
 
     def cancel(self, request_id: str) -> CancelResult:

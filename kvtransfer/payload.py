@@ -171,9 +171,16 @@ class KVHeader:
             raise PayloadError(ErrorCode.MALFORMED, f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
         try:
             d = msgpack.unpackb(
-                data, raw=False, use_list=True, strict_map_key=True, max_str_len=MAX_STR_LEN, max_bin_len=MAX_META_BYTES,
-                max_array_len=MAX_HEADER_BYTES, max_map_len=64, max_ext_len=0,
-            )  # fmt: skip
+                data,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                max_str_len=MAX_STR_LEN,
+                max_bin_len=MAX_META_BYTES,
+                max_array_len=MAX_HEADER_BYTES,
+                max_map_len=64,
+                max_ext_len=0,
+            )
         except Exception as e:  # msgpack raises a variety (ExtraData, ValueError, UnicodeDecodeError, ...)
             raise PayloadError(ErrorCode.MALFORMED, f"header is not valid msgpack: {type(e).__name__}: {e}") from None
         if not isinstance(d, dict):
@@ -263,22 +270,44 @@ def make_payload(
         raise ValueError(f"make_payload: dtype must be one of {sorted(DTYPE_SIZES)} for both, got {k.dtype}/{v.dtype}")
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
     sums = [chunk_checksum(c) for arr in (k, v) for c in _array_chunks(arr, chunk_bytes)]
-    header = build_header(k.shape, str(k.dtype), fingerprint, begin, request_id, chunk_bytes, page_size, sums, meta=meta)
+    header = build_header(
+        k.shape, str(k.dtype), fingerprint, begin, request_id, chunk_bytes, page_size, sums, meta=meta
+    )
     return KVPayload(header, k, v)
 
 
 def build_header(
-    shape: tuple[int, ...], dtype: str, fingerprint: str, begin: int, request_id: str, chunk_bytes: int,
-    page_size: int, checksums: list[int], checksum: str = "xxh3_64", meta: bytes = b"",
-) -> KVHeader:  # fmt: skip
+    shape: tuple[int, ...],
+    dtype: str,
+    fingerprint: str,
+    begin: int,
+    request_id: str,
+    chunk_bytes: int,
+    page_size: int,
+    checksums: list[int],
+    checksum: str = "xxh3_64",
+    meta: bytes = b"",
+) -> KVHeader:
     """The header of K and V of `shape` [layers, n_tokens, kv_heads, head_dim] each, for tokens [begin, begin + n)."""
     layers, n, heads, head_dim = shape
     nbytes = layers * n * heads * head_dim * DTYPE_SIZES[dtype]
     return KVHeader(
-        layout_fingerprint=fingerprint, dtype=dtype, page_size=page_size, num_layers=layers, num_kv_heads=heads,
-        head_dim=head_dim, begin=begin, end=begin + n, k_bytes=nbytes, v_bytes=nbytes, chunk_bytes=chunk_bytes,
-        chunk_checksums=tuple(checksums), request_id=request_id, checksum=checksum, meta=meta,
-    )  # fmt: skip
+        layout_fingerprint=fingerprint,
+        dtype=dtype,
+        page_size=page_size,
+        num_layers=layers,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        begin=begin,
+        end=begin + n,
+        k_bytes=nbytes,
+        v_bytes=nbytes,
+        chunk_bytes=chunk_bytes,
+        chunk_checksums=tuple(checksums),
+        request_id=request_id,
+        checksum=checksum,
+        meta=meta,
+    )
 
 
 def _array_chunks(a: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:

@@ -77,8 +77,11 @@ def _sender_main(job: SenderJob, conn) -> None:
         results = []
         for i in range(job.repeats):
             rid = job.request_id if i == job.repeats - 1 else f"{job.request_id}#{i}"
-            results.append(sender.send(KVPayload(replace(payload.header, request_id=rid), payload.k, payload.v),
-                                       job.address, job.timeout_s))  # fmt: skip
+            results.append(
+                sender.send(
+                    KVPayload(replace(payload.header, request_id=rid), payload.k, payload.v), job.address, job.timeout_s
+                )
+            )
             if not results[-1].ok:
                 break
         result = results[-1]
@@ -92,11 +95,18 @@ def _sender_main(job: SenderJob, conn) -> None:
         for s in (job.seq_id, other, filler):
             rt.remove_sequence(s)
         report = SenderReport(
-            ok=result.ok, error=f"{result.error}: {result.message}" if not result.ok else "", bytes=result.nbytes,
-            export_s=export_s, transfer_s=result.transfer_s, import_s=result.import_s, logits=logits,
-            repeat_transfer_s=tuple(r.transfer_s for r in results), repeat_import_s=tuple(r.import_s for r in results),
-            free_pages_before=free_before, free_pages_after=rt.free_pages(),
-        )  # fmt: skip
+            ok=result.ok,
+            error=f"{result.error}: {result.message}" if not result.ok else "",
+            bytes=result.nbytes,
+            export_s=export_s,
+            transfer_s=result.transfer_s,
+            import_s=result.import_s,
+            logits=logits,
+            repeat_transfer_s=tuple(r.transfer_s for r in results),
+            repeat_import_s=tuple(r.import_s for r in results),
+            free_pages_before=free_before,
+            free_pages_after=rt.free_pages(),
+        )
         model.close()
     except Exception as e:
         report = SenderReport(ok=False, error=f"{type(e).__name__}: {e}")

@@ -41,9 +41,14 @@ _KDL_CUDA = 2
 
 
 def export_payload(
-    runtime: ModelRuntime, seq_id: int, request_id: str, begin: int = 0, end: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, meta: bytes = b"",
-) -> KVPayload:  # fmt: skip
+    runtime: ModelRuntime,
+    seq_id: int,
+    request_id: str,
+    begin: int = 0,
+    end: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    meta: bytes = b"",
+) -> KVPayload:
     """K/V of tokens [begin, end) of `seq_id` (default: all) as a payload owning fresh host arrays."""
     end = runtime.sequence_length(seq_id) if end is None else end
     k, v = runtime.read_kv(seq_id, begin, end)  # [L, n, Hkv, d] each
@@ -53,15 +58,30 @@ def export_payload(
 
 
 def export_device_payload(
-    runtime: ModelRuntime, sender: NcclKVSender, seq_id: int, request_id: str, begin: int = 0, end: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, meta: bytes = b"",
-) -> KVPayload:  # fmt: skip
+    runtime: ModelRuntime,
+    sender: NcclKVSender,
+    seq_id: int,
+    request_id: str,
+    begin: int = 0,
+    end: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    meta: bytes = b"",
+) -> KVPayload:
     """K/V of tokens [begin, end) of `seq_id` read on the GPU and handed to the NCCL sender's backend zero-copy."""
     end = runtime.sequence_length(seq_id) if end is None else end
     kt, vt = runtime.read_kv_device(seq_id, begin, end)  # [L, n, Hkv, d] each, on the device
     xp = sender.backend.xp
-    return make_device_payload(sender.backend, xp.from_dlpack(kt), xp.from_dlpack(vt), runtime.kv_fingerprint(),
-                               begin, request_id, chunk_bytes, runtime.kv_config.page_size, meta)  # fmt: skip
+    return make_device_payload(
+        sender.backend,
+        xp.from_dlpack(kt),
+        xp.from_dlpack(vt),
+        runtime.kv_fingerprint(),
+        begin,
+        request_id,
+        chunk_bytes,
+        runtime.kv_config.page_size,
+        meta,
+    )
 
 
 def export_for(

@@ -38,8 +38,17 @@ def numpy_matmul_time(params: dict[str, np.ndarray], n_layers: int, rows: int, l
     layer_ws = []
     for i in range(n_layers):
         pre = f"model.layers.{i}."
-        layer_ws.append([params[pre + n] for n in ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
-                                                    "mlp.gate_up_proj.weight", "mlp.down_proj.weight")])  # fmt: skip
+        layer_ws.append(
+            [
+                params[pre + n]
+                for n in (
+                    "self_attn.qkv_proj.weight",
+                    "self_attn.o_proj.weight",
+                    "mlp.gate_up_proj.weight",
+                    "mlp.down_proj.weight",
+                )
+            ]
+        )
     head = params.get("lm_head.weight", params["model.embed_tokens.weight"])  # [V, h]
     xs = {w.shape[0]: rng.standard_normal((rows, w.shape[0])).astype(np.float32) for ws in layer_ws for w in ws}
     last = rng.standard_normal((logit_rows, head.shape[1])).astype(np.float32)
@@ -62,13 +71,22 @@ def run_bench_model(args: argparse.Namespace) -> int:
 
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
     kv = KVCacheConfig(max_batch_size=max(DECODE_BATCHES) + 1, max_total_seq_len=8192, prefill_chunk_size=512)
-    model = open_model(args.model, dtype=args.dtype, target=resolve_target(args.target), cache_dir=args.cache_dir,
-                       kv=kv, quiet=args.json)  # fmt: skip
+    model = open_model(
+        args.model,
+        dtype=args.dtype,
+        target=resolve_target(args.target),
+        cache_dir=args.cache_dir,
+        kv=kv,
+        quiet=args.json,
+    )
     rt, cfg = model.runtime, model.config
     rng = np.random.default_rng(0)
     seq = iter(range(1_000_000))
-    result: dict[str, object] = {"model": str(model.source.path), "dtype": args.dtype,
-                                 "target": model.compiled.target.describe()}  # fmt: skip
+    result: dict[str, object] = {
+        "model": str(model.source.path),
+        "dtype": args.dtype,
+        "target": model.compiled.target.describe(),
+    }
     try:
         prefill_tok_s = {}
         for n in PREFILL_LENGTHS:
@@ -105,10 +123,12 @@ def run_bench_model(args: argparse.Namespace) -> int:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         params = load_params(model.source, cfg, "float32")
-        np_prefill = {str(n): n / numpy_matmul_time(params, cfg.num_hidden_layers, n, 1, args.repeats)
-                      for n in PREFILL_LENGTHS}  # fmt: skip
-        np_decode = {str(b): 1000 * numpy_matmul_time(params, cfg.num_hidden_layers, b, b, args.repeats)
-                     for b in DECODE_BATCHES}  # fmt: skip
+        np_prefill = {
+            str(n): n / numpy_matmul_time(params, cfg.num_hidden_layers, n, 1, args.repeats) for n in PREFILL_LENGTHS
+        }
+        np_decode = {
+            str(b): 1000 * numpy_matmul_time(params, cfg.num_hidden_layers, b, b, args.repeats) for b in DECODE_BATCHES
+        }
         del params
     finally:
         model.close()
@@ -128,10 +148,13 @@ def run_bench_model(args: argparse.Namespace) -> int:
         return 0
     print(f"\n{'':24s}{'ours':>12s}{'numpy matmuls':>16s}{'ratio':>8s}")
     for n in prefill_tok_s:
-        print(f"prefill {n:>4s} tok (tok/s) {prefill_tok_s[n]:12.1f}{np_prefill[n]:16.1f}"
-              f"{prefill_tok_s[n] / np_prefill[n]:8.2f}")  # fmt: skip
+        print(
+            f"prefill {n:>4s} tok (tok/s) {prefill_tok_s[n]:12.1f}{np_prefill[n]:16.1f}"
+            f"{prefill_tok_s[n] / np_prefill[n]:8.2f}"
+        )
     for b in decode_ms:
-        print(f"decode b={b:>2s} (ms/step)   {decode_ms[b]:12.2f}{np_decode[b]:16.2f}"
-              f"{np_decode[b] / decode_ms[b]:8.2f}")  # fmt: skip
+        print(
+            f"decode b={b:>2s} (ms/step)   {decode_ms[b]:12.2f}{np_decode[b]:16.2f}{np_decode[b] / decode_ms[b]:8.2f}"
+        )
     print(f"decode tok/s batch 16 / batch 1: {result['decode_batch16_speedup']:.2f}x   peak RSS {peak_rss_mb:.0f} MB")
     return 0

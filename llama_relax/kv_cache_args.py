@@ -97,7 +97,7 @@ def create_kv_cache(
         return f
 
     def dec(a: dict[str, Any]) -> Any:
-        (kind, val), = a.items()  # fmt: skip
+        ((kind, val),) = a.items()
         if kind == "shape":
             return ShapeTuple([sizes[x] if isinstance(x, str) else x for x in val])
         if kind in ("int", "bool", "float", "str"):

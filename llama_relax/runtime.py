@@ -96,10 +96,21 @@ class ModelRuntime:
         self.kv_cache, self.kv_pages = self._create_kv_cache(lib, kv_config, prefill_chunk, model_create_fn)
         on_cpu = self.device.dlpack_device_type() == 1
         self._host_pages = [np.from_dlpack(p) for p in self.kv_pages] if on_cpu else []  # views, not copies
-        self._fn = {name: self.vm[name] for name in (
-            "embed", "get_logits", "batch_select_last_hidden_states", "batch_forward_to_last_hidden_states",
-            "prefill_to_last_hidden_states", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
-        )}  # fmt: skip
+        self._fn = {
+            name: self.vm[name]
+            for name in (
+                "embed",
+                "get_logits",
+                "batch_select_last_hidden_states",
+                "batch_forward_to_last_hidden_states",
+                "prefill_to_last_hidden_states",
+                "prefill",
+                "decode",
+                "batch_prefill",
+                "batch_decode",
+                "batch_verify",
+            )
+        }
         self._seq_lens: dict[int, int] = {}
         self._transpose_append = lib.get_function("tir_kv_cache_transpose_append", query_imports=True)
 
@@ -125,8 +136,12 @@ class ModelRuntime:
         _ADD_SEQ(cache, probe)
         _PREPARE_RECV(cache, probe, 1)
         _END(cache)
-        scratch = [tvm.runtime.empty((c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim), self.compiled.dtype,
-                                     self.device) for _ in range(2)]  # fmt: skip
+        scratch = [
+            tvm.runtime.empty(
+                (c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim), self.compiled.dtype, self.device
+            )
+            for _ in range(2)
+        ]
         _DEBUG_GET_KV(cache, probe, 0, 1, *scratch)
         _REMOVE_SEQ(cache, probe)
         return cache, recorder.take_pages()

@@ -105,8 +105,10 @@ class PrefillEngine(EngineLoop):
 
     def load(self, incarnation: str = "") -> WorkerLoad:
         def read() -> WorkerLoad:
-            transferring = sum(j.state is not PrefillState.QUEUED and j.state is not PrefillState.PREFILLING
-                               for j in self.jobs.values())  # fmt: skip
+            transferring = sum(
+                j.state is not PrefillState.QUEUED and j.state is not PrefillState.PREFILLING
+                for j in self.jobs.values()
+            )
             return WorkerLoad(
                 incarnation,
                 queued=len(self.batch.queue),
@@ -128,8 +130,15 @@ class PrefillEngine(EngineLoop):
     # ---- engine thread ------------------------------------------------------------------------------------
     def _submit(self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None]) -> Admission:
         rid, n = req.request_id, len(req.prompt_ids)
-        decision = admit(self.pool, rid, self.jobs, tokens=n, active=len(self.batch.queue),
-                         max_active=self.max_queue, what="prefill queue")  # fmt: skip
+        decision = admit(
+            self.pool,
+            rid,
+            self.jobs,
+            tokens=n,
+            active=len(self.batch.queue),
+            max_active=self.max_queue,
+            what="prefill queue",
+        )
         if decision.ok:
             self.pool.reserve(rid, pages_for(n, self.pool.page_size))
             job = _Job(req, kv_target, on_event, next(self._seq_ids))
@@ -178,8 +187,9 @@ class PrefillEngine(EngineLoop):
             return
         job.state = PrefillState.TRANSFERRING
         try:
-            payload = export_for(self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id,
-                                 meta=encode_first_token(ft.event))  # fmt: skip
+            payload = export_for(
+                self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id, meta=encode_first_token(ft.event)
+            )
         except Exception as e:  # this request fails alone
             self._fail(job, ErrorKind.INTERNAL, f"KV export failed: {type(e).__name__}: {e}", ft.event)
             return

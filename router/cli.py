@@ -52,15 +52,23 @@ def _run_serve(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(src)
     compile_model(config, args.dtype, resolve_target(args.target), cache_dir=cache_dir)  # once: workers hit the cache
     options = WorkerOptions(
-        model=str(Path(model_path).resolve()), cache_dir=str(Path(cache_dir).resolve()), dtype=args.dtype,
-        target=args.target, max_batch_size=args.max_batch_size, max_total_seq_len=args.max_total_seq_len,
-        prefill_chunk_size=args.prefill_chunk_size, kv_host=args.host,
-    )  # fmt: skip
+        model=str(Path(model_path).resolve()),
+        cache_dir=str(Path(cache_dir).resolve()),
+        dtype=args.dtype,
+        target=args.target,
+        max_batch_size=args.max_batch_size,
+        max_total_seq_len=args.max_total_seq_len,
+        prefill_chunk_size=args.prefill_chunk_size,
+        kv_host=args.host,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"[pdserve] starting {spec.mode.value} workers on Ray ({spec.address or 'local cluster on 127.0.0.1'})...",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"[pdserve] starting {spec.mode.value} workers on Ray ({spec.address or 'local cluster on 127.0.0.1'})...",
+        file=sys.stderr,
+        flush=True,
+    )
     ray = connect_ray(spec)
     cluster = server = router = None
     try:
@@ -70,11 +78,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics = Metrics()
         if args.metrics_port:
             metrics.serve(args.metrics_port, args.host)
-        served = ServedModel(src.path.name, args.dtype, ModelLimits.of(config), config.num_hidden_layers,
-                             config.hidden_size, tokenizer)  # fmt: skip
+        served = ServedModel(
+            src.path.name, args.dtype, ModelLimits.of(config), config.num_hidden_layers, config.hidden_size, tokenizer
+        )
         server, health, port = start_server(GenerationService(router, served, metrics), args.host, args.port)
-        workers = (f"{spec.colocated} colocated" if spec.colocated
-                   else f"{spec.prefill_workers} prefill + {spec.decode_workers} decode")  # fmt: skip
+        workers = (
+            f"{spec.colocated} colocated"
+            if spec.colocated
+            else f"{spec.prefill_workers} prefill + {spec.decode_workers} decode"
+        )
         print(f"pdserve: serving {served.name} ({workers} workers) on {args.host}:{port}", flush=True)
         print("pdserve: ready", flush=True)
         lost = 0
@@ -121,8 +133,15 @@ def _run_generate(args: argparse.Namespace) -> int:
     from protos import generate_pb2 as pb
     from protos import generate_pb2_grpc as pb_grpc
 
-    s = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos, logprobs=args.logprobs)  # fmt: skip
+    s = pb.SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+    )
     if args.seed is not None:
         s.seed = args.seed
     req = pb.GenerateRequest(sampling=s, chat=args.chat)
@@ -137,8 +156,9 @@ def _run_generate(args: argparse.Namespace) -> int:
                 prompt_ids.extend(resp.prompt_token_ids)
                 ids.extend(resp.token_ids)
                 text.append(resp.text)
-                logprobs.extend([[{"token_id": e.token_id, "logprob": e.logprob} for e in lp.entries]
-                                 for lp in resp.logprobs])  # fmt: skip
+                logprobs.extend(
+                    [[{"token_id": e.token_id, "logprob": e.logprob} for e in lp.entries] for lp in resp.logprobs]
+                )
                 finish = resp.finish_reason or finish
                 if not args.json:
                     sys.stdout.write(resp.text)
@@ -146,8 +166,17 @@ def _run_generate(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             raise UserError(f"{e.code().name}: {e.details()}") from None
     if args.json:
-        print(json.dumps({"prompt_token_ids": prompt_ids, "token_ids": ids, "text": "".join(text),
-                          "finish_reason": finish, "logprobs": logprobs if args.logprobs else None}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "prompt_token_ids": prompt_ids,
+                    "token_ids": ids,
+                    "text": "".join(text),
+                    "finish_reason": finish,
+                    "logprobs": logprobs if args.logprobs else None,
+                }
+            )
+        )
     else:
         sys.stdout.write("\n")
     return 0

@@ -65,10 +65,19 @@ def connect_ray(spec: ClusterSpec) -> Any:
     threads = spec.threads_per_worker or max(1, len(os.sched_getaffinity(0)) // spec.num_workers)
     env = {"env_vars": {**{k: os.environ[k] for k in RAY_LOOPBACK_ENV}, "TVM_NUM_THREADS": str(threads)}}
     if spec.address is None:
-        resources = {Role.PREFILL.value: spec.prefill_workers, Role.DECODE.value: spec.decode_workers,
-                     Role.COLOCATED.value: spec.colocated}  # fmt: skip
-        ray.init(num_cpus=max(2, spec.num_workers), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 resources=resources, log_to_driver=False, runtime_env=env)  # fmt: skip
+        resources = {
+            Role.PREFILL.value: spec.prefill_workers,
+            Role.DECODE.value: spec.decode_workers,
+            Role.COLOCATED.value: spec.colocated,
+        }
+        ray.init(
+            num_cpus=max(2, spec.num_workers),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            resources=resources,
+            log_to_driver=False,
+            runtime_env=env,
+        )
     else:
         ray.init(address=spec.address, log_to_driver=False, runtime_env=env)
     return ray
@@ -98,7 +107,9 @@ def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions) -> Cluster:
     if spec.colocated:
         for i in range(spec.colocated):
             handles.append(h := make(Role.COLOCATED, ColocatedWorker))
-            pools.colocated.append(WorkerSlot(f"colocated-{i}", Role.COLOCATED, RayColocatedClient(ray, h, f"colocated-{i}")))
+            pools.colocated.append(
+                WorkerSlot(f"colocated-{i}", Role.COLOCATED, RayColocatedClient(ray, h, f"colocated-{i}"))
+            )
     else:
         for i in range(spec.prefill_workers):
             handles.append(h := make(Role.PREFILL, PrefillWorker))

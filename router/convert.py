@@ -58,19 +58,29 @@ def sampling_from_pb(s: pb.SamplingParams) -> SamplingParams:
         ("sampling.temperature", temperature >= 0, f"must be >= 0, got {temperature}"),
         ("sampling.top_p", 0 < top_p <= 1, f"must be in (0, 1], got {top_p}"),
         ("sampling.top_k", top_k >= 0, f"must be >= 0, got {top_k}"),
-        ("sampling.stop", len(s.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}"),
+        (
+            "sampling.stop",
+            len(s.stop) <= MAX_STOP_STRINGS,
+            f"at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}",
+        ),
         ("sampling.stop", all(s.stop), "stop strings must be non-empty"),
         ("sampling.logprobs", s.logprobs <= MAX_LOGPROBS, f"must be <= {MAX_LOGPROBS}, got {s.logprobs}"),
         ("sampling.seed", not s.HasField("seed") or s.seed < 2**63, "must be < 2**63"),
-    ]  # fmt: skip
+    ]
     for field, ok, message in checks:
         if not ok:
             raise InvalidArgument(field, message)
     return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos, logprobs=s.logprobs,
-    )  # fmt: skip
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+    )
 
 
 def request_from_pb(req: pb.GenerateRequest, limits: ModelLimits, tokenizer) -> GenerationRequest:
@@ -112,8 +122,9 @@ def request_from_pb(req: pb.GenerateRequest, limits: ModelLimits, tokenizer) -> 
 def event_to_pb(request_id: str, event: TokenEvent) -> pb.GenerateResponse:
     out = pb.GenerateResponse(request_id=request_id, token_ids=[event.token_id], text=event.text)
     if event.logprobs:
-        out.logprobs.append(pb.TopLogprobs(entries=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob)
-                                                    for lp in event.logprobs]))  # fmt: skip
+        out.logprobs.append(
+            pb.TopLogprobs(entries=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob) for lp in event.logprobs])
+        )
     if event.finish_reason is not None:
         out.finish_reason = event.finish_reason.value
     return out

@@ -14,13 +14,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("pdserve_ttft_seconds", "Time to first token (server side)", buckets=_LAT, registry=r)
-        self.itl = Histogram("pdserve_inter_token_latency_seconds", "Gap between streamed tokens", buckets=_LAT,
-                             registry=r)  # fmt: skip
+        self.itl = Histogram(
+            "pdserve_inter_token_latency_seconds", "Gap between streamed tokens", buckets=_LAT, registry=r
+        )
         self.e2e = Histogram("pdserve_e2e_latency_seconds", "Request latency", buckets=_LAT, registry=r)
         self.queue = Histogram("pdserve_queue_seconds", "Admission until prefill start", buckets=_LAT, registry=r)
         self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
-        self.kv_seconds = Histogram("pdserve_kv_transfer_seconds", "KV export+transfer+import", buckets=_LAT,
-                                    registry=r)  # fmt: skip
+        self.kv_seconds = Histogram(
+            "pdserve_kv_transfer_seconds", "KV export+transfer+import", buckets=_LAT, registry=r
+        )
         self.kv_failures = Counter("pdserve_kv_transfer_failures", "Failed KV transfers", registry=r)
         self.requests = Counter("pdserve_requests", "Requests by outcome", ["outcome"], registry=r)
         self.kv_free = Gauge("pdserve_kv_free_pages", "Free KV pages per worker", ["worker", "role"], registry=r)

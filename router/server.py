@@ -96,11 +96,16 @@ class GenerationService(pb_grpc.GenerationServicer):
         end = s.get(RequestState.FINISHED, time.monotonic())
         p = rec.prefill
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens))
-        msg.timings.CopyFrom(pb.Timings(
-            queue_s=p.queue_s if p else 0.0, prefill_s=p.prefill_s if p else 0.0,
-            kv_transfer_s=p.transfer_s if p else 0.0, first_token_s=(first_at or end) - t0,
-            decode_s=end - (first_at or end), e2e_s=end - t0,
-        ))  # fmt: skip
+        msg.timings.CopyFrom(
+            pb.Timings(
+                queue_s=p.queue_s if p else 0.0,
+                prefill_s=p.prefill_s if p else 0.0,
+                kv_transfer_s=p.transfer_s if p else 0.0,
+                first_token_s=(first_at or end) - t0,
+                decode_s=end - (first_at or end),
+                e2e_s=end - t0,
+            )
+        )
         self.metrics.e2e.observe(end - t0)
         if p is not None:
             self.metrics.queue.observe(p.queue_s)
@@ -111,10 +116,16 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def GetModelInfo(self, request, context):
         m = self.model
-        return pb.ModelInfo(model=m.name, dtype=m.dtype, vocab_size=m.limits.vocab_size,
-                            context_window_size=m.limits.context_window_size, num_hidden_layers=m.num_hidden_layers,
-                            hidden_size=m.hidden_size, mode=self.router.mode.value,
-                            has_tokenizer=m.tokenizer is not None)  # fmt: skip
+        return pb.ModelInfo(
+            model=m.name,
+            dtype=m.dtype,
+            vocab_size=m.limits.vocab_size,
+            context_window_size=m.limits.context_window_size,
+            num_hidden_layers=m.num_hidden_layers,
+            hidden_size=m.hidden_size,
+            mode=self.router.mode.value,
+            has_tokenizer=m.tokenizer is not None,
+        )
 
     def GetClusterStatus(self, request, context):
         out = pb.ClusterStatus()
@@ -134,8 +145,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         return out
 
 
-def start_server(service: GenerationService, host: str = "127.0.0.1", port: int = 50051,
-                 max_workers: int = 64) -> tuple[grpc.Server, health.HealthServicer, int]:  # fmt: skip
+def start_server(
+    service: GenerationService, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 64
+) -> tuple[grpc.Server, health.HealthServicer, int]:
     """Start the gRPC server (Generation + health + reflection); returns it, the health servicer and the port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=message_limits())
     pb_grpc.add_GenerationServicer_to_server(service, server)

@@ -27,15 +27,31 @@ LLAMA3 = {
 
 # GQA 4/2, untied LM head, llama3 rope (positions beyond 16 exercise the scaling), small prefill chunk.
 TINY_GQA = LlamaConfig(
-    hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-    rms_norm_eps=1e-5, vocab_size=160, context_window_size=256, prefill_chunk_size=32, rope_scaling=LLAMA3,
-)  # fmt: skip
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    rms_norm_eps=1e-5,
+    vocab_size=160,
+    context_window_size=256,
+    prefill_chunk_size=32,
+    rope_scaling=LLAMA3,
+)
 # MHA with tied embeddings and a head_dim override (4 heads x 24 != hidden 64), plain rope, large theta.
 TINY_TIED = LlamaConfig(
-    hidden_size=64, intermediate_size=80, num_attention_heads=4, num_hidden_layers=2, head_dim=24,
-    rms_norm_eps=1e-6, vocab_size=96, context_window_size=128, prefill_chunk_size=64, tie_word_embeddings=True,
+    hidden_size=64,
+    intermediate_size=80,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    head_dim=24,
+    rms_norm_eps=1e-6,
+    vocab_size=96,
+    context_window_size=128,
+    prefill_chunk_size=64,
+    tie_word_embeddings=True,
     position_embedding_base=500000.0,
-)  # fmt: skip
+)
 
 
 @pytest.fixture(scope="session")

@@ -41,12 +41,19 @@ def write_hf_dir(path: Path, config, params: dict[str, np.ndarray]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, str(path / "model.safetensors"))
     hf = {
-        "architectures": ["LlamaForCausalLM"], "hidden_size": c.hidden_size, "intermediate_size": inter,
-        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-        "num_hidden_layers": c.num_hidden_layers, "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size,
-        "max_position_embeddings": c.context_window_size, "prefill_chunk_size": c.prefill_chunk_size,
-        "rope_theta": c.position_embedding_base, "tie_word_embeddings": c.tie_word_embeddings,
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": c.hidden_size,
+        "intermediate_size": inter,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "num_hidden_layers": c.num_hidden_layers,
+        "rms_norm_eps": c.rms_norm_eps,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.context_window_size,
+        "prefill_chunk_size": c.prefill_chunk_size,
+        "rope_theta": c.position_embedding_base,
+        "tie_word_embeddings": c.tie_word_embeddings,
         "rope_scaling": c.rope_scaling.to_tvm_dict() or None,
-    }  # fmt: skip
+    }
     (path / "config.json").write_text(json.dumps(hf))
     return path

@@ -174,9 +174,21 @@ def test_ragged_prefill(d, rotary, causal):
     for impl in ("stock", "mine"):
         o, lse = _nd(np.zeros((n, H_Q, d), DTYPE)), _nd(np.zeros((n, H_Q), "float32"))
         _kernel("ragged", impl, d)(
-            _nd(q), _nd(indptr), _nd(k), _nd(v), _nd(indptr), _nd(q_pos), _nd(k_off), o, lse,
-            causal, rotary, ROPE_SCALE, THETA, sm_scale,
-        )  # fmt: skip
+            _nd(q),
+            _nd(indptr),
+            _nd(k),
+            _nd(v),
+            _nd(indptr),
+            _nd(q_pos),
+            _nd(k_off),
+            o,
+            lse,
+            causal,
+            rotary,
+            ROPE_SCALE,
+            THETA,
+            sm_scale,
+        )
         outs[impl] = (o.numpy(), lse.numpy())
     _close(outs["mine"][0], outs["stock"][0])
     _close(outs["mine"][1], outs["stock"][1])
@@ -206,9 +218,20 @@ def test_decode(d, rotary):
     for impl in ("stock", "mine"):
         o, lse = _nd(np.zeros((bsz, H_Q, d), DTYPE)), _nd(np.zeros((bsz, H_Q), "float32"))
         _kernel("decode", impl, d)(
-            _nd(q), _nd(pages), _nd(indptr), _nd(values), _nd(last), _nd(k_off), _nd(q_pos), o, lse,
-            rotary, ROPE_SCALE, THETA, sm_scale,
-        )  # fmt: skip
+            _nd(q),
+            _nd(pages),
+            _nd(indptr),
+            _nd(values),
+            _nd(last),
+            _nd(k_off),
+            _nd(q_pos),
+            o,
+            lse,
+            rotary,
+            ROPE_SCALE,
+            THETA,
+            sm_scale,
+        )
         outs[impl] = (o.numpy(), lse.numpy())
     _close(outs["mine"][0], outs["stock"][0])
     _close(outs["mine"][1], outs["stock"][1])
@@ -248,9 +271,22 @@ def test_paged_prefill(d, rotary, causal):
     for impl in ("stock", "mine"):
         o, lse = _nd(np.zeros((n, H_Q, d), DTYPE)), _nd(np.zeros((n, H_Q), "float32"))
         _kernel("paged", impl, d)(
-            _nd(q), _nd(q_indptr), _nd(pages), _nd(indptr), _nd(values), _nd(last), _nd(k_off), _nd(q_pos), o, lse,
-            causal, rotary, ROPE_SCALE, THETA, sm_scale,
-        )  # fmt: skip
+            _nd(q),
+            _nd(q_indptr),
+            _nd(pages),
+            _nd(indptr),
+            _nd(values),
+            _nd(last),
+            _nd(k_off),
+            _nd(q_pos),
+            o,
+            lse,
+            causal,
+            rotary,
+            ROPE_SCALE,
+            THETA,
+            sm_scale,
+        )
         outs[impl] = (o.numpy(), lse.numpy())
     _close(outs["mine"][0], outs["stock"][0])
     _close(outs["mine"][1], outs["stock"][1])

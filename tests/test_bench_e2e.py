@@ -47,9 +47,27 @@ def check_run(run: dict, n: int, target_tokens: int) -> None:
 
 def test_launch_writes_results_and_plots(model_dir, serve_env, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--launch", f"--model {model_dir} --max-total-seq-len 1024", "--num-prompts", "16", "--request-rate",
-            "20", "--input-len", "40", "--output-len", "12", "--range-ratio", "0.5", "--ignore-eos", "--seed", "3",
-            "--slo", "ttft=20000,tpot=5000", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--launch",
+        f"--model {model_dir} --max-total-seq-len 1024",
+        "--num-prompts",
+        "16",
+        "--request-rate",
+        "20",
+        "--input-len",
+        "40",
+        "--output-len",
+        "12",
+        "--range-ratio",
+        "0.5",
+        "--ignore-eos",
+        "--seed",
+        "3",
+        "--slo",
+        "ttft=20000,tpot=5000",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "Time to first token, TTFT" in table and "Goodput" in table
@@ -73,9 +91,27 @@ def test_launch_writes_results_and_plots(model_dir, serve_env, tmp_path, capsys)
 def test_compare_replays_the_same_workload_on_both_servers(model_dir, serve_env, tmp_path, capsys):
     out = tmp_path / "cmp"
     flags = f"--model {model_dir} --max-total-seq-len 1024"
-    argv = ["--compare", flags, f"{flags} --colocated 1", "--num-prompts", "8", "--sweep-rates", "inf,25,50",
-            "--max-concurrency", "4", "--warmup", "2", "--input-len", "24", "--output-len", "6", "--ignore-eos",
-            "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "--compare",
+        flags,
+        f"{flags} --colocated 1",
+        "--num-prompts",
+        "8",
+        "--sweep-rates",
+        "inf,25,50",
+        "--max-concurrency",
+        "4",
+        "--warmup",
+        "2",
+        "--input-len",
+        "24",
+        "--output-len",
+        "6",
+        "--ignore-eos",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "A vs B @ inf" in table and "B/A" in table and "rate sweep" in table

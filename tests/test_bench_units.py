@@ -258,16 +258,35 @@ def test_sharegpt_bad_files(tmp_path):
 def outcomes() -> list[RunOutcome]:
     recs = timeline()
     slo = SLO.parse("ttft=80")
-    return [RunOutcome(label, "127.0.0.1:1", "--colocated 1" if label == "B" else "", rate,
-                       compute_metrics(recs, 2.0 * k, slo), latency_samples_ms(recs))
-            for label, k in (("A", 1.0), ("B", 2.0)) for rate in (1.0, 4.0, math.inf)]  # fmt: skip
+    return [
+        RunOutcome(
+            label,
+            "127.0.0.1:1",
+            "--colocated 1" if label == "B" else "",
+            rate,
+            compute_metrics(recs, 2.0 * k, slo),
+            latency_samples_ms(recs),
+        )
+        for label, k in (("A", 1.0), ("B", 2.0))
+        for rate in (1.0, 4.0, math.inf)
+    ]
 
 
 def test_tables_name_every_metric_and_the_ratio():
     runs = outcomes()
     side = format_table([runs[0], runs[3]], "A vs B")
-    for word in ("TTFT", "Time to first token", "Time per output token", "Inter-token", "End-to-end", "Goodput",
-                 "B/A", "UNAVAILABLE: 1", "KV transfer", "0.50x"):  # fmt: skip
+    for word in (
+        "TTFT",
+        "Time to first token",
+        "Time per output token",
+        "Inter-token",
+        "End-to-end",
+        "Goodput",
+        "B/A",
+        "UNAVAILABLE: 1",
+        "KV transfer",
+        "0.50x",
+    ):
         assert word in side, word
     sweep = format_sweep(runs)
     assert "TTFT p99" in sweep and "inf" in sweep and len(sweep.splitlines()) == 5 + 6
@@ -280,8 +299,17 @@ def test_results_json_and_plots(tmp_path):
     doc = json.loads(path.read_text())
     assert len(doc["runs"]) == 6 and doc["runs"][2]["request_rate"] == "inf"
     run = doc["runs"][0]
-    for key in ("completed", "failed", "failures_by_code", "duration_s", "request_throughput",
-                "output_token_throughput", "goodput", "server_breakdown_s", "samples_ms"):  # fmt: skip
+    for key in (
+        "completed",
+        "failed",
+        "failures_by_code",
+        "duration_s",
+        "request_throughput",
+        "output_token_throughput",
+        "goodput",
+        "server_breakdown_s",
+        "samples_ms",
+    ):
         assert key in run, key
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         assert set(run[key]) >= {"mean", "p50", "p90", "p99"}
@@ -334,10 +362,11 @@ class FakeGeneration(pb_grpc.GenerationServicer):
                 time.sleep(0.002)
                 last = i == n - 1
                 yield pb.GenerateResponse(
-                    token_ids=[i], finish_reason="length" if last else "",
+                    token_ids=[i],
+                    finish_reason="length" if last else "",
                     usage=pb.Usage(prompt_tokens=len(request.token_ids.ids), completion_tokens=n) if last else None,
                     timings=pb.Timings(first_token_s=0.002, e2e_s=0.002 * n) if last else None,
-                )  # fmt: skip
+                )
         finally:
             with self.lock:
                 self.in_flight -= 1

@@ -32,10 +32,57 @@ def tiny_dir(tmp_path_factory, compiled_gqa):
 
 def test_generate_json_matches_reference_greedy(tiny_dir, cache_dir):
     path, params = tiny_dir
-    prompt = [5, 17, 33, 2, 90, 11, 64, 7, 8, 9, 10, 120, 3, 4, 5, 6, 7, 150, 21, 22, 23, 24, 25, 26, 27, 28, 29,
-              30, 31, 32, 33, 34, 35, 36, 37]  # 35 tokens > the 32-token prefill chunk  # fmt: skip
-    r = pdserve("generate", "--model", str(path), "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", "6",
-                "--ignore-eos", "--logprobs", "3", "--json", cache_dir=cache_dir)  # fmt: skip
+    prompt = [
+        5,
+        17,
+        33,
+        2,
+        90,
+        11,
+        64,
+        7,
+        8,
+        9,
+        10,
+        120,
+        3,
+        4,
+        5,
+        6,
+        7,
+        150,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+        28,
+        29,
+        30,
+        31,
+        32,
+        33,
+        34,
+        35,
+        36,
+        37,
+    ]  # 35 tokens > the 32-token prefill chunk
+    r = pdserve(
+        "generate",
+        "--model",
+        str(path),
+        "--prompt-ids",
+        ",".join(map(str, prompt)),
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--logprobs",
+        "3",
+        "--json",
+        cache_dir=cache_dir,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # stdout holds exactly one JSON object
     ref = NumpyLlama(TINY_GQA, params)
@@ -53,8 +100,23 @@ def test_generate_json_matches_reference_greedy(tiny_dir, cache_dir):
 
 def test_generate_seeded_sampling_is_reproducible(tiny_dir, cache_dir):
     path, _ = tiny_dir
-    args = ("generate", "--model", str(path), "--prompt-ids", "1,2,3", "--max-tokens", "8", "--ignore-eos",
-            "--temperature", "1.0", "--top-p", "0.9", "--seed", "11", "--json")  # fmt: skip
+    args = (
+        "generate",
+        "--model",
+        str(path),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "11",
+        "--json",
+    )
     a, b = pdserve(*args, cache_dir=cache_dir), pdserve(*args, cache_dir=cache_dir)
     assert a.returncode == 0, a.stderr
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
@@ -84,9 +146,18 @@ def test_missing_model_and_bad_config(tmp_path, cache_dir):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 8, "num_attention_heads": 5,
-                                                 "num_hidden_layers": 1, "vocab_size": 10,
-                                                 "max_position_embeddings": 32}))  # fmt: skip
+    (bad / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 64,
+                "intermediate_size": 8,
+                "num_attention_heads": 5,
+                "num_hidden_layers": 1,
+                "vocab_size": 10,
+                "max_position_embeddings": 32,
+            }
+        )
+    )
     r = pdserve("generate", "--model", str(bad), "--prompt-ids", "1", cache_dir=cache_dir)
     assert r.returncode == 2 and "num_attention_heads" in r.stderr and "Traceback" not in r.stderr
 

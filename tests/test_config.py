@@ -37,8 +37,13 @@ def test_from_hf_derives_defaults():
 
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
 def test_llama3_rope_both_spellings(key):
-    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}  # fmt: skip
+    rope = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     extra = {"rope_theta": 500000.0} if key == "rope_scaling" else {}
     hf = {k: v for k, v in HF.items() if k != "rope_theta"} | extra
     if key == "rope_parameters":
@@ -50,8 +55,18 @@ def test_llama3_rope_both_spellings(key):
 
 
 def test_legacy_type_key_and_round_trip():
-    c = LlamaConfig.from_hf_dict({**HF, "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})  # fmt: skip
+    c = LlamaConfig.from_hf_dict(
+        {
+            **HF,
+            "rope_scaling": {
+                "type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        }
+    )
     assert c.rope_scaling.rope_type == "llama3"
     assert LlamaConfig.from_dict(c.to_dict()) == c
 
@@ -116,11 +131,18 @@ def test_pipeline_stages_partition_layers_contiguously():
 def test_from_gguf_metadata():
     meta = {
         "general.architecture": "llama",
-        "llama.block_count": 30, "llama.context_length": 8192, "llama.embedding_length": 576,
-        "llama.feed_forward_length": 1536, "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3,
-        "llama.rope.freq_base": 100000.0, "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 49152,
-        "llama.rope.dimension_count": 64, "has_output_tensor": False,
-    }  # fmt: skip
+        "llama.block_count": 30,
+        "llama.context_length": 8192,
+        "llama.embedding_length": 576,
+        "llama.feed_forward_length": 1536,
+        "llama.attention.head_count": 9,
+        "llama.attention.head_count_kv": 3,
+        "llama.rope.freq_base": 100000.0,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.vocab_size": 49152,
+        "llama.rope.dimension_count": 64,
+        "has_output_tensor": False,
+    }
     c = LlamaConfig.from_gguf_metadata(meta)
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)
     assert c.tie_word_embeddings and c.vocab_size == 49152

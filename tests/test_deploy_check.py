@@ -32,8 +32,12 @@ def test_all_problems_are_listed(tmp_path):
     assert any("max_workers" in f and "integer" in f for f in findings)
     assert any("`decode`" in f for f in findings)
     assert any("pdserve serve --address auto" in f for f in findings)
-    r = subprocess.run([sys.executable, "-m", "llama_relax.cli", "deploy", "check", str(bad)],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "llama_relax.cli", "deploy", "check", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and f"{len(findings)} problem(s)" in r.stderr
 
 

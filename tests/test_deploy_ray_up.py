@@ -107,8 +107,17 @@ def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
     tmpl = string.Template((REPO / "deploy" / "loopback.yaml").read_text())
     temp_dir = base / "ray"
     config = base / "cluster.yaml"
-    config.write_text(tmpl.substitute(ssh_user=ALIAS, ssh_key=key, ray_port=ray_port, temp_dir=temp_dir,
-                                      cache_dir=cache_dir, model=model, grpc_port=grpc_port))  # fmt: skip
+    config.write_text(
+        tmpl.substitute(
+            ssh_user=ALIAS,
+            ssh_key=key,
+            ray_port=ray_port,
+            temp_dir=temp_dir,
+            cache_dir=cache_dir,
+            model=model,
+            grpc_port=grpc_port,
+        )
+    )
     check = run([sys.executable, "-m", "llama_relax.cli", "deploy", "check", str(config)])
     assert check.returncode == 0, check.stderr
     env = {**os.environ, **LOOPBACK_ENV}
@@ -131,8 +140,10 @@ def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
             time.sleep(1)
         log = (temp_dir / "pdserve-serve.log").read_text() if (temp_dir / "pdserve-serve.log").exists() else ""
         assert status == health_pb2.HealthCheckResponse.SERVING, log[-3000:]
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]),
-                                 sampling=pb.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # fmt: skip
+        req = pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[1, 2, 3]),
+            sampling=pb.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+        )
         responses = list(pb_grpc.GenerationStub(channel).Generate(req, timeout=120))
         assert [len(r.token_ids) for r in responses] == [1, 1, 1, 1] and responses[-1].finish_reason == "length"
         channel.close()

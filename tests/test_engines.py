@@ -37,7 +37,9 @@ def params():
 
 
 def new_runtime(compiled, params) -> ModelRuntime:
-    return ModelRuntime(compiled, params, KVCacheConfig(max_batch_size=8, max_total_seq_len=1024, prefill_chunk_size=32))
+    return ModelRuntime(
+        compiled, params, KVCacheConfig(max_batch_size=8, max_total_seq_len=1024, prefill_chunk_size=32)
+    )
 
 
 @pytest.fixture

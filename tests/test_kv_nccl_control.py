@@ -28,8 +28,12 @@ def kv(seed: int = 0, n: int = 37) -> tuple[np.ndarray, np.ndarray]:
 def pair():
     backend = HostBackend()
     got: list = []
-    rx = NcclKVReceiver(lambda h, k, v: got.append((h, np.array(k), np.array(v))), backend=backend,
-                        expected_fingerprint=FP, expected_dtype="float32")  # fmt: skip
+    rx = NcclKVReceiver(
+        lambda h, k, v: got.append((h, np.array(k), np.array(v))),
+        backend=backend,
+        expected_fingerprint=FP,
+        expected_dtype="float32",
+    )
     rx.start()
     tx = NcclKVSender(backend)
     yield backend, rx, tx, got
@@ -67,8 +71,9 @@ def test_rejected_header_keeps_the_session_and_posts_nothing(pair):
     backend.on_post_recv = lambda: posted.append(1)
     res = tx.send(make_device_payload(backend, k, v, "other-model", 0, "bad"), rx.address, timeout_s=30)
     assert not res.ok and res.error == ErrorCode.FINGERPRINT_MISMATCH and res.nbytes == 0
-    res = tx.send(make_device_payload(backend, k.astype(np.float16), v.astype(np.float16), FP, 0, "f16"),
-                  rx.address, timeout_s=30)  # fmt: skip
+    res = tx.send(
+        make_device_payload(backend, k.astype(np.float16), v.astype(np.float16), FP, 0, "f16"), rx.address, timeout_s=30
+    )
     assert res.error == ErrorCode.DTYPE_MISMATCH
     assert not posted and not got and backend.sends == 0
     assert all(link.closed is None for link in backend.links)

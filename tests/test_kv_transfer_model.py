@@ -61,8 +61,15 @@ def dest(model_dir, cache_dir):
 
 
 def run_sender(model_dir, cache_dir, address, **kw):
-    job = SenderJob(model=str(model_dir), cache_dir=str(cache_dir), prompt=PROMPT, seq_id=kw.pop("seq_id", 7),
-                    address=address, request_id=kw.pop("request_id", "req-a"), **kw)  # fmt: skip
+    job = SenderJob(
+        model=str(model_dir),
+        cache_dir=str(cache_dir),
+        prompt=PROMPT,
+        seq_id=kw.pop("seq_id", 7),
+        address=address,
+        request_id=kw.pop("request_id", "req-a"),
+        **kw,
+    )
     proc, conn = spawn_sender(job)
     report = conn.recv() if conn.poll(300) else None
     proc.join(30)
@@ -90,8 +97,12 @@ def test_running_sequences_unaffected_by_import(dest, model_dir, cache_dir):
     model, mt, table, address = dest
     rt = model.runtime
     # a twin runtime with the same two sequences and no import: their logits must match exactly
-    twin = open_model(model_dir, cache_dir=cache_dir, quiet=True,
-                      kv=KVCacheConfig(max_batch_size=8, max_total_seq_len=1024, prefill_chunk_size=32))  # fmt: skip
+    twin = open_model(
+        model_dir,
+        cache_dir=cache_dir,
+        quiet=True,
+        kv=KVCacheConfig(max_batch_size=8, max_total_seq_len=1024, prefill_chunk_size=32),
+    )
     twin.runtime.add_sequence(1)
     twin.runtime.add_sequence(2)
     twin.runtime.prefill([1, 2], [[3, 4, 5], list(range(10, 40))])
@@ -128,14 +139,23 @@ def test_bad_payloads_rejected_cache_untouched(dest):
     try:
         cases = {
             "fp": (make_payload(k, k, "not-this-model", 0, "fp"), ErrorCode.FINGERPRINT_MISMATCH),
-            "dt": (make_payload(k.astype(np.float16), k.astype(np.float16), rt.kv_fingerprint(), 0, "dt"),
-                   ErrorCode.DTYPE_MISMATCH),
-            "geo": (make_payload(np.ones((c.num_hidden_layers + 1, *shape[1:]), np.float32),
-                                 np.ones((c.num_hidden_layers + 1, *shape[1:]), np.float32),
-                                 rt.kv_fingerprint(), 0, "geo"), ErrorCode.SHAPE_MISMATCH),
+            "dt": (
+                make_payload(k.astype(np.float16), k.astype(np.float16), rt.kv_fingerprint(), 0, "dt"),
+                ErrorCode.DTYPE_MISMATCH,
+            ),
+            "geo": (
+                make_payload(
+                    np.ones((c.num_hidden_layers + 1, *shape[1:]), np.float32),
+                    np.ones((c.num_hidden_layers + 1, *shape[1:]), np.float32),
+                    rt.kv_fingerprint(),
+                    0,
+                    "geo",
+                ),
+                ErrorCode.SHAPE_MISMATCH,
+            ),
             "unknown-request": (make_payload(k, k, rt.kv_fingerprint(), 0, "unknown-request"), ErrorCode.IMPORT_FAILED),
             "gap": (make_payload(k, k, rt.kv_fingerprint(), 5, "fp"), None),  # starts at 5, sequence absent
-        }  # fmt: skip
+        }
         for name, (payload, code) in cases.items():
             result = sender.send(payload, address, 30)
             assert not result.ok, name
@@ -180,8 +200,12 @@ def test_cancelled_transfer_reserves_nothing(dest, model_dir, cache_dir):
 def test_concurrent_transfers_into_one_receiver(dest):
     model, mt, table, address = dest
     rt = model.runtime
-    src = open_model(model.source.path, cache_dir=model.compiled.lib_path.parent, quiet=True,
-                     kv=KVCacheConfig(max_batch_size=8, max_total_seq_len=2048, prefill_chunk_size=32))  # fmt: skip
+    src = open_model(
+        model.source.path,
+        cache_dir=model.compiled.lib_path.parent,
+        quiet=True,
+        kv=KVCacheConfig(max_batch_size=8, max_total_seq_len=2048, prefill_chunk_size=32),
+    )
     payloads = []
     for i in range(4):
         sid = 200 + i
@@ -211,10 +235,27 @@ def test_bench_kv_cli_reports_warm_repeats(model_dir, cache_dir):
 
     env = {**os.environ, "PDSERVE_CACHE_DIR": str(cache_dir)}
     r = subprocess.run(
-        [sys.executable, "-m", "llama_relax.cli", "bench-kv", "--model", str(model_dir), "--cache-dir", str(cache_dir),
-         "--tokens", "45", "--repeats", "3", "--no-bare", "--json"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "llama_relax.cli",
+            "bench-kv",
+            "--model",
+            str(model_dir),
+            "--cache-dir",
+            str(cache_dir),
+            "--tokens",
+            "45",
+            "--repeats",
+            "3",
+            "--no-bare",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["verified"] is True and out["repeats"] == 3 and out["tokens"] == 45

@@ -28,10 +28,18 @@ from llama_relax.loader.gguf_file import permute_rope_rows, unpermute_rope_rows
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 96, 4, 2, 2, 40
 HEAD_DIM = HIDDEN // HEADS
 HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTER,
-    "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "num_hidden_layers": LAYERS, "vocab_size": VOCAB,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-}  # fmt: skip
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTER,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "num_hidden_layers": LAYERS,
+    "vocab_size": VOCAB,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 256,
+}
 
 
 def hf_weights(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
@@ -229,10 +237,16 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 GGUF_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}  # fmt: skip
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 # Per-tensor storage type; layer 0's q/k are F32 so the permutation round trip is checked exactly.
 GGUF_TYPES = {
     "model.embed_tokens.weight": QT.Q8_0,
@@ -269,11 +283,22 @@ def write_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "llama")
     metadata = {
-        "name": "tiny", "block_count": LAYERS, "context_length": 256, "embedding_length": HIDDEN,
-        "feed_forward_length": INTER, "head_count": HEADS, "head_count_kv": KV_HEADS, "rope_freq_base": 10000.0,
-        "layer_norm_rms_eps": 1e-5, "vocab_size": VOCAB, "rope_dimension_count": HEAD_DIM, "tokenizer_model": "gpt2",
-        "token_list": [f"t{i}" for i in range(VOCAB)], "bos_token_id": 1, "add_bos_token": True,
-    }  # fmt: skip
+        "name": "tiny",
+        "block_count": LAYERS,
+        "context_length": 256,
+        "embedding_length": HIDDEN,
+        "feed_forward_length": INTER,
+        "head_count": HEADS,
+        "head_count_kv": KV_HEADS,
+        "rope_freq_base": 10000.0,
+        "layer_norm_rms_eps": 1e-5,
+        "vocab_size": VOCAB,
+        "rope_dimension_count": HEAD_DIM,
+        "tokenizer_model": "gpt2",
+        "token_list": [f"t{i}" for i in range(VOCAB)],
+        "bos_token_id": 1,
+        "add_bos_token": True,
+    }
     for key, value in metadata.items():
         getattr(writer, f"add_{key}")(value)
     overrides = overrides or {}

@@ -22,8 +22,12 @@ def real(cache_dir):
     from llama_relax.models import open_model
     from llama_relax.runtime import KVCacheConfig
 
-    model = open_model(path, cache_dir=cache_dir, quiet=True,
-                       kv=KVCacheConfig(max_batch_size=4, max_total_seq_len=1024, prefill_chunk_size=256))  # fmt: skip
+    model = open_model(
+        path,
+        cache_dir=cache_dir,
+        quiet=True,
+        kv=KVCacheConfig(max_batch_size=4, max_total_seq_len=1024, prefill_chunk_size=256),
+    )
     params = load_params(model.source, model.config, "float32")
     yield model, params
     model.close()

@@ -139,8 +139,14 @@ def test_tokens_come_from_prefill_then_decode_with_every_state_stamped():
     assert p.targets == ["127.0.0.1:7000"]  # the KV address learned at refresh, not fetched per request
     rec = done.record
     assert rec.state is RequestState.FINISHED and rec.completion_tokens == 3
-    assert list(rec.stamps) == [RequestState.QUEUED, RequestState.RESERVED, RequestState.PREFILLING,
-                                RequestState.KV_TRANSFER, RequestState.DECODING, RequestState.FINISHED]  # fmt: skip
+    assert list(rec.stamps) == [
+        RequestState.QUEUED,
+        RequestState.RESERVED,
+        RequestState.PREFILLING,
+        RequestState.KV_TRANSFER,
+        RequestState.DECODING,
+        RequestState.FINISHED,
+    ]
     assert rec.prefill.kv_bytes == 4096 and d.cancelled == [] and p.cancelled == []
     assert_settled(router)
 
@@ -268,8 +274,12 @@ def test_pick_prefill_takes_the_fewest_queued_tokens_among_live_workers():
 
 
 def test_decode_order_most_free_pages_then_fewest_active():
-    ws = [slot("a", free_pages=5, active=0), slot("b", free_pages=9, active=3), slot("c", free_pages=9, active=1),
-          slot("d", free_pages=99, alive=False)]  # fmt: skip
+    ws = [
+        slot("a", free_pages=5, active=0),
+        slot("b", free_pages=9, active=3),
+        slot("c", free_pages=9, active=1),
+        slot("d", free_pages=99, alive=False),
+    ]
     assert [w.name for w in decode_order(ws)] == ["c", "b", "a"]
 
 

@@ -50,10 +50,17 @@ def test_top_logprobs_sorted_and_normalized():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-     ({"top_k": -1}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ("",)}, "stop"),
-     ({"stop": tuple("abcdefghijklmnopq")}, "stop"), ({"logprobs": 21}, "logprobs")],
-)  # fmt: skip
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": ("",)}, "stop"),
+        ({"stop": tuple("abcdefghijklmnopq")}, "stop"),
+        ({"logprobs": 21}, "logprobs"),
+    ],
+)
 def test_invalid_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)

@@ -33,8 +33,13 @@ LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]
 class Server:
     def __init__(self, args: list[str], cache_dir) -> None:
         env = {**os.environ, **LOOPBACK_ENV, "PDSERVE_CACHE_DIR": str(cache_dir)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         self.lines: list[str] = []
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -88,8 +93,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def disagg(model_dir, cache_dir):
     metrics_port = free_port()
-    s = Server(["--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)],
-               cache_dir)  # fmt: skip
+    s = Server(
+        ["--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)], cache_dir
+    )
     s.metrics_port = metrics_port
     yield s
     assert_clean_exit(s)
@@ -106,16 +112,18 @@ def assert_clean_exit(s: Server) -> None:
     pids = s.stop()
     assert s.proc.returncode == 0, "".join(s.lines[-20:])
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                                              for p in pids):  # fmt: skip
+    while time.monotonic() < deadline and any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids
+    ):
         time.sleep(0.2)
     left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert left == [], f"processes left behind: {left}"
 
 
 def request(ids, max_tokens=8, **sampling) -> pb.GenerateRequest:
-    s = pb.SamplingParams(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0.0), ignore_eos=True,
-                          **sampling)  # fmt: skip
+    s = pb.SamplingParams(
+        max_tokens=max_tokens, temperature=sampling.pop("temperature", 0.0), ignore_eos=True, **sampling
+    )
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(ids)), sampling=s)
 
 
@@ -225,17 +233,43 @@ def test_nothing_listens_beyond_loopback(disagg, colocated):
 def test_cli_client_matches_local_generation(disagg, model_dir, cache_dir):
     env = {**os.environ, "PDSERVE_CACHE_DIR": str(cache_dir)}
     args = ["--prompt-ids", "3,1,4,1,5,9,2,6", "--max-tokens", "6", "--ignore-eos", "--json"]
-    remote = subprocess.run([sys.executable, "-m", "llama_relax.cli", "generate", "--addr", disagg.address, *args],
-                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
-    local = subprocess.run([sys.executable, "-m", "llama_relax.cli", "generate", "--model", str(model_dir), *args],
-                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    remote = subprocess.run(
+        [sys.executable, "-m", "llama_relax.cli", "generate", "--addr", disagg.address, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    local = subprocess.run(
+        [sys.executable, "-m", "llama_relax.cli", "generate", "--model", str(model_dir), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert remote.returncode == 0, remote.stderr
     assert local.returncode == 0, local.stderr
     r, lo = json.loads(remote.stdout), json.loads(local.stdout)
     assert r["token_ids"] == lo["token_ids"] and len(r["token_ids"]) == 6
     assert r["prompt_token_ids"] == [3, 1, 4, 1, 5, 9, 2, 6] and r["finish_reason"] == "length"
-    bad = subprocess.run([sys.executable, "-m", "llama_relax.cli", "generate", "--addr", disagg.address,
-                          "--prompt-ids", "1,2", "--top-k", "-2"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_relax.cli",
+            "generate",
+            "--addr",
+            disagg.address,
+            "--prompt-ids",
+            "1,2",
+            "--top-k",
+            "-2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "top_k" in bad.stderr
 
 
@@ -244,10 +278,17 @@ def test_prometheus_metrics(disagg):
 
     collect(disagg.stub, request([4, 5, 6], max_tokens=3))
     body = urllib.request.urlopen(f"http://127.0.0.1:{disagg.metrics_port}/metrics", timeout=10).read().decode()
-    for name in ("pdserve_ttft_seconds_count", "pdserve_inter_token_latency_seconds_count",
-                 "pdserve_e2e_latency_seconds_count", "pdserve_queue_seconds_count", "pdserve_kv_transfer_bytes_total",
-                 "pdserve_kv_transfer_seconds_count", "pdserve_kv_transfer_failures_total", "pdserve_kv_free_pages",
-                 'pdserve_requests_total{outcome="finished"}'):  # fmt: skip
+    for name in (
+        "pdserve_ttft_seconds_count",
+        "pdserve_inter_token_latency_seconds_count",
+        "pdserve_e2e_latency_seconds_count",
+        "pdserve_queue_seconds_count",
+        "pdserve_kv_transfer_bytes_total",
+        "pdserve_kv_transfer_seconds_count",
+        "pdserve_kv_transfer_failures_total",
+        "pdserve_kv_free_pages",
+        'pdserve_requests_total{outcome="finished"}',
+    ):
         assert name in body, name
     finished = next(line for line in body.splitlines() if line.startswith('pdserve_requests_total{outcome="finished"}'))
     assert float(finished.split()[-1]) >= 1

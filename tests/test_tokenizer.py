@@ -172,7 +172,26 @@ def test_template_sandbox_and_raise_exception(tmp_path: Path) -> None:
 
 def test_sentencepiece_gguf(tmp_path: Path) -> None:
     """tokenizer.ggml.model = llama: SentencePiece BPE from scores, byte fallback, leading-space handling."""
-    normal = ["▁", "h", "e", "l", "o", "w", "r", "d", "ll", "he", "hell", "hello", "▁hello", "or", "wor", "ld", "world", "▁world"]  # fmt: skip
+    normal = [
+        "▁",
+        "h",
+        "e",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+        "ll",
+        "he",
+        "hell",
+        "hello",
+        "▁hello",
+        "or",
+        "wor",
+        "ld",
+        "world",
+        "▁world",
+    ]
     tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *normal]
     types = [2, 3, 3] + [6] * 256 + [1] * len(normal)
     scores = [0.0] * 259 + [-float(i) for i in range(len(normal))]

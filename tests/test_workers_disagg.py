@@ -27,10 +27,17 @@ def cluster(tmp_path_factory, compiled_gqa, cache_dir):
     from decode_worker.worker import ColocatedWorker, DecodeWorker
     from prefill_worker.worker import PrefillWorker
 
-    opts = WorkerOptions(model=str(model), cache_dir=str(cache_dir), max_batch_size=16, max_total_seq_len=2048,
-                         prefill_chunk_size=32)  # fmt: skip
-    small = WorkerOptions(model=str(model), cache_dir=str(cache_dir), max_batch_size=4, max_total_seq_len=64,
-                          prefill_chunk_size=32, output_slice=4)  # fmt: skip
+    opts = WorkerOptions(
+        model=str(model), cache_dir=str(cache_dir), max_batch_size=16, max_total_seq_len=2048, prefill_chunk_size=32
+    )
+    small = WorkerOptions(
+        model=str(model),
+        cache_dir=str(cache_dir),
+        max_batch_size=4,
+        max_total_seq_len=64,
+        prefill_chunk_size=32,
+        output_slice=4,
+    )
     with local_ray({"prefill": 2, "decode": 2}) as ray:
         actor = {"max_concurrency": 64, "num_cpus": 0}
         handles = {
@@ -75,8 +82,10 @@ def colocated(ray, worker, req: GenerationRequest) -> list[TokenEvent | RequestE
 
 def make_requests(tag: str, params_for) -> list[GenerationRequest]:
     rng = np.random.default_rng(11)
-    return [GenerationRequest(f"{tag}{i}", tuple(int(t) for t in rng.integers(0, TINY_GQA.vocab_size, n)),
-                              params_for(i)) for i, n in enumerate(LENGTHS)]  # fmt: skip
+    return [
+        GenerationRequest(f"{tag}{i}", tuple(int(t) for t in rng.integers(0, TINY_GQA.vocab_size, n)), params_for(i))
+        for i, n in enumerate(LENGTHS)
+    ]
 
 
 def assert_no_leaks(ray, handles) -> None:
@@ -95,11 +104,11 @@ def tokens(events) -> list[int]:
 @pytest.mark.parametrize("mode", ["greedy", "seeded"])
 def test_disaggregated_matches_colocated(cluster, mode):
     ray, h = cluster
-    if mode == "greedy":
-        params = lambda i: SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)  # noqa: E731
-    else:
-        params = lambda i: SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, top_k=50, seed=100 + i,  # noqa: E731
-                                          ignore_eos=True)  # fmt: skip
+    sampled = {"temperature": 0.9, "top_p": 0.95, "top_k": 50} if mode == "seeded" else {"temperature": 0}
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=8, ignore_eos=True, seed=100 + i, **sampled)
+
     reqs_d, reqs_c = make_requests(f"d-{mode}-", params), make_requests(f"c-{mode}-", params)
     with cf.ThreadPoolExecutor(8) as ex:
         got_d = list(ex.map(lambda r: disagg(ray, h["prefill"], h["decode"], r), reqs_d))

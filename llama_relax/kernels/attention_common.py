@@ -165,8 +165,24 @@ def _make_q_tile_start(rope_table, tq: int, group: int, d_qk: int, d_v: int, dty
     rows = tq * group
 
     @T.macro
-    def q_tile_start(q_tile, q, q_beg, q_n, r0, hk, scal, rotary_mode, cs, sn, q_rope_position, rope_scale,
-                     rope_theta, m_r, l_r, o_tile):  # fmt: skip
+    def q_tile_start(
+        q_tile,
+        q,
+        q_beg,
+        q_n,
+        r0,
+        hk,
+        scal,
+        rotary_mode,
+        cs,
+        sn,
+        q_rope_position,
+        rope_scale,
+        rope_theta,
+        m_r,
+        l_r,
+        o_tile,
+    ):
         if rotary_mode == 1:
             for qi in range(tq):
                 rope_table(cs, sn, q_rope_position[q_beg + T.min(r0 + qi, q_n - 1)], rope_scale, rope_theta)

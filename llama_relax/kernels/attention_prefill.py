@@ -108,8 +108,24 @@ def attention_prefill_ragged_cpu(
                 nq = T.min(tq, q_n - r0)
                 k_end = T.if_then_else(causal > 0, T.max(T.min(k_n, k_n - q_n + r0 + nq), 0), k_n)
                 scal[3] = sm_scale * _f32(LOG2E)
-                q_tile_start(q_tile, q, q_beg, q_n, r0, hk, scal, rotary_mode, cs, sn, q_rope_position, rope_scale,
-                             rope_theta, m_r, l_r, o_tile)  # fmt: skip
+                q_tile_start(
+                    q_tile,
+                    q,
+                    q_beg,
+                    q_n,
+                    r0,
+                    hk,
+                    scal,
+                    rotary_mode,
+                    cs,
+                    sn,
+                    q_rope_position,
+                    rope_scale,
+                    rope_theta,
+                    m_r,
+                    l_r,
+                    o_tile,
+                )
 
                 for kt in range((k_end + tk - 1) // tk):
                     # keys past k_end load a copy of a valid row and are masked out below
@@ -291,8 +307,24 @@ def attention_prefill_cpu(
                 k_end = T.if_then_else(tirx.all(causal > 0, sws == 0), T.max(T.min(k_n, k_n - q_n + r0 + nq), 0), k_n)
                 k_start = T.if_then_else(tirx.all(causal > 0, sws > 0), T.max(k_n - T.max(sws - r0 - 1, 0), 0), 0)
                 scal[3] = sm_scale * _f32(LOG2E)
-                q_tile_start(q_tile, q, q_beg, q_n, r0, hk, scal, rotary_mode, cs, sn, q_rope_position, rope_scale,
-                             rope_theta, m_r, l_r, o_tile)  # fmt: skip
+                q_tile_start(
+                    q_tile,
+                    q,
+                    q_beg,
+                    q_n,
+                    r0,
+                    hk,
+                    scal,
+                    rotary_mode,
+                    cs,
+                    sn,
+                    q_rope_position,
+                    rope_scale,
+                    rope_theta,
+                    m_r,
+                    l_r,
+                    o_tile,
+                )
 
                 for kt in range(k_start // tk, (k_end + tk - 1) // tk):
                     # gather the tile's page slots; keys past k_end repeat a valid slot and are masked out
