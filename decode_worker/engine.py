@@ -5,34 +5,41 @@ baseline every disaggregation claim is measured against, is this engine fed only
 Request lifecycle (`DecodeState`):
   1. RESERVED     `reserve(req)`: pages for the prompt + a first slice of output are set aside (BUSY when full;
                   INVALID for a duplicate id or a request that never fits).
-     PREFILLING   `submit(req)`: the same admission, then the prompt is prefilled here, chunk by chunk, each step
-                  before the decode step (neither starves); its first token is sampled here and streamed.
+     PREFILLING   `submit(req)` (or `prefill_local(id)` of a reservation: no prefill worker alive): the same
+                  admission, then the prompt is prefilled here, chunk by chunk, each step before the decode step
+                  (neither starves); its first token is sampled here and streamed.
   2. (import)     the KV arrives over the worker's receiver with the first token in its header; it is imported
                   between steps on the engine thread and the sequence starts decoding at once.
   3. DECODING     each step samples one token per running sequence and streams it to the request's `OutputStream`.
   4. FINISHED / CANCELLED / FAILED   stop condition, `cancel(request_id)`, eviction or error: the sequence and its
                   pages are freed in the same step (`_end`, the one release path) and the stream gets its terminal
                   item.
+Leases: a reservation whose KV has not come within `kv_lease_s`, and a request whose stream nobody claimed within
+it, are ended and freed (counted in `load().lease_expired`), so no page stays held for a request nobody serves.
 Memory: the engine owns the runtime (one KV cache) and the page pool; streams are handed to the caller.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 
 from engine.decode_batch import DecodeBatch, DecodeSequence, DecodeState
+from engine.faults import FaultInjector, FaultPlan, Stage
 from engine.kvmeta import decode_first_token
 from engine.loop import EngineLoop, OutputStream
 from engine.messages import Admission, ErrorKind, GenerationRequest, RequestError, WorkerLoad
 from engine.pages import PagePool, pages_for
-from engine.prefill_batch import FirstToken, PrefillBatch
+from engine.prefill_batch import FirstToken, PrefillBatch, make_decoder
 from engine.scheduler import admit, decode_reservation
 from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
 from kvtransfer.runtime_io import import_into
-from llama_relax.generation import SequenceDecoder, TokenizerLike
+from llama_relax.generation import TokenizerLike
 from llama_relax.runtime import ModelRuntime
 
 _ENDED_BY = {ErrorKind.CANCELLED: DecodeState.CANCELLED}
+log = logging.getLogger(__name__)
 
 
 class DecodeEngine(EngineLoop):
@@ -44,18 +51,26 @@ class DecodeEngine(EngineLoop):
         max_batch: int = 16,
         output_slice: int = 16,
         token_budget: int = 0,
+        kv_lease_s: float = 30.0,
+        faults: FaultInjector | None = None,
         name: str = "decode",
     ) -> None:
         super().__init__(name)
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.output_slice = output_slice
+        self.kv_lease_s = kv_lease_s  # a reservation without KV, or a stream nobody claims, is freed after it
+        self.faults = faults or FaultInjector(FaultPlan())
+        self.lease_expired = 0
+        self.steps = 0
+        self._next_lease_check = 0.0
         self.max_seqs = runtime.kv_config.max_batch_size  # requests held at once: each needs a cache sequence
         self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
         self.prefill = PrefillBatch(runtime, self.max_seqs, token_budget)
         self.decode = DecodeBatch(runtime, self.pool, max_batch)
         self.seqs: dict[str, DecodeSequence] = {}  # every request held, admission order
-        self._unclaimed: dict[str, OutputStream] = {}  # streams not yet taken by `stream()` (may outlive the request)
+        # streams not yet taken by `stream()`, with their admission time (they may outlive the request)
+        self._unclaimed: dict[str, tuple[OutputStream, float]] = {}
         self._seq_ids = itertools.count(1)
 
     # ---- control (any thread) -----------------------------------------------------------------------------
@@ -68,7 +83,23 @@ class DecodeEngine(EngineLoop):
 
         def work() -> tuple[Admission, OutputStream | None]:
             decision = self._admit(req, DecodeState.PREFILLING)
-            return decision, (self._unclaimed.pop(req.request_id) if decision.ok else None)
+            return decision, (self._unclaimed.pop(req.request_id)[0] if decision.ok else None)
+
+        return self.call(work)
+
+    def prefill_local(self, request_id: str) -> OutputStream:
+        """Prefill a reserved request here instead of waiting for its KV; its stream (every event, token 1 too)."""
+
+        def work() -> OutputStream:
+            seq = self.seqs.get(request_id)
+            if seq is None or seq.state is not DecodeState.RESERVED:
+                stream = OutputStream()
+                why = "no reservation" if seq is None else f"it is {seq.state.value}"
+                stream.put(RequestError(request_id, ErrorKind.UNAVAILABLE, f"cannot prefill {request_id!r}: {why}"))
+                return stream
+            seq.state = DecodeState.PREFILLING
+            self.prefill.add(seq.req, seq.seq_id, seq.decoder)
+            return self._unclaimed.pop(request_id, (seq.out, 0.0))[0]
 
         return self.call(work)
 
@@ -76,10 +107,10 @@ class DecodeEngine(EngineLoop):
         """Hand the request's stream to the caller (once); it may already hold every event up to the end."""
 
         def claim() -> OutputStream:
-            stream = self._unclaimed.pop(request_id, None)
-            if stream is None:
-                stream = OutputStream()
-                stream.put(RequestError(request_id, ErrorKind.INTERNAL, f"no request {request_id!r} on this worker"))
+            if request_id in self._unclaimed:
+                return self._unclaimed.pop(request_id)[0]
+            stream = OutputStream()  # e.g. a restarted worker: the request is gone, and the router migrates it
+            stream.put(RequestError(request_id, ErrorKind.UNAVAILABLE, f"no request {request_id!r} on this worker"))
             return stream
 
         return self.call(claim)
@@ -108,6 +139,8 @@ class DecodeEngine(EngineLoop):
                 free_pages=self.pool.free,
                 total_pages=self.pool.total,
                 max_batch_seen=max(self.decode.batch_sizes, default=0),
+                lease_expired=self.lease_expired,
+                steps=self.steps,
             )
 
         return self.call(read)
@@ -128,8 +161,8 @@ class DecodeEngine(EngineLoop):
 
     # ---- engine thread ------------------------------------------------------------------------------------
     def _admit(self, req: GenerationRequest, state: DecodeState) -> Admission:
-        rid, n = req.request_id, len(req.prompt_ids)
-        tokens = decode_reservation(n, req.params.max_tokens, self.output_slice)
+        rid, n = req.request_id, len(req.token_ids)
+        tokens = decode_reservation(n, req.params.max_tokens - len(req.resume_ids), self.output_slice)
         decision = admit(
             self.pool,
             rid,
@@ -138,14 +171,15 @@ class DecodeEngine(EngineLoop):
             active=len(self.seqs),
             max_active=self.max_seqs,
             what=f"{self.name} engine",
+            peak_tokens=len(req.prompt_ids) + req.params.max_tokens,
         )
         if not decision.ok:
             return decision
         self.pool.reserve(rid, pages_for(tokens, self.pool.page_size))
-        decoder = SequenceDecoder(req.params, self.tokenizer, n, self.runtime.config.context_window_size)
+        decoder = make_decoder(req, self.tokenizer, self.runtime.config.context_window_size)
         seq = DecodeSequence(req, next(self._seq_ids), decoder, OutputStream(), state)
         self.seqs[rid] = seq
-        self._unclaimed[rid] = seq.out
+        self._unclaimed[rid] = (seq.out, seq.t_admit)
         if state is DecodeState.PREFILLING:
             self.prefill.add(req, seq.seq_id, decoder)
         return decision
@@ -154,13 +188,14 @@ class DecodeEngine(EngineLoop):
         seq = self.seqs.get(header.request_id)
         if seq is None or seq.state is not DecodeState.RESERVED:
             raise PayloadError(ErrorCode.IMPORT_FAILED, f"no reservation for request {header.request_id}")
-        if header.end != len(seq.req.prompt_ids):
+        if header.end != len(seq.req.token_ids):
             raise PayloadError(
-                ErrorCode.SHAPE_MISMATCH, f"KV covers {header.end} tokens, the prompt has {len(seq.req.prompt_ids)}"
+                ErrorCode.SHAPE_MISMATCH, f"KV covers {header.end} tokens, the request has {len(seq.req.token_ids)}"
             )
         first = decode_first_token(header.meta)
         if first.finish_reason is not None:
             raise PayloadError(ErrorCode.MALFORMED, "a request that ended with its first token sends no KV")
+        self.faults.hit(Stage.DECODE_IMPORT)
         import_into(self.runtime, seq.seq_id, header, k, v)
         seq.length = header.end
         replay = seq.decoder.append(first.token_id, first.logprobs)  # same stop/detok state as the sender
@@ -170,7 +205,7 @@ class DecodeEngine(EngineLoop):
             self._end(seq, RequestError(seq.request_id, ErrorKind.INTERNAL, "decode state diverged at token 1"))
 
     def step(self) -> bool:
-        did = False
+        did = self._expire_leases()
         if self.prefill.queue:
             did = True
             free_slots = self.max_seqs - len(self.runtime.sequence_ids())
@@ -181,17 +216,42 @@ class DecodeEngine(EngineLoop):
                 self._start(ft)
         running = [s for s in self.seqs.values() if s.state is DecodeState.DECODING]
         if running:
+            self.faults.hit(Stage.DECODE_STEP)
             worked, ended = self.decode.step(running)
             did = did or worked
             for e in ended:
                 self._end(e.seq, e.error)
+        self.steps += did
         return did
+
+    def _expire_leases(self) -> bool:
+        """Free a reservation whose KV never came, and a request whose stream nobody claimed, after the lease."""
+        now = time.monotonic()
+        if now < self._next_lease_check:
+            return False
+        self._next_lease_check = now + min(1.0, self.kv_lease_s / 4)
+        late = [s for s in self.seqs.values() if s.state is DecodeState.RESERVED and now - s.t_admit > self.kv_lease_s]
+        for s in late:
+            self._end(
+                s,
+                RequestError(s.request_id, ErrorKind.TRANSFER_FAILED, f"no KV within the {self.kv_lease_s:g} s lease"),
+            )
+        stale = [rid for rid, (_, t) in self._unclaimed.items() if now - t > self.kv_lease_s]
+        for rid in stale:
+            del self._unclaimed[rid]
+            if rid in self.seqs:
+                late.append(self.seqs[rid])
+                self._end(self.seqs[rid], RequestError(rid, ErrorKind.CANCELLED, "nobody claimed the stream"))
+        for s in late:
+            log.warning("%s: KV lease of %s expired (%s)", self.name, s.request_id, s.state.value)
+        self.lease_expired += len(late)
+        return bool(late)
 
     def _start(self, ft: FirstToken) -> None:
         """A prompt prefilled here: stream token 1; the sequence decodes from the next step on (in place)."""
         seq = self.seqs[ft.request_id]
         seq.out.put(ft.event)
-        seq.length = len(ft.req.prompt_ids)
+        seq.length = len(ft.req.token_ids)
         seq.last_token = ft.event.token_id
         seq.state = DecodeState.DECODING
         if ft.event.finish_reason is not None:

@@ -9,9 +9,10 @@ engine releases them (its one release path). The batch itself frees nothing."""
 from __future__ import annotations
 
 import enum
+import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.loop import OutputStream
 from engine.messages import ErrorKind, GenerationRequest, RequestError
@@ -44,6 +45,7 @@ class DecodeSequence:
     state: DecodeState
     length: int = 0
     last_token: int | None = None
+    t_admit: float = field(default_factory=time.monotonic)
 
     @property
     def request_id(self) -> str:

@@ -7,15 +7,21 @@ is set by whoever starts the process (Ray's runtime env, the CLI's `main`), neve
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Protocol
 
+from engine.loop import EngineLoop
 from engine.messages import Role, WorkerInfo, WorkerLoad, WorkerOptions
 from llama_relax.compile import resolve_target
 from llama_relax.models import OpenModel, open_model
 from llama_relax.runtime import KVCacheConfig
+
+log = logging.getLogger(__name__)
+EXIT_GRACE_S = 0.5  # lets the failed requests' last items reach their callers
 
 
 def open_worker_model(options: WorkerOptions) -> OpenModel:
@@ -53,6 +59,19 @@ class HostedEngine:
 
     def __init__(self) -> None:
         self.incarnation = uuid.uuid4().hex[:16]
+
+    def _host(self, engine: EngineLoop) -> None:
+        """Start the engine; if it ever breaks, this process exits (after its requests got their errors), so the
+        supervisor (Ray) restarts it instead of leaving a live process that fails every call."""
+
+        def exit_process(error: BaseException) -> None:
+            log.critical(
+                "%s engine is broken (%s: %s); exiting so it is restarted", self.role.value, type(error).__name__, error
+            )
+            threading.Timer(EXIT_GRACE_S, os._exit, args=(70,)).start()
+
+        engine.on_fatal = exit_process
+        engine.start()
 
     def kv_address(self) -> str:
         return ""

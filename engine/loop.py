@@ -37,6 +37,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._owner = threading.get_ident()  # drives the engine until `start()`
         self.error: BaseException | None = None  # set if step() raised: the engine is broken and stops
+        self.on_fatal: Callable[[BaseException], None] | None = None  # after on_broken (a host exits its process)
 
     # ---- cross-thread entry points ------------------------------------------------------------------------
     def post(self, fn: Callable[[], T]) -> cf.Future:
@@ -98,6 +99,8 @@ class EngineLoop:
                 self.error = e
                 self._stop.set()
                 self.on_broken(e)
+                if self.on_fatal is not None:
+                    self.on_fatal(e)
                 break
             if not busy:
                 try:

@@ -5,9 +5,11 @@ place (`router.convert`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from engine.faults import FaultPlan
 from llama_relax.generation import TokenEvent
 from llama_relax.sampling import SamplingParams
 
@@ -34,15 +36,31 @@ class ErrorKind(enum.Enum):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One request as the workers see it: validated token ids and sampling params with a concrete seed."""
+    """One request as the workers see it: validated token ids and sampling params with a concrete seed.
+
+    `resume_ids` are output tokens the client already received (a migrated request): the worker computes the KV
+    of `prompt_ids + resume_ids`, replays `resume_ids` through the sampler's stop/detokenizer state without
+    emitting them, and continues with output token `len(resume_ids)` (sampling is keyed by (seed, step), so the
+    continuation equals the unfailed run's)."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    resume_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("prompt_ids: the prompt is empty")
+        if len(self.resume_ids) >= self.params.max_tokens:
+            raise ValueError("resume_ids: the request already produced all of its tokens")
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """What the KV cache holds before the next output token: the prompt plus the tokens already produced."""
+        return self.prompt_ids + self.resume_ids
+
+    def resumed(self, produced: tuple[int, ...]) -> GenerationRequest:
+        return dataclasses.replace(self, resume_ids=produced)
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,7 @@ class PrefillResult:
     prefill_s: float = 0.0
     transfer_s: float = 0.0
     kv_bytes: int = 0
+    transfer_retries: int = 0  # sends retried after a transport failure (at most one)
 
     @property
     def ok(self) -> bool:
@@ -112,12 +131,15 @@ class WorkerOptions:
     max_queue: int = 64
     output_slice: int = 16  # decode-side reservation: prompt + this many output tokens
     kv_host: str = "127.0.0.1"
-    transfer_timeout_s: float = 60.0
+    kv_lease_s: float = 30.0  # exported KV not acked, or a reservation whose KV never came, is freed after this
+    faults: FaultPlan = field(default_factory=lambda: FaultPlan())  # fault injection (tests and drills only)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "max_queue", "output_slice"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.kv_lease_s > 0:
+            raise ValueError(f"kv_lease_s must be > 0, got {self.kv_lease_s}")
 
 
 @dataclass(frozen=True)
@@ -144,3 +166,5 @@ class WorkerLoad:
     free_pages: int = 0
     total_pages: int = 0
     max_batch_seen: int = 0  # the largest decode batch so far (observability, tests)
+    lease_expired: int = 0  # KV exports / reservations freed by their lease so far (a counter)
+    steps: int = 0  # engine steps that did work so far (a counter: progress)

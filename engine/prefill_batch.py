@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from engine.messages import GenerationRequest
 from engine.scheduler import PrefillItem, completes_prompt, schedule_prefill
-from llama_relax.generation import SequenceDecoder, TokenEvent
+from llama_relax.generation import SequenceDecoder, TokenEvent, TokenizerLike
 from llama_relax.runtime import ModelRuntime
 
 
@@ -50,6 +50,15 @@ class PrefillFailure:
     message: str
 
 
+def make_decoder(req: GenerationRequest, tokenizer: TokenizerLike | None, context_window: int) -> SequenceDecoder:
+    """The request's sampling/stop/detokenizer state, with the tokens it already produced replayed (their text was
+    streamed before; replaying emits nothing, it only brings the state to where it was)."""
+    decoder = SequenceDecoder(req.params, tokenizer, len(req.prompt_ids), context_window)
+    for token in req.resume_ids:
+        decoder.append(token)
+    return decoder
+
+
 class PrefillBatch:
     def __init__(self, runtime: ModelRuntime, max_seqs: int, token_budget: int = 0) -> None:
         self.runtime = runtime
@@ -62,7 +71,7 @@ class PrefillBatch:
         return sum(e.item.remaining for e in self.queue)
 
     def add(self, req: GenerationRequest, seq_id: int, decoder: SequenceDecoder) -> None:
-        item = PrefillItem(req.request_id, len(req.prompt_ids))
+        item = PrefillItem(req.request_id, len(req.token_ids))
         self.queue.append(PrefillEntry(req, seq_id, item, decoder, time.monotonic()))
 
     def drop(self, request_id: str) -> PrefillEntry | None:
@@ -88,7 +97,7 @@ class PrefillBatch:
                     self.runtime.add_sequence(e.seq_id)
             hidden = self.runtime.forward_hidden(
                 [e.seq_id for e in entries],
-                [e.req.prompt_ids[s.begin : s.end] for e, s in zip(entries, slices, strict=True)],
+                [e.req.token_ids[s.begin : s.end] for e, s in zip(entries, slices, strict=True)],
             )  # hidden: [1, total tokens, h]
             done_rows, done, offset = [], [], 0
             for e, s in zip(entries, slices, strict=True):

@@ -59,8 +59,15 @@ class DecodeAPI(WorkerAPI, Protocol):
         """The request's events after its first token, ending with the terminal one (claimable once)."""
         ...
 
+    def prefill_local(self, request_id: str) -> Iterator[Output]:
+        """Prefill the reserved request here instead of receiving its KV (no prefill worker alive): every event,
+        token 1 included, ending with the terminal one (claims the stream)."""
+        ...
 
-class ColocatedAPI(WorkerAPI, Protocol):
+
+class ColocatedAPI(DecodeAPI, Protocol):
+    """A decode engine that prefills everything itself: the router reserves, then calls `prefill_local`."""
+
     def generate(self, req: GenerationRequest) -> Iterator[Output]:
         """Prefill and decode `req` here; every event, ending with the terminal one."""
         ...

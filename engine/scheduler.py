@@ -26,17 +26,22 @@ def admit(
     active: int,
     max_active: int,
     what: str,
+    peak_tokens: int | None = None,
 ) -> Admission:
-    """Admit a request that needs pages for `tokens` tokens now, on an engine holding `active` of at most
-    `max_active` requests (`what` names that limit in the reason).
+    """Admit a request that needs pages for `tokens` tokens now (and for `peak_tokens` at most, by its end), on
+    an engine holding `active` of at most `max_active` requests (`what` names that limit in the reason).
 
     A duplicate id or a request that could never fit is INVALID (retrying cannot help); a full engine or pages
     that are taken right now is BUSY. Reserving the pages is the caller's next step."""
     if request_id in known:
         return Admission.refuse(ErrorKind.INVALID, f"request {request_id!r} is already on this worker")
     need = pages_for(tokens, pool.page_size)
-    if need > pool.total:
-        return Admission.refuse(ErrorKind.INVALID, f"request needs {need} KV pages, the worker has {pool.total}")
+    peak = pages_for(max(tokens, peak_tokens or 0), pool.page_size)
+    if peak > pool.total:
+        return Admission.refuse(
+            ErrorKind.INVALID,
+            f"request needs up to {peak} KV pages (prompt + max_tokens), the worker has {pool.total}",
+        )
     if active >= max_active:
         return Admission.refuse(ErrorKind.BUSY, f"{what} full ({max_active} requests)")
     if not pool.can_reserve(need):

@@ -10,8 +10,11 @@ Request lifecycle (`PrefillState`):
   3. TRANSFERRING  the last chunk's logits give token 1; `on_event(event)` reports it at once (TTFT), the KV is
                    exported on the engine thread with token 1 in its header, and a transfer thread pushes it to the
                    decode worker, so the engine keeps prefilling meanwhile.
+                   A transport failure (reset, checksum, truncated stream) is retried once; a send not acked within
+                   `kv_lease_s` gives up (the lease expired) and the exported KV is freed.
   4. DONE / FAILED / CANCELLED   the receiver's ack (or a failure / timeout / cancel) ends it: `on_event` gets the
                    `PrefillResult` exactly once, then the sequence and its pages are released on the engine thread.
+A request with `resume_ids` (a migration) prefills prompt + resume_ids and samples the token after them.
 Memory: the engine owns the runtime and the page pool; a payload is owned by its transfer thread until the send
 returns.
 """
@@ -21,20 +24,22 @@ from __future__ import annotations
 import concurrent.futures as cf
 import enum
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.faults import FaultInjector, FaultPlan, Stage
 from engine.kvmeta import encode_first_token
 from engine.loop import EngineLoop
 from engine.messages import Admission, ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerLoad
 from engine.pages import PagePool, pages_for
-from engine.prefill_batch import FirstToken, PrefillBatch
+from engine.prefill_batch import FirstToken, PrefillBatch, make_decoder
 from engine.scheduler import admit
-from kvtransfer.payload import KVPayload
+from kvtransfer.payload import ErrorCode, KVPayload
 from kvtransfer.runtime_io import export_for
-from kvtransfer.transport import KVSender
-from llama_relax.generation import SequenceDecoder, TokenEvent, TokenizerLike
+from kvtransfer.transport import KVSender, TransferResult
+from llama_relax.generation import TokenEvent, TokenizerLike
 from llama_relax.runtime import ModelRuntime
 
 
@@ -48,6 +53,11 @@ class PrefillState(enum.Enum):
 
 
 PrefillEvent = TokenEvent | PrefillResult
+# transport failures worth one more try (a rejection by the receiver, a lease that ran out or a cancel are not)
+RETRYABLE = frozenset(
+    {ErrorCode.UNAVAILABLE, ErrorCode.CHECKSUM_MISMATCH, ErrorCode.TRUNCATED, ErrorCode.CANCELLED, ErrorCode.BUSY}
+)
+log = logging.getLogger(__name__)
 _TERMINAL = frozenset({PrefillState.DONE, PrefillState.FAILED, PrefillState.CANCELLED})
 
 
@@ -80,15 +90,19 @@ class PrefillEngine(EngineLoop):
         max_queue: int = 64,
         max_seqs: int = 16,
         token_budget: int = 0,
-        transfer_timeout_s: float = 60.0,
+        kv_lease_s: float = 30.0,
         transfer_threads: int = 2,
+        faults: FaultInjector | None = None,
     ) -> None:
         super().__init__("prefill")
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.sender = sender
         self.max_queue = max_queue
-        self.transfer_timeout_s = transfer_timeout_s
+        self.kv_lease_s = kv_lease_s  # a send not acked within it fails, and the exported KV is freed
+        self.faults = faults or FaultInjector(FaultPlan())
+        self.lease_expired = 0
+        self.steps = 0
         self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
         self.batch = PrefillBatch(runtime, max_seqs, token_budget)
         self.jobs: dict[str, _Job] = {}
@@ -117,6 +131,8 @@ class PrefillEngine(EngineLoop):
                 sequences=len(self.runtime.sequence_ids()),
                 free_pages=self.pool.free,
                 total_pages=self.pool.total,
+                lease_expired=self.lease_expired,
+                steps=self.steps,
             )
 
         return self.call(read)
@@ -129,7 +145,7 @@ class PrefillEngine(EngineLoop):
 
     # ---- engine thread ------------------------------------------------------------------------------------
     def _submit(self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None]) -> Admission:
-        rid, n = req.request_id, len(req.prompt_ids)
+        rid, n = req.request_id, len(req.token_ids)
         decision = admit(
             self.pool,
             rid,
@@ -143,12 +159,8 @@ class PrefillEngine(EngineLoop):
             self.pool.reserve(rid, pages_for(n, self.pool.page_size))
             job = _Job(req, kv_target, on_event, next(self._seq_ids))
             self.jobs[rid] = job
-            self.batch.add(req, job.seq_id, self._decoder(req))
+            self.batch.add(req, job.seq_id, make_decoder(req, self.tokenizer, self.runtime.config.context_window_size))
         return decision
-
-    def _decoder(self, req: GenerationRequest) -> SequenceDecoder:
-        ctx = self.runtime.config.context_window_size
-        return SequenceDecoder(req.params, self.tokenizer, len(req.prompt_ids), ctx)
 
     def _cancel(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
@@ -164,8 +176,10 @@ class PrefillEngine(EngineLoop):
     def step(self) -> bool:
         if not self.batch.queue:
             return False
+        self.faults.hit(Stage.PREFILL_FORWARD)
         free_slots = self.runtime.kv_config.max_batch_size - len(self.runtime.sequence_ids())
         firsts, failures = self.batch.step(free_slots)
+        self.steps += 1
         for f in failures:
             self._fail(self.jobs[f.request_id], ErrorKind.INTERNAL, f.message)
         for e in self.batch.queue:
@@ -186,6 +200,7 @@ class PrefillEngine(EngineLoop):
             job.report(PrefillResult(job.req.request_id, ft.event, None, ft.queue_s, ft.prefill_s))
             return
         job.state = PrefillState.TRANSFERRING
+        self.faults.hit(Stage.KV_EXPORT)
         try:
             payload = export_for(
                 self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id, meta=encode_first_token(ft.event)
@@ -195,8 +210,20 @@ class PrefillEngine(EngineLoop):
             return
         self._transfers.submit(self._transfer, job, ft, payload)
 
+    def _send(self, job: _Job, payload: KVPayload, retry: bool = False) -> TransferResult:
+        """One send; a planned KV_SEND fault damages a first send (this stream only), never the retry."""
+        fault = None if retry else self.faults.hit(Stage.KV_SEND)
+        self.faults.arm(job.req.request_id, fault)
+        damaged = self.faults.damaged(fault, payload.k)
+        sent = payload if damaged is payload.k else KVPayload(payload.header, damaged, payload.v)
+        return self.sender.send(sent, job.kv_target, self.kv_lease_s)
+
     def _transfer(self, job: _Job, ft: FirstToken, payload: KVPayload) -> None:  # transfer thread
-        result = self.sender.send(payload, job.kv_target, self.transfer_timeout_s)
+        """Send the KV; a transport failure is retried once; a send not acked within the lease gives up."""
+        result, retries = self._send(job, payload), 0
+        if not result.ok and result.error in RETRYABLE and job.state is not PrefillState.CANCELLED:
+            log.warning("KV transfer of %s failed (%s: %s); retrying once", ft.request_id, result.error, result.message)
+            result, retries = self._send(job, payload, retry=True), 1
         del payload
         rid = ft.request_id
         cancelled = job.state is PrefillState.CANCELLED
@@ -204,11 +231,16 @@ class PrefillEngine(EngineLoop):
         if cancelled:
             error = RequestError(rid, ErrorKind.CANCELLED, "cancelled")
         elif not result.ok:
-            msg = f"KV transfer to {job.kv_target} failed: {result.error}: {result.message}"
+            if result.error is ErrorCode.TIMEOUT:
+                self.lease_expired += 1  # a counter read by load(); one writer at a time is enough for it
+                log.warning("KV lease of %s expired after %.0f s without an ack", rid, self.kv_lease_s)
+            msg = f"KV transfer to {job.kv_target} failed: {result.error.value}: {result.message}"
             error = RequestError(rid, ErrorKind.TRANSFER_FAILED, msg)
         # Report at once: the decode worker may start as soon as the KV is in, not after our current prefill
         # step (waiting for the engine thread here put a whole prefill step between tokens 1 and 2).
-        job.report(PrefillResult(rid, ft.event, error, ft.queue_s, ft.prefill_s, result.transfer_s, result.nbytes))
+        job.report(
+            PrefillResult(rid, ft.event, error, ft.queue_s, ft.prefill_s, result.transfer_s, result.nbytes, retries)
+        )
         final = PrefillState.DONE if error is None else (PrefillState.CANCELLED if cancelled else PrefillState.FAILED)
         fut = self.post(lambda: self._release(job, final))
         if fut.cancelled() or (fut.done() and fut.exception() is not None):  # engine stopped: release inline

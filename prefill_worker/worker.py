@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 from collections.abc import Iterator
 
+from engine.faults import FaultInjector
 from engine.hosting import HostedEngine, open_worker_model
 from engine.messages import GenerationRequest, PrefillResult, Role, WorkerOptions
 from kvtransfer.runtime_io import make_sender
@@ -28,15 +29,19 @@ class PrefillWorker(HostedEngine):
         self.options = options
         self.model = open_worker_model(options)
         self.sender = make_sender(self.model.runtime)
+        faults = FaultInjector(options.faults)
+        if options.faults.faults:
+            self.sender.grpc.on_chunk = faults.chunk_hook(self.sender.cancel)
         self.engine = PrefillEngine(
             self.model.runtime,
             self.model.tokenizer,
             self.sender,
             max_queue=options.max_queue,
             max_seqs=options.max_batch_size,
-            transfer_timeout_s=options.transfer_timeout_s,
+            kv_lease_s=options.kv_lease_s,
+            faults=faults,
         )
-        self.engine.start()
+        self._host(self.engine)
 
     def prefill(self, req: GenerationRequest, kv_target: str) -> PrefillResult:
         *_, last = self.prefill_stream(req, kv_target)

@@ -267,3 +267,141 @@ def test_admission_kinds_and_cancel_release_everything(runtime, second_runtime):
     assert p.cancel("q0") and out[0].items[-1].error.kind is ErrorKind.CANCELLED
     assert p.cancel("q1")
     assert_no_leaks(p, d)
+
+
+def run_colocated(eng: DecodeEngine, req: GenerationRequest) -> list[int]:
+    admission, stream = eng.submit(req)
+    assert admission.ok, admission
+    run_until(eng, lambda: req.request_id not in eng.seqs)
+    events = drain(stream)
+    assert isinstance(events[-1], TokenEvent), events[-1]
+    return [e.token_id for e in events]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=123, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
+def test_a_resumed_request_continues_exactly_where_the_unfailed_run_went(runtime, sampling):
+    """Migration's contract: prefilling prompt + the first k output tokens and sampling step k gives the same
+    continuation as the unfailed run (sampling is keyed by (seed, step))."""
+    eng = DecodeEngine(runtime, None, max_batch=8, name="colocated")
+    prompt = prompts()[1]
+    full = run_colocated(eng, GenerationRequest("full", prompt, sampling))
+    for k in (1, 3, 7):
+        assert run_colocated(eng, GenerationRequest(f"resume{k}", prompt, sampling, tuple(full[:k]))) == full[k:]
+    assert_no_leaks(eng)
+
+
+def test_the_prefill_engine_resumes_too_and_the_kv_covers_prompt_plus_produced(runtime, second_runtime):
+    sender = RecordingSender()
+    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
+    d = DecodeEngine(second_runtime, None, max_batch=8)
+    prompt, params = prompts()[2], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    full = run_colocated(DecodeEngine(second_runtime, None, name="colocated"), GenerationRequest("f", prompt, params))
+    req = GenerationRequest("m~1", prompt, params, tuple(full[:2]))
+    out = Collect()
+    assert d.reserve(req).ok and p.submit(req, "unused:1", out).ok
+    run_until(p, lambda: out.done.is_set())
+    payload = sender.payloads[0]
+    assert payload.header.end == len(prompt) + 2 and out.items[0].token_id == full[2]
+    d.import_kv(payload.header, payload.k, payload.v)
+    run_until(d, lambda: not d.seqs)
+    assert [out.items[0].token_id] + [e.token_id for e in d.stream("m~1")] == full[2:]
+    run_until(p, lambda: not p.jobs)
+    assert_no_leaks(p, d)
+
+
+def test_a_reservation_whose_kv_never_comes_is_freed_by_its_lease(second_runtime):
+    d = DecodeEngine(second_runtime, None, max_batch=8, kv_lease_s=0.2)
+    assert d.reserve(GenerationRequest("lost", prompts()[0], GREEDY)).ok
+    stream = d.stream("lost")
+    time.sleep(0.3)
+    d.tick()
+    assert "lost" not in d.seqs and d.load().lease_expired == 1
+    error = stream.get(timeout=0)
+    assert error.kind is ErrorKind.TRANSFER_FAILED and "lease" in error.message
+    assert d.reserve(GenerationRequest("unclaimed", prompts()[0], GREEDY)).ok  # nobody ever claims its stream
+    time.sleep(0.3)
+    d.tick()
+    assert not d.seqs and d.load().lease_expired == 2
+    assert_no_leaks(d)
+
+
+def test_prefill_local_turns_a_reservation_into_a_local_prefill(second_runtime, params):
+    d = DecodeEngine(second_runtime, None, max_batch=8)
+    req = GenerationRequest("local", prompts()[3], GREEDY)
+    assert d.reserve(req).ok
+    stream = d.prefill_local("local")
+    run_until(d, lambda: not d.seqs)
+    tokens = [e.token_id for e in drain(stream)]
+    assert len(tokens) == 6
+    assert_greedy_matches_reference(params, req.prompt_ids, tokens)
+    missing = drain(d.prefill_local("nobody"))
+    assert missing[-1].kind is ErrorKind.UNAVAILABLE
+    assert_no_leaks(d)
+
+
+class FlakySender(RecordingSender):
+    """Fails the first `failures` sends with `error`, then records (answers ok)."""
+
+    def __init__(self, failures: int, error: ErrorCode) -> None:
+        super().__init__()
+        self.failures, self.error, self.attempts = failures, error, 0
+
+    def send(self, payload, target, timeout_s):
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            return TransferResult.failure(self.error, "injected", 0, 0.001)
+        return super().send(payload, target, timeout_s)
+
+
+@pytest.mark.parametrize(
+    ("failures", "error", "ok", "attempts", "expired"),
+    [
+        (1, ErrorCode.UNAVAILABLE, True, 2, 0),  # retried once, then delivered
+        (2, ErrorCode.CHECKSUM_MISMATCH, False, 2, 0),  # retried once, then reported (the router recomputes)
+        (1, ErrorCode.IMPORT_FAILED, False, 1, 0),  # the receiver refused it: no retry
+        (1, ErrorCode.TIMEOUT, False, 1, 1),  # the lease ran out: freed and counted
+    ],
+)
+def test_a_failed_send_is_retried_once_and_a_lease_that_runs_out_is_counted(
+    runtime, failures, error, ok, attempts, expired
+):
+    sender = FlakySender(failures, error)
+    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
+    out = Collect()
+    assert p.submit(GenerationRequest("s", prompts()[0], GREEDY), "unused:1", out).ok
+    run_until(p, lambda: out.done.is_set())
+    result = out.items[-1]
+    assert result.ok is ok and sender.attempts == attempts
+    assert result.transfer_retries == attempts - 1
+    if not ok:
+        assert result.error.kind is ErrorKind.TRANSFER_FAILED
+    run_until(p, lambda: not p.jobs)
+    assert p.load().lease_expired == expired
+    assert_no_leaks(p)
+
+
+def test_fault_injector_marks_stages_damages_copies_and_fires_a_limited_number_of_times(tmp_path):
+    from engine.faults import Action, Fault, FaultInjector, FaultPlan, Stage
+
+    plan = FaultPlan((Fault.parse("kv_send:corruptx2"), Fault.parse("decode_step:pause:0.01")), str(tmp_path))
+    inj = FaultInjector(plan)
+    k = np.zeros((2, 3), np.float32)
+    for _ in range(2):
+        fault = inj.hit(Stage.KV_SEND)
+        assert fault.action is Action.CORRUPT
+        bad = inj.damaged(fault, k)
+        assert bad is not k and not np.array_equal(bad, k) and not k.any()
+    assert inj.hit(Stage.KV_SEND) is None and inj.damaged(None, k) is k
+    assert (tmp_path / "kv_send").exists() and not (tmp_path / "decode_step").exists()
+    assert inj.hit(Stage.DECODE_STEP).action is Action.PAUSE and inj.hit(Stage.PREFILL_FORWARD) is None
+    with pytest.raises(ValueError, match="kv_send only"):
+        Fault.parse("decode_step:corrupt")
+    with pytest.raises(ValueError, match="expected STAGE"):
+        Fault.parse("nonsense")

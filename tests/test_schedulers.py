@@ -53,6 +53,8 @@ def test_admission_kinds():
     never = admit(pool, "a", set(), tokens=16 * 11, active=0, max_active=3, what="queue")
     assert never.kind is ErrorKind.INVALID and "has 10" in never.reason
     dup = admit(pool, "a", {"a"}, tokens=5, active=0, max_active=3, what="queue")
+    peak = admit(pool, "c", set(), tokens=16, peak_tokens=16 * 11, active=0, max_active=3, what="queue")
+    assert peak.kind is ErrorKind.INVALID and "prompt + max_tokens" in peak.reason
     assert dup.kind is ErrorKind.INVALID and "already" in dup.reason
     pool.reserve("x", 9)
     taken = admit(pool, "b", {"x"}, tokens=17, active=1, max_active=3, what="queue")
