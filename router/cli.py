@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
-from pathlib import Path
 
 
 # ---- serve ----------------------------------------------------------------------------------------------------
@@ -23,93 +20,62 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0: off)")
-    p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-total-seq-len", type=int, default=8192, help="KV capacity per worker, in tokens")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=0,
+        help="sequences per worker (0: one per 256 tokens of KV capacity, 1..32)",
+    )
     p.add_argument("--prefill-chunk-size", type=int, default=512)
     p.add_argument("--threads-per-worker", type=int, default=0, help="TVM threads per worker (0: cores / workers)")
+    g = p.add_argument_group("failures and load")
+    g.add_argument("--migration-limit", type=int, default=3, help="migrations per request (default 3)")
+    g.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request waits for a decode worker to come back (default 60)",
+    )
+    g.add_argument(
+        "--kv-lease-s",
+        type=float,
+        default=30.0,
+        help="seconds before unacknowledged KV or a reservation without KV is freed (default 30)",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a worker may take to answer before it is treated as failed (default 30)",
+    )
+    g.add_argument(
+        "--max-queue-wait-s",
+        type=float,
+        default=30.0,
+        help="seconds a request waits for room on the decode pool (default 30)",
+    )
+    g.add_argument("--max-queued-requests", type=int, default=256, help="requests that may wait (default 256)")
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM/Ctrl-C (default 30)",
+    )
+    g.add_argument(
+        "--inject-fault",
+        action="append",
+        default=[],
+        metavar="STAGE:ACTION[:SECONDS][xTIMES]",
+        help="fault drills: e.g. prefill_forward:pause:5, kv_send:corrupt (see engine/faults.py)",
+    )
+    g.add_argument("--fault-marker-dir", default="", help="fault drills: touch <dir>/<stage> when a fault fires")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from router.cluster import ClusterSpec, connect_ray, loopback_ray_env, start_pools, stop_pools
+    from router.serve import run_serve
 
-    loopback_ray_env()  # before anything below imports Ray
-    from engine.messages import WorkerOptions
-    from llama_relax.compile import compile_model, resolve_target
-    from llama_relax.loader import load_config, resolve_model
-    from llama_relax.models import default_model_path, load_tokenizer
-    from router.convert import ModelLimits
-    from router.metrics import Metrics
-    from router.router import Router
-    from router.server import GenerationService, ServedModel, start_server
-
-    if args.colocated and (args.prefill_workers != 1 or args.decode_workers != 1):
-        raise ValueError("--colocated replaces --prefill-workers/--decode-workers; give one or the other")
-    spec = ClusterSpec(args.prefill_workers, args.decode_workers, args.colocated, args.address, args.threads_per_worker)
-    cache_dir = args.cache_dir
-    model_path = args.model or default_model_path(cache_dir)
-    src = resolve_model(model_path)
-    config = load_config(src)
-    tokenizer = load_tokenizer(src)
-    compile_model(config, args.dtype, resolve_target(args.target), cache_dir=cache_dir)  # once: workers hit the cache
-    options = WorkerOptions(
-        model=str(Path(model_path).resolve()),
-        cache_dir=str(Path(cache_dir).resolve()),
-        dtype=args.dtype,
-        target=args.target,
-        max_batch_size=args.max_batch_size,
-        max_total_seq_len=args.max_total_seq_len,
-        prefill_chunk_size=args.prefill_chunk_size,
-        kv_host=args.host,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(
-        f"[pdserve] starting {spec.mode.value} workers on Ray ({spec.address or 'local cluster on 127.0.0.1'})...",
-        file=sys.stderr,
-        flush=True,
-    )
-    ray = connect_ray(spec)
-    cluster = server = router = None
-    try:
-        cluster = start_pools(ray, spec, options)
-        pools = cluster.pools
-        router = Router(pools, spec.mode)
-        metrics = Metrics()
-        if args.metrics_port:
-            metrics.serve(args.metrics_port, args.host)
-        served = ServedModel(
-            src.path.name, args.dtype, ModelLimits.of(config), config.num_hidden_layers, config.hidden_size, tokenizer
-        )
-        server, health, port = start_server(GenerationService(router, served, metrics), args.host, args.port)
-        workers = (
-            f"{spec.colocated} colocated"
-            if spec.colocated
-            else f"{spec.prefill_workers} prefill + {spec.decode_workers} decode"
-        )
-        print(f"pdserve: serving {served.name} ({workers} workers) on {args.host}:{port}", flush=True)
-        print("pdserve: ready", flush=True)
-        lost = 0
-        while not stop.wait(1.0):
-            pools.refresh()
-            lost = lost + 1 if not any(w.alive for w in pools.workers) else 0
-            if spec.address is not None and lost >= 10:  # the joined cluster went away (e.g. `ray down`)
-                print("pdserve: lost every worker of the Ray cluster; exiting", file=sys.stderr, flush=True)
-                break
-            for w in pools.workers:
-                metrics.kv_free.labels(w.name, w.role.value).set(w.load.free_pages)
-                metrics.kv_total.labels(w.name, w.role.value).set(w.load.total_pages)
-        print("pdserve: shutting down", file=sys.stderr, flush=True)
-        health.enter_graceful_shutdown()
-    finally:
-        if server is not None:
-            server.stop(grace=5).wait(10)
-        if router is not None:
-            router.close()
-        if cluster is not None:
-            stop_pools(ray, cluster)
-        ray.shutdown()
-    return 0
+    return run_serve(args)
 
 
 # ---- generate (local or remote) -------------------------------------------------------------------------------

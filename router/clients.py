@@ -5,7 +5,7 @@ inside the worker's method raises `WorkerFault` with a one-line message (never t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from engine.loop import Output
@@ -14,6 +14,7 @@ from engine.protocols import WorkerFault, WorkerGone
 from llama_relax.generation import TokenEvent
 
 MAX_FAULT_CHARS = 300
+STREAM_POLL_S = 0.25  # how often a waiting stream checks that its worker is still considered alive
 
 
 def fault_message(error: BaseException) -> str:
@@ -29,13 +30,18 @@ def fault_message(error: BaseException) -> str:
 
 
 class RayWorkerClient:
-    """The calls every role answers, on one actor. `call_timeout_s` bounds each blocking control call."""
+    """The calls every role answers, on one actor. `call_timeout_s` bounds each blocking control call (a worker
+    slower than that is treated as stalled). A stream waits for its next item as long as it takes, unless
+    `alive()` turns False meanwhile (the pool monitor gave up on the worker): then it raises `WorkerGone`."""
 
-    def __init__(self, ray: Any, handle: Any, name: str, call_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, ray: Any, handle: Any, name: str, call_timeout_s: float = 30.0, alive: Callable[[], bool] = lambda: True
+    ) -> None:
         self.ray = ray
         self.handle = handle
         self.name = name
         self.call_timeout_s = call_timeout_s
+        self.alive = alive
 
     def _get(self, ref: Any, timeout_s: float | None = None) -> Any:
         exc = self.ray.exceptions
@@ -47,10 +53,19 @@ class RayWorkerClient:
             raise WorkerFault(fault_message(e)) from e
 
     def _iter(self, refs: Any) -> Iterator[Any]:
-        """Items of a streaming actor call, in order (blocking on each, without a timeout)."""
+        """Items of a streaming actor call, in order."""
         exc = self.ray.exceptions
         try:
-            for ref in refs:
+            while True:
+                ready, _ = self.ray.wait([refs], timeout=STREAM_POLL_S)
+                if not ready:
+                    if not self.alive():
+                        raise WorkerGone(f"{self.name}: stopped answering")
+                    continue
+                try:
+                    ref = next(refs)
+                except StopIteration:
+                    return
                 yield self._get(ref)
         except (exc.RayActorError, exc.ObjectLostError) as e:  # raised by the generator itself
             raise WorkerGone(f"{self.name}: {type(e).__name__}") from e
@@ -87,8 +102,11 @@ class RayDecodeClient(RayWorkerClient):
     def stream(self, request_id: str) -> Iterator[Output]:
         return self._iter(self.handle.stream.remote(request_id))
 
+    def prefill_local(self, request_id: str) -> Iterator[Output]:
+        return self._iter(self.handle.prefill_local.remote(request_id))
 
-class RayColocatedClient(RayWorkerClient):
+
+class RayColocatedClient(RayDecodeClient):
     """`engine.protocols.ColocatedAPI` over a `ColocatedWorker` actor."""
 
     def generate(self, req: GenerationRequest) -> Iterator[Output]:

@@ -91,33 +91,32 @@ class Cluster:
     pools: Pools
 
 
-def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions) -> Cluster:
+def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions, stall_timeout_s: float = 30.0) -> Cluster:
     """Create the worker actors (on the custom resource named by their role) and wait until each has loaded its
-    model; the pools are refreshed once, so every worker's KV address and load are known."""
+    model; the pools are refreshed once, so every worker's KV address and load are known.
+
+    Ray restarts a worker whose process died, without a cap (`max_restarts=-1`); the router's pool monitor sees
+    the new incarnation and readmits it. A call slower than `stall_timeout_s` treats the worker as failed."""
     from decode_worker.worker import ColocatedWorker, DecodeWorker
     from prefill_worker.worker import PrefillWorker
 
-    actor = {"max_concurrency": 256, "num_cpus": 0, "max_restarts": 1}
+    actor = {"max_concurrency": 256, "num_cpus": 0, "max_restarts": -1, "max_task_retries": 0}
     gpus = 1 if options.target == "cuda" else 0  # a CUDA worker holds one GPU of its node
-
-    def make(role: Role, cls: type) -> Any:
-        return ray.remote(cls).options(resources={role.value: 1}, num_gpus=gpus, **actor).remote(options)
-
-    pools, handles = Pools(), []
+    plan: list[tuple[Role, type, type, list[WorkerSlot]]] = []
+    pools = Pools()
     if spec.colocated:
-        for i in range(spec.colocated):
-            handles.append(h := make(Role.COLOCATED, ColocatedWorker))
-            pools.colocated.append(
-                WorkerSlot(f"colocated-{i}", Role.COLOCATED, RayColocatedClient(ray, h, f"colocated-{i}"))
-            )
+        plan += [(Role.COLOCATED, ColocatedWorker, RayColocatedClient, pools.colocated)] * spec.colocated
     else:
-        for i in range(spec.prefill_workers):
-            handles.append(h := make(Role.PREFILL, PrefillWorker))
-            pools.prefill.append(WorkerSlot(f"prefill-{i}", Role.PREFILL, RayPrefillClient(ray, h, f"prefill-{i}")))
-        for i in range(spec.decode_workers):
-            n = spec.prefill_workers + i
-            handles.append(h := make(Role.DECODE, DecodeWorker))
-            pools.decode.append(WorkerSlot(f"decode-{n}", Role.DECODE, RayDecodeClient(ray, h, f"decode-{n}")))
+        plan += [(Role.PREFILL, PrefillWorker, RayPrefillClient, pools.prefill)] * spec.prefill_workers
+        plan += [(Role.DECODE, DecodeWorker, RayDecodeClient, pools.decode)] * spec.decode_workers
+    handles = []
+    for i, (role, cls, client_cls, pool) in enumerate(plan):
+        name = f"{role.value}-{i}"
+        handle = ray.remote(cls).options(resources={role.value: 1}, num_gpus=gpus, **actor).remote(options)
+        slot = WorkerSlot(name, role, None)
+        slot.client = client_cls(ray, handle, name, stall_timeout_s, alive=lambda s=slot: s.alive)
+        pool.append(slot)
+        handles.append(handle)
     ray.get([h.ping.remote() for h in handles])
     pools.refresh()
     return Cluster(handles, pools)

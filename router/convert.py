@@ -3,6 +3,7 @@ and validates client input on the way in (errors name the offending field)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from llama_relax.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams,
 from protos import generate_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 64
+MAX_REQUEST_ID_CHARS = 128  # the KV header allows 256; attempts add a short "~n" suffix
+REQUEST_ID_CHARSET = re.compile(r"[A-Za-z0-9._:/@+=-]+")
 
 STATUS_FOR_ERROR = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -116,7 +119,18 @@ def request_from_pb(req: pb.GenerateRequest, limits: ModelLimits, tokenizer) -> 
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
             f"({limits.context_window_size})",
         )
-    return GenerationRequest(req.request_id or uuid.uuid4().hex, ids, resolve_seed(params))
+    return GenerationRequest(request_id_from_pb(req.request_id), ids, resolve_seed(params))
+
+
+def request_id_from_pb(request_id: str) -> str:
+    """The client's request id (checked: it travels to the workers and into KV headers), or a fresh one."""
+    if not request_id:
+        return uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    if not REQUEST_ID_CHARSET.fullmatch(request_id):
+        raise InvalidArgument("request_id", "only letters, digits and . _ : / @ + = - are allowed")
+    return request_id
 
 
 def event_to_pb(request_id: str, event: TokenEvent) -> pb.GenerateResponse:

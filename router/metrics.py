@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from router.pools import WorkerSlot
 
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -27,6 +31,30 @@ class Metrics:
         self.requests = Counter("pdserve_requests", "Requests by outcome", ["outcome"], registry=r)
         self.kv_free = Gauge("pdserve_kv_free_pages", "Free KV pages per worker", ["worker", "role"], registry=r)
         self.kv_total = Gauge("pdserve_kv_total_pages", "KV pages per worker", ["worker", "role"], registry=r)
+        self.migrations = Counter("pdserve_request_migrations", "Requests moved to another decode worker", registry=r)
+        self.fallbacks = Counter("pdserve_prefill_fallbacks", "Prompts prefilled by a decode worker", registry=r)
+        self.kv_retries = Counter("pdserve_kv_transfer_retries", "KV sends retried after a failure", registry=r)
+        self.lease_expired = Counter("pdserve_kv_lease_expired", "KV exports/reservations freed by lease", registry=r)
+        self.restarts = Counter("pdserve_worker_restarts", "Worker processes restarted", ["role"], registry=r)
+        self.queued = Gauge(
+            "pdserve_admission_queue_requests", "Requests waiting for room on the decode pool", registry=r
+        )
+        self._seen: dict[str, tuple[int, int]] = {}  # worker -> (restarts, lease_expired) already counted
+
+    def observe_pools(self, workers: Iterable[WorkerSlot]) -> None:
+        """Per-worker gauges, and the counters that workers keep (restarts, lease expiries) turned into deltas."""
+        for w in workers:
+            role = w.role.value
+            self.kv_free.labels(w.name, role).set(w.load.free_pages)
+            self.kv_total.labels(w.name, role).set(w.load.total_pages)
+            restarts, expired = self._seen.get(w.name, (0, 0))
+            if w.restarts > restarts:
+                self.restarts.labels(role).inc(w.restarts - restarts)
+            # a restarted worker counts from 0 again; count what it reports on top of what was seen before
+            delta = w.load.lease_expired - expired if w.load.lease_expired >= expired else w.load.lease_expired
+            if delta > 0:
+                self.lease_expired.inc(delta)
+            self._seen[w.name] = (w.restarts, w.load.lease_expired)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -1,15 +1,24 @@
 """The router's request path over the worker pools, through the typed worker protocols (`engine.protocols`).
 
 Request lifecycle (`RequestState`, each transition time-stamped; the stamps give the TTFT breakdown):
-  1. QUEUED       a validated request enters `generate()`.
-  2. RESERVED     a decode worker set pages aside for it (best decode worker first; all full -> BUSY).
-  3. PREFILLING   the least-loaded prefill worker runs the prompt; its first token is yielded at once (TTFT).
+  1. QUEUED       a validated request enters `generate()`; if the decode pool is full (or has no live worker) it
+                  waits in the bounded FIFO admission queue (`router.admission`).
+  2. RESERVED     a decode worker set pages aside for it (best decode worker first).
+  3. PREFILLING   the least-loaded prefill worker runs the prompt; its first token is yielded at once (TTFT). With
+                  no prefill worker alive the decode worker prefills it itself (decode-only fallback).
   4. KV_TRANSFER  the prefill worker pushes the KV, with the first token in its header, straight to the decode
                   worker (never through the router); the decode worker starts the sequence on import.
   5. DECODING     the decode worker streams the remaining tokens; the router forwards them.
   6. FINISHED / CANCELLED / FAILED   in `finally` the router tells every worker holding the request to drop it.
-A prefill worker that dies or is full before a token was sent is retried on another; after a token went out a
-failure ends the request. Colocated mode: one colocated worker runs the whole request (the baseline), same API.
+
+Failures are values the router acts on. Before a token went out, a prefill worker that died or is full is
+replaced by the next one. After that, a decode worker that dies, stalls, loses the request or evicts it, and a
+KV transfer that failed (the prefill worker already retried it once), *migrate* the request: a new attempt
+re-prefills the prompt plus every token already streamed and continues on a live decode worker (another one, or
+the same one once Ray restarted it), up to `migration_limit` times; the client's stream goes on without a gap or
+a duplicate. Each attempt runs under its own worker-side id (`<id>~<n>`), so a late cancel of an old attempt
+never touches the new one. Colocated mode: one colocated worker runs the whole request (the baseline), same API,
+same migration.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import enum
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +36,11 @@ from engine.loop import Output
 from engine.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError, Role
 from engine.protocols import DecodeAPI, WorkerFault, WorkerGone
 from llama_relax.generation import TokenEvent
-from router.pools import C, Pools, WorkerSlot, decode_order, pick_prefill
+from router.admission import AdmissionQueue, AdmissionRefused, Busy, NoWorker, QueueLimits
+from router.metrics import Metrics
+from router.pools import Pools, WorkerSlot, decode_order, pick_prefill
+
+log = logging.getLogger(__name__)
 
 
 class ServeMode(enum.Enum):
@@ -45,6 +59,10 @@ class RequestState(enum.Enum):
     FAILED = "failed"
 
 
+# what a decode-side failure reported in a stream means: the request moves to another attempt
+MIGRATABLE = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.INTERNAL, ErrorKind.EVICTED, ErrorKind.TRANSFER_FAILED})
+
+
 class RouterError(Exception):
     """A request's explicit outcome when it did not finish; `kind` picks the gRPC status."""
 
@@ -52,6 +70,28 @@ class RouterError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+class Migrate(Exception):
+    """This attempt is lost after tokens may have gone out; the request continues in a new attempt."""
+
+
+class NoPrefillWorker(Exception):
+    """No prefill worker is alive (or every one died before a token): the decode worker prefills instead."""
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    migration_limit: int = 3  # migrations per request
+    recovery_timeout_s: float = 60.0  # how long a request waits for a decode worker to come back
+    max_queue_wait_s: float = 30.0  # how long a request waits for room on the decode pool
+    max_queued: int = 256  # requests waiting for room; past this, RESOURCE_EXHAUSTED at once
+
+    def __post_init__(self) -> None:
+        if self.migration_limit < 0 or self.max_queued < 1:
+            raise ValueError("migration_limit must be >= 0 and max_queued >= 1")
+        if not (self.recovery_timeout_s >= 0 and self.max_queue_wait_s >= 0):
+            raise ValueError("recovery_timeout_s and max_queue_wait_s must be >= 0")
 
 
 @dataclass
@@ -64,7 +104,11 @@ class RequestRecord:
     stamps: dict[RequestState, float] = field(default_factory=dict)
     completion_tokens: int = 0
     prefill: PrefillResult | None = None
-    workers: dict[Role, WorkerSlot] = field(default_factory=dict)  # who holds (or held) the request
+    migrations: int = 0
+    queue_wait_s: float = 0.0
+    first_token_at: float | None = None  # when the client's first token was ready (TTFT), across attempts
+    attempt_id: str = ""  # the worker-side id of the current attempt
+    workers: dict[Role, WorkerSlot] = field(default_factory=dict)  # who holds the current attempt
 
     def mark(self, state: RequestState) -> None:
         self.state = state
@@ -79,26 +123,39 @@ class Done:
 
 
 class Router:
-    def __init__(self, pools: Pools, mode: ServeMode) -> None:
+    def __init__(
+        self, pools: Pools, mode: ServeMode, options: RouterOptions | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.pools = pools
         self.mode = mode
+        self.options = options or RouterOptions()
+        self.metrics = metrics or Metrics()
+        o = self.options
+        self.admission: AdmissionQueue[WorkerSlot] = AdmissionQueue(
+            QueueLimits(o.max_queued, o.max_queue_wait_s, o.recovery_timeout_s)
+        )
         self._inflight: dict[str, RequestRecord] = {}
         self._lock = threading.Lock()
+        self._draining = False
         self._background = cf.ThreadPoolExecutor(4, thread_name_prefix="router-cancel")
 
     # ---- public -------------------------------------------------------------------------------------------
-    def generate(self, req: GenerationRequest) -> Iterator[TokenEvent | Done]:
-        """The request's token events, then `Done`; raises `RouterError` with the outcome when it fails."""
+    def generate(self, req: GenerationRequest, deadline: float | None = None) -> Iterator[TokenEvent | Done]:
+        """The request's token events, then `Done`; raises `RouterError` with the outcome when it fails.
+        `deadline` (monotonic) bounds every wait (admission, recovery)."""
         rec = RequestRecord(req.request_id, len(req.prompt_ids))
         rec.mark(RequestState.QUEUED)
         with self._lock:
+            if self._draining:
+                raise RouterError(ErrorKind.UNAVAILABLE, "the server is shutting down")
             if req.request_id in self._inflight:
                 raise RouterError(ErrorKind.INVALID, f"request_id {req.request_id!r} is already in flight")
             self._inflight[req.request_id] = rec
         finished = False
         try:
-            flow = self._colocated(req, rec) if self.mode is ServeMode.COLOCATED else self._disaggregated(req, rec)
-            for event in flow:
+            for event in self._migrating(req, rec, deadline):
+                if rec.first_token_at is None:
+                    rec.first_token_at = time.monotonic()
                 rec.completion_tokens += 1
                 yield event
                 finished = event.finish_reason is not None
@@ -109,42 +166,119 @@ class Router:
             raise
         finally:
             if not finished:
-                self.cancel(req.request_id)
+                self._release(rec)
             with self._lock:
                 self._inflight.pop(req.request_id, None)
+            self.admission.notify()
 
     def cancel(self, request_id: str) -> None:
         """Tell every worker holding the request to drop it (in the background; safe to repeat)."""
         with self._lock:
             rec = self._inflight.get(request_id)
-        if rec is None:
-            return
-        for w in rec.workers.values():
-            self._background.submit(_quiet_cancel, w, request_id)
+        if rec is not None:
+            self._release(rec)
+
+    def drain(self, timeout_s: float) -> int:
+        """Refuse new requests and wait up to `timeout_s` for the in-flight ones; how many are still running."""
+        with self._lock:
+            self._draining = True
+        end = time.monotonic() + timeout_s
+        while self._inflight and time.monotonic() < end:
+            time.sleep(0.1)
+        return len(self._inflight)
 
     def close(self) -> None:
         self._background.shutdown(wait=True)
 
+    # ---- migration ----------------------------------------------------------------------------------------
+    def _migrating(self, req: GenerationRequest, rec: RequestRecord, deadline: float | None) -> Iterator[TokenEvent]:
+        """Attempts until the request finishes: each one resumes after the tokens the client already has."""
+        produced: list[int] = []
+        while True:
+            attempt = GenerationRequest(
+                req.request_id if rec.migrations == 0 else f"{req.request_id}~{rec.migrations}",
+                req.prompt_ids,
+                req.params,
+                tuple(produced),
+            )
+            rec.attempt_id = attempt.request_id
+            flow = self._colocated if self.mode is ServeMode.COLOCATED else self._disaggregated
+            try:
+                for event in flow(attempt, rec, deadline):
+                    produced.append(event.token_id)
+                    yield event
+                return
+            except Migrate as e:
+                self._release(rec)
+                if rec.migrations >= self.options.migration_limit:
+                    raise RouterError(
+                        ErrorKind.UNAVAILABLE, f"gave up after {rec.migrations} migrations; last failure: {e}"
+                    ) from e
+                rec.migrations += 1
+                self.metrics.migrations.inc()
+                log.warning("request %s migrates after %d tokens (%s)", req.request_id, len(produced), e)
+
+    def _release(self, rec: RequestRecord) -> None:
+        """Every worker of the current attempt drops it (fire and forget)."""
+        rid, workers = rec.attempt_id, list(rec.workers.values())
+        rec.workers = {}
+        for w in workers:
+            self._background.submit(_quiet_cancel, w, rid)
+
     # ---- flows --------------------------------------------------------------------------------------------
-    def _disaggregated(self, req: GenerationRequest, rec: RequestRecord) -> Iterator[TokenEvent]:
-        d = self._reserve(self.pools.decode, req, rec)
+    def _disaggregated(self, req: GenerationRequest, rec: RequestRecord, deadline: float | None):
+        d = self._place(self.pools.decode, req, rec, deadline)
         try:
-            first = yield from self._prefill(req, rec, d)
+            try:
+                first = yield from self._prefill(req, rec, d)
+            except NoPrefillWorker:
+                self.metrics.fallbacks.inc()
+                rec.mark(RequestState.PREFILLING)
+                with self._on_decode(d):
+                    yield from self._events(d.client.prefill_local(req.request_id), rec)
+                return
             if first.finish_reason is not None:  # ended with its first token: free the decode side's reservation
-                self._background.submit(_quiet_cancel, d, req.request_id)
+                self._release(rec)
                 return
             rec.mark(RequestState.DECODING)
-            with self._calling(d):
-                yield from self._events(d.client.stream(req.request_id))
+            with self._on_decode(d):
+                yield from self._events(d.client.stream(req.request_id), rec)
         finally:
             with self.pools.lock:
                 d.active -= 1
 
-    def _reserve(self, slots: list[WorkerSlot[DecodeAPI]], req: GenerationRequest, rec: RequestRecord):
-        """Reserve on the best decode worker that has room. A candidate's `active` count is raised before asking
-        it (under the pool lock), so concurrent requests spread out instead of all picking the same one."""
+    def _colocated(self, req: GenerationRequest, rec: RequestRecord, deadline: float | None):
+        """A colocated worker is a decode engine that prefills everything itself: reserve, then prefill there."""
+        w = self._place(self.pools.colocated, req, rec, deadline)
+        rec.mark(RequestState.PREFILLING)
+        try:
+            with self._on_decode(w):
+                yield from self._events(w.client.prefill_local(req.request_id), rec)
+        finally:
+            with self.pools.lock:
+                w.active -= 1
+
+    def _place(
+        self, slots: list[WorkerSlot[DecodeAPI]], req: GenerationRequest, rec: RequestRecord, deadline: float | None
+    ) -> WorkerSlot[DecodeAPI]:
+        """The decode (or colocated) worker for this attempt, through the admission queue: it waits, in order,
+        while every worker is full or none is alive, within the queue's bounds and the client's deadline."""
+        try:
+            w, waited = self.admission.admit(lambda: self._try_place(slots, req, rec), deadline)
+        except AdmissionRefused as e:
+            raise RouterError(e.kind, e.message) from e
+        rec.queue_wait_s += waited
+        return w
+
+    def _try_place(
+        self, slots: list[WorkerSlot[DecodeAPI]], req: GenerationRequest, rec: RequestRecord
+    ) -> WorkerSlot[DecodeAPI] | Busy | NoWorker:
+        """One pass over the workers, best first: reserve on the first that has room. A candidate's `active`
+        count is raised before asking it (under the pool lock), so concurrent requests spread out instead of all
+        picking the same one."""
         reasons: list[str] = []
         tried: set[str] = set()
+        role = Role.COLOCATED if self.mode is ServeMode.COLOCATED else Role.DECODE
         while True:
             with self.pools.lock:
                 order = [w for w in decode_order(slots) if w.name not in tried]
@@ -155,13 +289,15 @@ class Router:
             tried.add(w.name)
             try:
                 admission = w.client.reserve(req)
+                self.pools.record(w, ok=True)
             except (WorkerGone, WorkerFault) as e:
+                self.pools.record(w, ok=False)
                 if isinstance(e, WorkerGone):
                     self.pools.mark_dead(w)
                 admission = None
                 reasons.append(f"{w.name}: {e}")
             if admission is not None and admission.ok:
-                rec.workers[Role.DECODE] = w
+                rec.workers[role] = w
                 rec.mark(RequestState.RESERVED)
                 return w
             with self.pools.lock:
@@ -170,28 +306,30 @@ class Router:
                 if admission.kind is ErrorKind.INVALID:  # the workers are alike: no other one takes it either
                     raise RouterError(ErrorKind.INVALID, admission.reason)
                 reasons.append(f"{w.name}: {admission.reason}")
-        if not any(w.alive for w in slots):
-            raise RouterError(ErrorKind.UNAVAILABLE, "no live decode worker")
-        raise RouterError(ErrorKind.BUSY, "all decode workers are busy (" + "; ".join(reasons) + ")")
+        if not any(w.available for w in slots):
+            return NoWorker(f"no live {role.value} worker")
+        return Busy(f"all {role.value} workers are busy (" + "; ".join(reasons) + ")")
 
     def _prefill(self, req: GenerationRequest, rec: RequestRecord, d: WorkerSlot[DecodeAPI]):
         """Run the prompt on a prefill worker, which pushes the KV to `d`; yields the first token and returns it.
 
-        Before a token went out, a prefill worker that died or was full is replaced by the next one."""
+        Before a token went out, a prefill worker that died or was full is replaced by the next one; with none
+        left alive this raises `NoPrefillWorker`. After the token, a lost prefill worker or a failed transfer
+        migrates the request."""
         tried: set[str] = set()
         reasons: list[str] = []
         while True:
             p = pick_prefill([w for w in self.pools.prefill if w.name not in tried])
             if p is None:
-                if reasons and any(w.alive for w in self.pools.prefill):
+                if reasons and any(w.available for w in self.pools.prefill):
                     raise RouterError(ErrorKind.BUSY, "all prefill workers are busy (" + "; ".join(reasons) + ")")
-                raise RouterError(ErrorKind.UNAVAILABLE, "no live prefill worker" + (" (all tried)" if tried else ""))
+                raise NoPrefillWorker()
             tried.add(p.name)
             rec.workers[Role.PREFILL] = p
             rec.mark(RequestState.PREFILLING)
             first: TokenEvent | None = None
             with self.pools.lock:
-                p.queued_tokens += len(req.prompt_ids)
+                p.queued_tokens += len(req.token_ids)
             try:
                 for item in p.client.prefill_stream(req, d.kv_address):
                     if isinstance(item, TokenEvent):
@@ -200,65 +338,61 @@ class Router:
                         yield item
                         continue
                     rec.prefill = item
-                    if item.error is not None:
-                        if first is None and item.error.kind is ErrorKind.BUSY:
-                            reasons.append(f"{p.name}: {item.error.message}")
-                            break  # try the next prefill worker
-                        raise RouterError(item.error.kind, item.error.message)
-                    if first is None:
-                        raise RouterError(ErrorKind.INTERNAL, f"{p.name} reported no first token")
-                    return first
+                    self.metrics.kv_retries.inc(item.transfer_retries)
+                    self.pools.record(p, ok=True)
+                    if item.error is None:
+                        if first is None:
+                            raise RouterError(ErrorKind.INTERNAL, f"{p.name} reported no first token")
+                        return first
+                    if first is None and item.error.kind is ErrorKind.BUSY:
+                        reasons.append(f"{p.name}: {item.error.message}")
+                        break  # try the next prefill worker
+                    if item.error.kind is ErrorKind.TRANSFER_FAILED:
+                        raise Migrate(item.error.message)  # already retried once by the sender: recompute
+                    raise RouterError(item.error.kind, item.error.message)
                 else:
                     raise RouterError(ErrorKind.INTERNAL, f"{p.name}: prefill stream ended without a result")
             except WorkerGone as e:
                 self.pools.mark_dead(p)
-                if first is not None:  # a token already went out: no silent retry
-                    raise RouterError(ErrorKind.UNAVAILABLE, f"worker {p.name} died") from e
+                self.pools.record(p, ok=False)
+                if first is not None:  # token 1 reached the client: recompute in a new attempt
+                    raise Migrate(f"prefill worker {p.name} died") from e
                 reasons.append(f"{p.name}: died")
+                rec.workers.pop(Role.PREFILL, None)
             except WorkerFault as e:
+                self.pools.record(p, ok=False)
                 raise RouterError(ErrorKind.INTERNAL, f"worker {p.name} failed: {e.message}") from e
             finally:
                 with self.pools.lock:
-                    p.queued_tokens = max(0, p.queued_tokens - len(req.prompt_ids))
-
-    def _colocated(self, req: GenerationRequest, rec: RequestRecord) -> Iterator[TokenEvent]:
-        with self.pools.lock:
-            order = decode_order(self.pools.colocated)
-            if not order:
-                raise RouterError(ErrorKind.UNAVAILABLE, "no live colocated worker")
-            w = order[0]
-            w.active += 1
-        rec.workers[Role.COLOCATED] = w
-        rec.mark(RequestState.PREFILLING)
-        try:
-            with self._calling(w):
-                for i, event in enumerate(self._events(w.client.generate(req))):
-                    if i == 0:
-                        rec.mark(RequestState.DECODING)
-                    yield event
-        finally:
-            with self.pools.lock:
-                w.active -= 1
+                    p.queued_tokens = max(0, p.queued_tokens - len(req.token_ids))
 
     @staticmethod
-    def _events(items: Iterator[Output]) -> Iterator[TokenEvent]:
-        """Forward a worker's token stream until its terminal item; a RequestError becomes a RouterError."""
+    def _events(items: Iterator[Output], rec: RequestRecord) -> Iterator[TokenEvent]:
+        """Forward a worker's token stream until its terminal item. A lost or evicted request migrates; any
+        other RequestError ends the request with its kind."""
         for item in items:
             if isinstance(item, RequestError):
+                if item.kind in MIGRATABLE:
+                    raise Migrate(f"{item.kind.value}: {item.message}")
                 raise RouterError(item.kind, item.message)
+            if rec.state is not RequestState.DECODING:
+                rec.mark(RequestState.DECODING)
             yield item
             if item.finish_reason is not None:
                 return
 
     @contextlib.contextmanager
-    def _calling(self, w: WorkerSlot[C]) -> Iterator[None]:
-        """Turn a worker's failure into the request's outcome: gone -> UNAVAILABLE, fault -> INTERNAL."""
+    def _on_decode(self, w: WorkerSlot) -> Iterator[None]:
+        """A decode-side worker that is gone migrates the request; a fault inside it is INTERNAL."""
         try:
             yield
+            self.pools.record(w, ok=True)
         except WorkerGone as e:
             self.pools.mark_dead(w)
-            raise RouterError(ErrorKind.UNAVAILABLE, f"worker {w.name} died") from e
+            self.pools.record(w, ok=False)
+            raise Migrate(f"worker {w.name} died") from e
         except WorkerFault as e:
+            self.pools.record(w, ok=False)
             raise RouterError(ErrorKind.INTERNAL, f"worker {w.name} failed: {e.message}") from e
 
 

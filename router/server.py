@@ -26,6 +26,7 @@ from router.metrics import Metrics
 from router.router import Done, RequestRecord, RequestState, Router, RouterError
 
 log = logging.getLogger(__name__)
+MAX_INTERNAL_CHARS = 200
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
@@ -54,8 +55,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         context.add_callback(lambda: self.router.cancel(req.request_id))  # cancel / disconnect / deadline
         first_sent, last, final = False, t0, None
+        remaining = context.time_remaining()
+        deadline = t0 + remaining if remaining is not None else None
         try:
-            for item in self.router.generate(req):
+            for item in self.router.generate(req, deadline):
                 if isinstance(item, Done):
                     yield self._final(final or pb.GenerateResponse(request_id=req.request_id), item.record, t0)
                     continue
@@ -80,6 +83,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             if e.kind is ErrorKind.TRANSFER_FAILED:
                 self.metrics.kv_failures.inc()
             status, message = STATUS_FOR_ERROR[e.kind], e.message
+            if e.kind is ErrorKind.INTERNAL:  # a short message for the client, the details under an id in the log
+                error_id = uuid.uuid4().hex[:12]
+                log.error("request %s failed (error id %s): %s", req.request_id, error_id, e.message)
+                message = f"{e.message[:MAX_INTERNAL_CHARS]} (error id {error_id})"
         except Exception:  # a bug on the request path: INTERNAL with an id to find it in the log, never a traceback
             error_id = uuid.uuid4().hex[:12]
             log.exception("request %s failed (error id %s)", req.request_id, error_id)
@@ -91,9 +98,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def _final(self, msg: pb.GenerateResponse, rec: RequestRecord, t0: float) -> pb.GenerateResponse:
         """The last message: the last token plus finish reason, usage and timings."""
-        s = rec.stamps
-        first_at = s.get(RequestState.KV_TRANSFER) or s.get(RequestState.DECODING) or s.get(RequestState.PREFILLING)
-        end = s.get(RequestState.FINISHED, time.monotonic())
+        first_at = rec.first_token_at
+        end = rec.stamps.get(RequestState.FINISHED, time.monotonic())
         p = rec.prefill
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens))
         msg.timings.CopyFrom(
@@ -104,6 +110,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 first_token_s=(first_at or end) - t0,
                 decode_s=end - (first_at or end),
                 e2e_s=end - t0,
+                migrations=rec.migrations,
+                admission_wait_s=rec.queue_wait_s,
             )
         )
         self.metrics.e2e.observe(end - t0)
@@ -140,6 +148,10 @@ class GenerationService(pb_grpc.GenerationServicer):
                     free_pages=w.load.free_pages,
                     total_pages=w.load.total_pages,
                     queued_prompt_tokens=w.queued_tokens,
+                    restarts=w.restarts,
+                    sequences=w.load.sequences,
+                    pid=w.info.pid if w.info is not None else 0,
+                    reserved=w.load.reserved,
                 )
             )
         return out

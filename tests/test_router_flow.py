@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,7 +26,7 @@ from engine.protocols import WorkerFault, WorkerGone
 from llama_relax.generation import FinishReason, TokenEvent
 from llama_relax.sampling import SamplingParams
 from router.pools import Pools, WorkerSlot, decode_order, pick_prefill
-from router.router import Done, RequestState, Router, RouterError, ServeMode
+from router.router import Done, RequestState, Router, RouterError, RouterOptions, ServeMode
 
 REQ = GenerationRequest("r1", (1, 2, 3), SamplingParams(max_tokens=3, temperature=0))
 
@@ -65,70 +67,103 @@ class FakeWorker:
 
 @dataclass
 class FakePrefill(FakeWorker):
+    """Samples output token `10 + len(resume_ids)` (a token's value is its position + 10, so a gap or a duplicate
+    shows in the tokens)."""
+
     role: Role = Role.PREFILL
-    behaviour: str = "ok"  # ok | dies | busy | dies_after_token | finishes | fault
+    behaviour: str = "ok"  # ok | dies | busy | dies_after_token | finishes | fault | transfer_fails
+    seen: list[GenerationRequest] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
 
     def prefill_stream(self, req: GenerationRequest, kv_target: str) -> Iterator[TokenEvent | PrefillResult]:
+        self.seen.append(req)
         self.targets.append(kv_target)
-        rid = req.request_id
-        if self.behaviour == "dies":
+        rid, behaviour = req.request_id, self.behaviour
+        if behaviour.endswith("_once"):
+            behaviour, self.behaviour = behaviour.removesuffix("_once"), "ok"
+        if behaviour == "dies":
             raise WorkerGone("actor died")
-        if self.behaviour == "fault":
+        if behaviour == "fault":
             raise WorkerFault("ValueError: bad thing")
-        if self.behaviour == "busy":
+        if behaviour == "busy":
             yield PrefillResult(rid, None, RequestError(rid, ErrorKind.BUSY, "prefill queue full"))
             return
-        first = tok(10, last=self.behaviour == "finishes")
+        first = tok(10 + len(req.resume_ids), last=behaviour == "finishes")
         yield first
-        if self.behaviour == "dies_after_token":
+        if behaviour == "dies_after_token":
             raise WorkerGone("actor died")
+        if behaviour == "transfer_fails":
+            error = RequestError(rid, ErrorKind.TRANSFER_FAILED, "CHECKSUM_MISMATCH after a retry")
+            yield PrefillResult(rid, first, error, transfer_retries=1)
+            return
         yield PrefillResult(rid, first, None, 0.01, 0.02, 0.003, 4096)
 
 
 @dataclass
 class FakeDecode(FakeWorker):
+    """Continues after the prefill's token up to `max_tokens`; `fail` breaks one stream after `fail_after`
+    events (a WorkerGone, a WorkerFault or a RequestError), then it serves normally."""
+
     role: Role = Role.DECODE
     kv_address: str = "127.0.0.1:7000"
     admission: Admission = ADMITTED
-    events: list[Output] = field(default_factory=lambda: [tok(11), tok(12, last=True)])
-    reserved: list[str] = field(default_factory=list)
+    fail: Exception | RequestError | None = None
+    fail_after: int = 1
+    reserved: list[GenerationRequest] = field(default_factory=list)
+    local: list[str] = field(default_factory=list)
     dead: bool = False
 
     def reserve(self, req: GenerationRequest) -> Admission:
         if self.dead:
             raise WorkerGone("actor died")
-        self.reserved.append(req.request_id)
+        self.reserved.append(req)
         return self.admission
 
+    def _events(self, request_id: str, start: int) -> Iterator[Output]:
+        req = next(r for r in self.reserved if r.request_id == request_id)
+        for i, pos in enumerate(range(start, req.params.max_tokens)):
+            if self.fail is not None and i == self.fail_after:
+                fail, self.fail = self.fail, None
+                if isinstance(fail, Exception):
+                    raise fail
+                yield fail
+                return
+            yield tok(10 + pos, last=pos == req.params.max_tokens - 1)
+
     def stream(self, request_id: str) -> Iterator[Output]:
-        for e in self.events:
-            if isinstance(e, Exception):
-                raise e
-            yield e
+        req = next(r for r in self.reserved if r.request_id == request_id)
+        return self._events(request_id, len(req.resume_ids) + 1)
+
+    def prefill_local(self, request_id: str) -> Iterator[Output]:
+        self.local.append(request_id)
+        req = next(r for r in self.reserved if r.request_id == request_id)
+        return self._events(request_id, len(req.resume_ids))
 
 
-def make_router(prefill: list[FakePrefill], decode: list[FakeDecode]) -> Router:
+def make_router(prefill: list[FakePrefill], decode: list[FakeDecode], **options) -> Router:
     pools = Pools()
     for i, p in enumerate(prefill):
         pools.prefill.append(WorkerSlot(f"prefill-{i}", Role.PREFILL, p))
     for i, d in enumerate(decode):
         pools.decode.append(WorkerSlot(f"decode-{i}", Role.DECODE, d, load=WorkerLoad("", free_pages=d.free_pages)))
     pools.refresh()
-    return Router(pools, ServeMode.DISAGGREGATED)
+    opts = {"recovery_timeout_s": 0.3, "max_queue_wait_s": 0.3, **options}
+    return Router(pools, ServeMode.DISAGGREGATED, RouterOptions(**opts))
 
 
 def run(router: Router, req: GenerationRequest = REQ) -> tuple[list[int], Done]:
-    items = list(router.generate(req))
-    router.close()  # waits for background cancels
+    try:
+        items = list(router.generate(req))
+    finally:
+        router.close()  # waits for background cancels
     *events, done = items
     return [e.token_id for e in events], done
 
 
 def assert_settled(router: Router) -> None:
-    """Nothing stays counted as in flight on any worker slot."""
+    """Nothing stays counted as in flight on any worker slot, nothing waits."""
     assert all(w.active == 0 for w in router.pools.workers)
-    assert router._inflight == {}
+    assert router._inflight == {} and router.admission.waiting == 0
 
 
 def test_tokens_come_from_prefill_then_decode_with_every_state_stamped():
@@ -138,7 +173,7 @@ def test_tokens_come_from_prefill_then_decode_with_every_state_stamped():
     assert tokens == [10, 11, 12]
     assert p.targets == ["127.0.0.1:7000"]  # the KV address learned at refresh, not fetched per request
     rec = done.record
-    assert rec.state is RequestState.FINISHED and rec.completion_tokens == 3
+    assert rec.state is RequestState.FINISHED and rec.completion_tokens == 3 and rec.migrations == 0
     assert list(rec.stamps) == [
         RequestState.QUEUED,
         RequestState.RESERVED,
@@ -154,27 +189,81 @@ def test_tokens_come_from_prefill_then_decode_with_every_state_stamped():
 @pytest.mark.parametrize("first_behaviour", ["dies", "busy"])
 def test_prefill_retried_on_the_next_worker_before_a_token_went_out(first_behaviour):
     bad, good = FakePrefill(behaviour=first_behaviour), FakePrefill()
-    bad.free_pages = 0
     router = make_router([bad, good], [FakeDecode()])
     router.pools.prefill[1].queued_tokens = 100  # the bad one is the first choice
     router.pools.prefill[0].queued_tokens = 0
-    tokens, _ = run(router)
-    assert tokens == [10, 11, 12] and len(bad.targets) == 1 and len(good.targets) == 1
+    tokens, done = run(router)
+    assert tokens == [10, 11, 12] and len(bad.seen) == 1 and len(good.seen) == 1
     assert router.pools.prefill[0].alive is (first_behaviour == "busy")
+    assert done.record.migrations == 0
     assert_settled(router)
 
 
-def test_prefill_death_after_the_first_token_is_unavailable_and_frees_the_decode_side():
+@pytest.mark.parametrize(
+    "failure",
+    [
+        WorkerGone("actor died"),
+        RequestError("x", ErrorKind.UNAVAILABLE, "no request on this worker"),
+        RequestError("x", ErrorKind.EVICTED, "KV pages exhausted"),
+    ],
+    ids=["decode-died", "request-lost", "evicted"],
+)
+def test_a_lost_decode_stream_migrates_and_the_client_sees_no_gap_or_duplicate(failure):
+    """Tokens 10, 11 reached the client, then the decode side lost the request: a new attempt (its own id)
+    re-prefills the prompt plus [10, 11] and continues from token 12."""
+    p = FakePrefill()
+    d1, d2 = FakeDecode(fail=failure, fail_after=1, free_pages=9), FakeDecode(free_pages=5)
+    router = make_router([p], [d1, d2])
+    req = GenerationRequest("r1", (1, 2, 3), SamplingParams(max_tokens=6, temperature=0))
+    tokens, done = run(router, req)
+    assert tokens == [10, 11, 12, 13, 14, 15]
+    assert done.record.migrations == 1 and router.metrics.migrations._value.get() == 1
+    second = p.seen[1]
+    assert second.request_id == "r1~1" and second.resume_ids == (10, 11) and second.prompt_ids == (1, 2, 3)
+    assert "r1" in d1.cancelled  # the old attempt is released wherever it was
+    if isinstance(failure, WorkerGone):
+        assert not router.pools.decode[0].alive and d2.reserved[-1].request_id == "r1~1"
+    assert_settled(router)
+
+
+def test_a_failed_transfer_after_the_first_token_is_recomputed_and_prefill_death_too():
+    p = FakePrefill(behaviour="transfer_fails_once")
+    router = make_router([p], [FakeDecode()])
+    tokens, done = run(router)
+    assert tokens == [10, 11, 12] and done.record.migrations == 1
+    assert p.seen[1].resume_ids == (10,) and router.metrics.kv_retries._value.get() == 1
+    p2 = FakePrefill(behaviour="dies_after_token_once")
+    router = make_router([p2], [FakeDecode()])
+    tokens, done = run(router)
+    assert tokens == [10, 11, 12] and done.record.migrations == 1
+    assert_settled(router)
+
+
+def test_migrations_stop_at_the_limit_with_an_explicit_unavailable():
     d = FakeDecode()
-    router = make_router([FakePrefill(behaviour="dies_after_token"), FakePrefill()], [d])
-    got = []
+    router = make_router([FakePrefill()], [d], migration_limit=2)
+    d.fail, d.fail_after = WorkerGone("died"), 0
+
+    def always_fail(request_id: str) -> Iterator[Output]:
+        raise WorkerGone("died again")
+
+    d.stream = always_fail
+    router.pools.record = lambda w, ok: None  # keep the worker in rotation for this test
+    router.pools.mark_dead = lambda w: None
     with pytest.raises(RouterError) as e:
-        for item in router.generate(REQ):
-            got.append(item)
-    router.close()
-    assert e.value.kind is ErrorKind.UNAVAILABLE and "died" in e.value.message
-    assert [x.token_id for x in got] == [10]  # no silent retry once a token went out
-    assert d.cancelled == ["r1"]
+        run(router)
+    assert e.value.kind is ErrorKind.UNAVAILABLE and "gave up after 2 migrations" in e.value.message
+    assert_settled(router)
+
+
+def test_with_no_prefill_worker_alive_the_decode_worker_prefills_itself():
+    d = FakeDecode()
+    router = make_router([FakePrefill(behaviour="dies")], [d])
+    tokens, _ = run(router)
+    assert tokens == [10, 11, 12] and d.local == ["r1"] and router.metrics.fallbacks._value.get() == 1
+    router = make_router([], [FakeDecode()])  # an empty prefill pool
+    tokens, _ = run(router)
+    assert tokens == [10, 11, 12]
     assert_settled(router)
 
 
@@ -183,8 +272,7 @@ def test_a_fault_inside_a_worker_is_internal_with_its_message():
     with pytest.raises(RouterError) as e:
         run(router)
     assert e.value.kind is ErrorKind.INTERNAL and "ValueError: bad thing" in e.value.message
-    d = FakeDecode(events=[tok(11), WorkerFault("KeyError: 'x'")])
-    router = make_router([FakePrefill()], [d])
+    router = make_router([FakePrefill()], [FakeDecode(fail=WorkerFault("KeyError: 'x'"))])
     with pytest.raises(RouterError) as e:
         run(router)
     assert e.value.kind is ErrorKind.INTERNAL and "KeyError" in e.value.message
@@ -196,13 +284,15 @@ def test_decode_reservation_tries_the_next_worker_and_reports_busy_invalid_or_un
     ok = FakeDecode(free_pages=5)
     router = make_router([FakePrefill()], [busy, ok])
     tokens, _ = run(router)
-    assert tokens == [10, 11, 12] and busy.reserved == ["r1"] and ok.reserved == ["r1"]
+    assert tokens == [10, 11, 12] and [r.request_id for r in busy.reserved] == ["r1"] == [
+        r.request_id for r in ok.reserved
+    ]
     assert_settled(router)
 
     router = make_router([FakePrefill()], [FakeDecode(admission=busy.admission)] * 2)
     with pytest.raises(RouterError) as e:
         run(router)
-    assert e.value.kind is ErrorKind.BUSY and "full" in e.value.message
+    assert e.value.kind is ErrorKind.BUSY and "full" in e.value.message and "max-queue-wait" in e.value.message
 
     never = FakeDecode(admission=Admission.refuse(ErrorKind.INVALID, "request needs 20 KV pages, the worker has 10"))
     other = FakeDecode()
@@ -219,13 +309,81 @@ def test_decode_reservation_tries_the_next_worker_and_reports_busy_invalid_or_un
     assert_settled(router)
 
 
-def test_no_live_prefill_worker_is_unavailable_and_the_reservation_is_released():
-    d = FakeDecode()
-    router = make_router([FakePrefill(behaviour="dies")], [d])
+def test_a_full_decode_pool_queues_requests_in_order_until_room_frees_up():
+    d = FakeDecode(admission=Admission.refuse(ErrorKind.BUSY, "decode engine full"))
+    router = make_router([FakePrefill()], [d], max_queue_wait_s=5.0)
+    order: list[str] = []
+    reqs = [GenerationRequest(f"q{i}", (1, 2), SamplingParams(max_tokens=2, temperature=0)) for i in range(3)]
+
+    def client(r: GenerationRequest) -> None:
+        for item in router.generate(r):
+            if isinstance(item, Done):
+                order.append(r.request_id)
+
+    threads = [threading.Thread(target=client, args=(r,)) for r in reqs]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # arrival order q0, q1, q2
+    time.sleep(0.2)
+    assert router.admission.waiting == 3 and order == []
+    d.admission = ADMITTED  # room frees up
+    for t in threads:
+        t.join(10)
+    router.close()
+    assert order == ["q0", "q1", "q2"]
+    assert_settled(router)
+
+
+def test_the_admission_queue_is_bounded():
+    d = FakeDecode(admission=Admission.refuse(ErrorKind.BUSY, "decode engine full"))
+    router = make_router([FakePrefill()], [d], max_queue_wait_s=2.0, max_queued=1)
+
+    def wait_and_fail() -> None:
+        with pytest.raises(RouterError):
+            list(router.generate(REQ))
+
+    waiting = threading.Thread(target=wait_and_fail)
+    waiting.start()
+    time.sleep(0.2)
     with pytest.raises(RouterError) as e:
-        run(router)
-    assert e.value.kind is ErrorKind.UNAVAILABLE and "no live prefill worker" in e.value.message
-    assert d.cancelled == ["r1"]
+        list(router.generate(GenerationRequest("r2", (1,), SamplingParams(max_tokens=2))))
+    assert e.value.kind is ErrorKind.BUSY and "queue full" in e.value.message
+    waiting.join(5)
+    router.close()
+    assert_settled(router)
+
+
+def test_a_request_waits_for_a_decode_worker_to_come_back():
+    d = FakeDecode(dead=True)
+    router = make_router([FakePrefill()], [d], recovery_timeout_s=5.0)
+    router.pools.decode[0].alive = False
+
+    def comes_back() -> None:
+        time.sleep(0.4)
+        d.dead = False
+        router.pools.decode[0].alive = True
+
+    threading.Thread(target=comes_back).start()
+    t0 = time.monotonic()
+    tokens, done = run(router)
+    assert tokens == [10, 11, 12] and time.monotonic() - t0 >= 0.3 and done.record.queue_wait_s >= 0.3
+    assert_settled(router)
+
+
+def test_a_worker_that_fails_calls_in_a_row_cools_down():
+    flaky = FakeDecode(free_pages=9)
+    calls = []
+
+    def reserve(req):
+        calls.append(req.request_id)
+        raise WorkerFault("RuntimeError: broken")
+
+    flaky.reserve = reserve
+    router = make_router([FakePrefill()], [flaky, FakeDecode(free_pages=5)])
+    for i in range(4):
+        run(router, GenerationRequest(f"b{i}", (1,), SamplingParams(max_tokens=2)))
+    assert calls == ["b0", "b1", "b2"]  # out of rotation after the third failure in a row
+    assert not router.pools.decode[0].available and router.pools.decode[0].alive
     assert_settled(router)
 
 
@@ -251,12 +409,21 @@ def test_an_abandoned_stream_cancels_on_every_worker_and_duplicate_ids_are_inval
     assert_settled(router)
 
 
-def test_decode_errors_end_the_request_with_their_kind():
-    d = FakeDecode(events=[tok(11), RequestError("r1", ErrorKind.EVICTED, "KV pages exhausted")])
-    router = make_router([FakePrefill()], [d])
+def test_drain_refuses_new_requests_and_waits_for_the_running_ones():
+    router = make_router([FakePrefill()], [FakeDecode()])
+    gen = router.generate(REQ)
+    assert next(gen).token_id == 10
+    result: list[int] = []
+    drainer = threading.Thread(target=lambda: result.append(router.drain(5.0)))
+    drainer.start()
+    time.sleep(0.2)
     with pytest.raises(RouterError) as e:
-        run(router)
-    assert e.value.kind is ErrorKind.EVICTED
+        next(router.generate(GenerationRequest("late", (1,), SamplingParams(max_tokens=2))))
+    assert e.value.kind is ErrorKind.UNAVAILABLE and "shutting down" in e.value.message
+    assert [x.token_id for x in gen if not isinstance(x, Done)] == [11, 12]
+    drainer.join(5)
+    router.close()
+    assert result == [0]
     assert_settled(router)
 
 
@@ -273,19 +440,21 @@ def test_pick_prefill_takes_the_fewest_queued_tokens_among_live_workers():
     assert pick_prefill([slot("t1", queued_tokens=5), slot("t2", queued_tokens=5)]).name == "t1"
 
 
-def test_decode_order_most_free_pages_then_fewest_active():
+def test_decode_order_fewest_active_then_most_free_pages():
     ws = [
-        slot("a", free_pages=5, active=0),
+        slot("a", free_pages=5, active=1),
         slot("b", free_pages=9, active=3),
         slot("c", free_pages=9, active=1),
         slot("d", free_pages=99, alive=False),
+        slot("e", free_pages=1, active=0),
     ]
-    assert [w.name for w in decode_order(ws)] == ["c", "b", "a"]
+    assert [w.name for w in decode_order(ws)] == ["e", "c", "a", "b"]
 
 
 def test_refresh_learns_addresses_once_per_incarnation_and_marks_silent_workers_dead():
     d = FakeDecode(kv_address="127.0.0.1:1")
     router = make_router([FakePrefill()], [d])
+    router.close()
     s = router.pools.decode[0]
     assert (s.kv_address, s.restarts, s.alive, s.queued_tokens) == ("127.0.0.1:1", 0, True, 7)
     d.kv_address = "127.0.0.1:2"

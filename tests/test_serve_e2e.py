@@ -7,74 +7,23 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 from conftest import TINY_GQA
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from model_files import write_hf_dir
-from ray_cluster import LOOPBACK_ENV, listeners_beyond_loopback
+from ray_cluster import listeners_beyond_loopback
 from reference import random_params
+from serving import Server, assert_clean_exit, collect, request
 
 from protos import generate_pb2 as pb
-from protos import generate_pb2_grpc as pb_grpc
 
 LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]
-
-
-class Server:
-    def __init__(self, args: list[str], cache_dir) -> None:
-        env = {**os.environ, **LOOPBACK_ENV, "PDSERVE_CACHE_DIR": str(cache_dir)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        self.lines: list[str] = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("pdserve serve exited early:\n" + "".join(self.lines))
-            self.lines.append(line)
-            if m := re.search(r"serving .* on (\S+:\d+)", line):
-                self.address = m.group(1)
-            if line.strip() == "pdserve: ready":
-                break
-        else:
-            raise RuntimeError("pdserve serve did not become ready:\n" + "".join(self.lines))
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.GenerationStub(self.channel)
-
-    def tree_pids(self) -> set[int]:
-        p = psutil.Process(self.proc.pid)
-        return {p.pid} | {c.pid for c in p.children(recursive=True)}
-
-    def stop(self) -> set[int]:
-        pids = self.tree_pids()
-        self.channel.close()
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(60)
-        return pids
-
-    def pages_all_free(self, timeout_s: float = 15.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ws = self.stub.GetClusterStatus(pb.GetClusterStatusRequest()).workers
-            if ws and all(w.alive and w.free_pages == w.total_pages for w in ws):
-                return True
-            time.sleep(0.25)
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -106,29 +55,6 @@ def colocated(model_dir, cache_dir):
     s = Server(["--model", str(model_dir), "--colocated", "1", "--max-total-seq-len", "160"], cache_dir)
     yield s
     assert_clean_exit(s)
-
-
-def assert_clean_exit(s: Server) -> None:
-    pids = s.stop()
-    assert s.proc.returncode == 0, "".join(s.lines[-20:])
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(
-        psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids
-    ):
-        time.sleep(0.2)
-    left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
-    assert left == [], f"processes left behind: {left}"
-
-
-def request(ids, max_tokens=8, **sampling) -> pb.GenerateRequest:
-    s = pb.SamplingParams(
-        max_tokens=max_tokens, temperature=sampling.pop("temperature", 0.0), ignore_eos=True, **sampling
-    )
-    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(ids)), sampling=s)
-
-
-def collect(stub, req, **kw) -> list[pb.GenerateResponse]:
-    return list(stub.Generate(req, timeout=kw.pop("timeout", 120)))
 
 
 def prompts() -> list[list[int]]:
@@ -179,16 +105,6 @@ def test_request_that_never_fits_is_invalid_argument(colocated):
         collect(colocated.stub, request([5] * 200, max_tokens=8))  # 13 pages > the worker's 11
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "KV pages" in e.value.details()
-    assert colocated.pages_all_free()
-
-
-def test_pages_exhausted_is_resource_exhausted(colocated):
-    hog = colocated.stub.Generate(request([5] * 80, max_tokens=150), timeout=120)  # 96 tokens reserved: 6 pages
-    next(hog)
-    with pytest.raises(grpc.RpcError) as e:
-        collect(colocated.stub, request([6] * 80, max_tokens=150))  # 6 more pages > the 5 left
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    hog.cancel()
     assert colocated.pages_all_free()
 
 
