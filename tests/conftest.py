@@ -17,6 +17,8 @@ os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "d
 
 from llama_relax.config import LlamaConfig  # noqa: E402
 
+pytest_plugins = ["faults.drill"]  # the fault suite's fixtures (`serve`, `fault_model`)
+
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,

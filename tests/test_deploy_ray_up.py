@@ -148,7 +148,7 @@ def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
         assert [len(r.token_ids) for r in responses] == [1, 1, 1, 1] and responses[-1].finish_reason == "length"
         channel.close()
         started = _ours({p.pid for p in psutil.process_iter()} - before, before)
-        names = " ".join(" ".join(psutil.Process(p).cmdline()[:2]) for p in started if psutil.pid_exists(p))
+        names = " ".join(_cmdline(p) for p in started)
         assert "gcs_server" in names and "raylet" in names, names  # the leak check below sees Ray's daemons
         assert listeners_beyond_loopback(started) == []
     finally:
@@ -157,9 +157,24 @@ def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
     assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
     deadline, left = time.monotonic() + 90, []  # `pdserve serve` exits ~10 s after its cluster is gone
     while time.monotonic() < deadline:
-        left = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        left = [p for p in started if _running(p)]
         if not left:
             break
         time.sleep(1)
     assert not left, [" ".join(psutil.Process(p).cmdline()[:4]) for p in left if psutil.pid_exists(p)]
     assert f":{grpc_port} " not in run(["ss", "-ltnH"]).stdout + " "
+
+
+def _cmdline(pid: int) -> str:
+    """The first two words of a process's command line ("" once it is gone or a zombie)."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline()[:2])
+    except psutil.Error:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
