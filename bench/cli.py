@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.arrivals import arrival_offsets, check_burstiness, check_rate
 from bench.client import BenchClient, ClientOptions, LaunchedServer, ServerInfo
+from bench.faults import FaultSchedule, FaultSpec, fault_impact, is_local
 from bench.report import RunOutcome, format_sweep, format_table, rate_json, rate_text, write_plots, write_results
 from bench.stats import SLO, compute_metrics, latency_samples_ms
 from bench.workload import DATASETS, Workload, WorkloadSpec, WorkloadSummary, build_workload, tokenizer_counter
@@ -47,6 +48,7 @@ class BenchConfig:
     out: Path | None = None
     tokenizer_model: str | None = None
     ready_timeout_s: float = 600.0
+    faults: tuple[FaultSpec, ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
@@ -72,6 +74,8 @@ class BenchConfig:
             raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
         if not args.ready_timeout > 0:
             raise ValueError(f"--ready-timeout must be > 0, got {args.ready_timeout}")
+        if args.fault and args.addr is not None and not is_local(args.addr):
+            raise ValueError("--fault kills a worker process on this machine: the server must be on a loopback address")
         workload = WorkloadSpec(
             dataset=args.dataset,
             num_prompts=args.num_prompts,
@@ -108,6 +112,7 @@ class BenchConfig:
             args.out,
             tok_model,
             args.ready_timeout,
+            tuple(FaultSpec.parse(f) for f in args.fault),
         )
 
     def to_json(self) -> dict[str, object]:
@@ -193,6 +198,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--ready-timeout", type=float, default=600.0, help="wait for a launched server, seconds")
     o.add_argument("--out", type=Path, default=None, help="write DIR/results.json and PNG plots")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    o.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="kill|stop:ROLE@S[+HOLD]",
+        help="inject a fault into each run, e.g. kill:decode@10s, stop:prefill@5+3 (report adds its impact)",
+    )
 
 
 def _make_workload(cfg: BenchConfig, info: ServerInfo) -> Workload:
@@ -265,11 +277,14 @@ def _measure(
     runs = []
     for rate in cfg.rates:
         offsets = arrival_offsets(len(workload.requests), rate, cfg.burstiness, cfg.workload.seed)
-        result = client.run(workload.requests, offsets, desc=f"{target.label} @ {rate_text(rate)}")
-        metrics = compute_metrics(result.records, result.duration_s, cfg.slo)
-        runs.append(
-            RunOutcome(target.label, addr, target.serve_flags, rate, metrics, latency_samples_ms(result.records))
+        schedule = FaultSchedule(cfg.faults, client.worker_pid)
+        result = client.run(
+            workload.requests, offsets, desc=f"{target.label} @ {rate_text(rate)}", on_start=schedule.start
         )
+        impacts = tuple(fault_impact(e, result.records, result.start) for e in schedule.join())
+        metrics = compute_metrics(result.records, result.duration_s, cfg.slo)
+        samples = latency_samples_ms(result.records)
+        runs.append(RunOutcome(target.label, addr, target.serve_flags, rate, metrics, samples, impacts))
     return workload, info, launched, runs
 
 

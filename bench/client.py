@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,7 @@ class ServerInfo:
 class RunResult:
     records: tuple[RequestRecord, ...]
     duration_s: float
+    start: float = 0.0  # perf_counter time of the first send
 
 
 def to_message(req: BenchRequest, options: ClientOptions) -> pb.GenerateRequest:
@@ -102,8 +103,18 @@ class BenchClient:
             raise UserError(f"GetModelInfo from {self.addr} failed: {e.code().name}: {e.details()}") from None
         return ServerInfo(m.model, m.mode, m.vocab_size, m.context_window_size, m.has_tokenizer)
 
+    def worker_pid(self, role: str) -> int | None:
+        """The pid of the server's first live worker of `role` (for `--fault`)."""
+        status = self._stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+        return next((w.pid for w in status.workers if w.role == role and w.alive and w.pid), None)
+
     def run(
-        self, requests: Sequence[BenchRequest], offsets: Sequence[float], desc: str = "", progress: bool | None = None
+        self,
+        requests: Sequence[BenchRequest],
+        offsets: Sequence[float],
+        desc: str = "",
+        progress: bool | None = None,
+        on_start: Callable[[float], None] | None = None,
     ) -> RunResult:
         """Send request i at `offsets[i]` seconds after the start (later if --max-concurrency slots are all busy);
         every request ends by its deadline, so this returns within ~max(offsets) + n/concurrency * timeout."""
@@ -123,6 +134,8 @@ class BenchClient:
         pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="bench-req")
         try:
             start = time.perf_counter()
+            if on_start is not None:
+                on_start(start)
             futures = []
             for msg, req, off in zip(msgs, requests, offsets, strict=True):
                 delay = start + float(off) - time.perf_counter()
@@ -138,7 +151,7 @@ class BenchClient:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
         end = max((r.done for r in records), default=start)
-        return RunResult(records, max(end - start, 1e-9))
+        return RunResult(records, max(end - start, 1e-9), start)
 
     def _one(self, msg: pb.GenerateRequest, target: int, slots: threading.BoundedSemaphore, bar: tqdm) -> RequestRecord:
         chunks: list[float] = []
@@ -167,7 +180,16 @@ class BenchClient:
                 return RequestRecord(sent, done, tuple(chunks), ntok, 0, target, "NO_FINAL", "stream ended early")
             prompt_tokens = final.usage.prompt_tokens or len(msg.token_ids.ids)
             timings = ServerTimings(**{k: getattr(final.timings, k) for k in SERVER_FIELDS})
-            return RequestRecord(sent, done, tuple(chunks), ntok, prompt_tokens, target, server=timings)
+            return RequestRecord(
+                sent,
+                done,
+                tuple(chunks),
+                ntok,
+                prompt_tokens,
+                target,
+                server=timings,
+                migrations=final.timings.migrations,
+            )
         except grpc.RpcError as e:
             code = e.code().name if e.code() is not None else "UNKNOWN"
             return RequestRecord(sent, time.perf_counter(), tuple(chunks), ntok, 0, target, code, e.details() or "")

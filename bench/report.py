@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import sys
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.faults import WINDOW_AFTER_S, FaultImpact
 from bench.stats import Percentiles, RunMetrics
 
 LATENCIES = (
@@ -38,6 +40,7 @@ class RunOutcome:
     request_rate: float
     metrics: RunMetrics
     samples_ms: dict[str, list[float]]
+    faults: tuple[FaultImpact, ...] = ()
 
     @property
     def name(self) -> str:
@@ -64,6 +67,7 @@ def summary_rows(m: RunMetrics) -> list[Row]:
     rows = [
         Row("Completed requests", m.completed, 0),
         Row("Failed requests", m.failed, 0),
+        Row("Migrated requests", m.migrated, 0),
         Row("Duration (s)", m.duration_s),
         Row("Total input tokens", m.total_input_tokens, 0),
         Row("Total output tokens", m.total_output_tokens, 0),
@@ -111,6 +115,17 @@ def format_table(runs: Sequence[RunOutcome], title: str) -> str:
         vals = [rows[i].value for rows in per_run]
         line = f"{row.name:<36}" + "".join(f"{_fmt(v, row.digits):>{width}}" for v in vals)
         lines.append(line + (f"{_ratio(vals[0], vals[1]):>10}" if ratio else ""))
+    for r in runs:
+        for f in r.faults:
+            if f.error:
+                lines.append(f"Fault {f.fault} ({r.name}): not injected: {f.error}")
+                continue
+            lines.append(
+                f"Fault {f.fault} ({r.name}): pid {f.pid} at {f.at_s:.1f} s, {f.in_flight} requests in flight, "
+                f"{f.migrated_requests} migrated; ITL p50 before {_fmt(f.itl_p50_before_ms, 1)} ms, worst gap after "
+                f"{_fmt(f.worst_gap_after_ms, 1)} ms, ITL p99 in the {WINDOW_AFTER_S:g} s after "
+                f"{_fmt(f.itl_p99_after_ms, 1)} ms"
+            )
     for r in runs:
         if r.metrics.failures_by_code:
             codes = ", ".join(f"{k}: {v}" for k, v in r.metrics.failures_by_code.items())
@@ -170,6 +185,7 @@ def run_json(r: RunOutcome) -> dict[str, object]:
         "server": {"addr": r.addr, "serve_flags": r.serve_flags},
         "request_rate": rate_json(r.request_rate),
         **dataclasses.asdict(r.metrics),
+        "faults": [dataclasses.asdict(f) for f in r.faults],
         "samples_ms": r.samples_ms,
     }
 
@@ -177,6 +193,8 @@ def run_json(r: RunOutcome) -> dict[str, object]:
 def _jsonable(o: object) -> object:
     if isinstance(o, Path):
         return str(o)
+    if isinstance(o, enum.Enum):
+        return o.value
     if dataclasses.is_dataclass(o) and not isinstance(o, type):
         return dataclasses.asdict(o)
     if isinstance(o, float) and math.isinf(o):

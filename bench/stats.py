@@ -47,6 +47,7 @@ class RequestRecord:
     error: str | None = None  # gRPC status code name (or a client-side exception name); None = completed
     error_detail: str = ""
     server: ServerTimings | None = None
+    migrations: int = 0  # times the server moved the request to another decode attempt
 
     @property
     def ok(self) -> bool:
@@ -158,6 +159,7 @@ class RunMetrics:
     completed: int
     failed: int
     failures_by_code: dict[str, int]
+    migrated: int  # completed requests the server migrated at least once
     failure_examples: dict[str, str]  # code -> first error message seen
     duration_s: float
     total_input_tokens: int
@@ -201,6 +203,7 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo: SL
         completed=len(ok),
         failed=len(bad),
         failures_by_code={str(k): v for k, v in sorted(codes.items())},
+        migrated=sum(1 for r in ok if r.migrations > 0),
         failure_examples=examples,
         duration_s=duration_s,
         total_input_tokens=in_tokens,

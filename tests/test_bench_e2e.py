@@ -131,3 +131,37 @@ def test_a_server_that_fails_to_start_is_one_line(serve_env, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pdserve: error: pdserve serve") and "exited early" in err[-1]
     assert "model path does not exist" in err[-1]
+
+
+def test_fault_run_kills_a_decode_worker_and_reports_its_impact(model_dir, serve_env, tmp_path, capsys):
+    """`--fault kill:decode@1.5s` against 1 prefill + 2 decode workers: every request completes (the killed
+    worker's requests migrate), and the report names the fault, its pid and the latency spike."""
+    out = tmp_path / "fault"
+    flags = (
+        f"--model {model_dir} --max-total-seq-len 1024 --decode-workers 2 --max-batch-size 8 "
+        "--inject-fault decode_step:pause:0.02x100000000"
+    )
+    argv = [
+        "--launch",
+        flags,
+        "--num-prompts",
+        "12",
+        "--input-len",
+        "20",
+        "--output-len",
+        "150",
+        "--ignore-eos",
+        "--fault",
+        "kill:decode@1.5s",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "Fault kill:decode@1.5s" in table and "Migrated requests" in table
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert (run["completed"], run["failed"]) == (12, 0)
+    (fault,) = run["faults"]
+    assert fault["error"] == "" and fault["pid"] > 0 and fault["in_flight"] >= 1
+    assert fault["migrated_requests"] >= 1 == min(1, run["migrated"])
+    assert fault["worst_gap_after_ms"] > fault["itl_p50_before_ms"]
