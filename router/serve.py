@@ -20,7 +20,8 @@ from pathlib import Path
 from router.cluster import ClusterSpec, connect_ray, loopback_ray_env, start_pools, stop_pools
 
 MAX_AUTO_BATCH = 32
-TOKENS_PER_SEQUENCE = 256  # the auto batch size gives each sequence at least this much KV on average
+TOKENS_PER_SEQUENCE = 256
+API_SPARE_CALLS = 16  # the auto batch size gives each sequence at least this much KV on average
 
 
 def auto_batch_size(max_total_seq_len: int) -> int:
@@ -91,7 +92,9 @@ def run_serve(args: argparse.Namespace) -> int:
         served = ServedModel(
             src.path.name, args.dtype, ModelLimits.of(config), config.num_hidden_layers, config.hidden_size, tokenizer
         )
-        server, health, port = start_server(GenerationService(router, served, metrics), args.host, args.port)
+        running = options.max_batch_size * (spec.colocated or spec.decode_workers)
+        calls = running + router_options.max_queued + API_SPARE_CALLS  # the spare: health, status, refusals
+        server, health, port = start_server(GenerationService(router, served, metrics), args.host, args.port, calls)
         workers = (
             f"{spec.colocated} colocated"
             if spec.colocated

@@ -160,8 +160,16 @@ class GenerationService(pb_grpc.GenerationServicer):
 def start_server(
     service: GenerationService, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 64
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """Start the gRPC server (Generation + health + reflection); returns it, the health servicer and the port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=message_limits())
+    """Start the gRPC server (Generation + health + reflection); returns it, the health servicer and the port.
+
+    Each call holds a thread for its whole stream, so `max_workers` must cover the running requests plus the
+    router's admission queue; past it gRPC answers RESOURCE_EXHAUSTED at once instead of queueing calls where
+    no bound or deadline of ours applies."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-api"),
+        options=message_limits(),
+        maximum_concurrent_rpcs=max_workers,
+    )
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
