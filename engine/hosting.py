@@ -34,6 +34,7 @@ def open_worker_model(options: WorkerOptions) -> OpenModel:
         cache_dir=Path(options.cache_dir),
         kv=kv,
         quiet=True,
+        quantization=options.quantization,
     )
 
 

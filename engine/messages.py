@@ -125,6 +125,7 @@ class WorkerOptions:
     cache_dir: str  # compiled libraries
     dtype: str = "float32"
     target: str = "llvm"
+    quantization: str = "auto"  # see llama_relax.quantization (auto: gguf for a .gguf file, else none)
     max_batch_size: int = 16  # sequences the KV cache holds at once
     max_total_seq_len: int = 8192  # tokens the KV cache holds at once (all sequences)
     prefill_chunk_size: int = 512  # tokens per prefill forward

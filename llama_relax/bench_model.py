@@ -78,6 +78,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         kv=kv,
         quiet=args.json,
+        quantization=args.quantization,
     )
     rt, cfg = model.runtime, model.config
     rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from llama_relax.errors import USER_ERRORS, UserError
 from llama_relax.process import use_all_cores
+from llama_relax.quantization import Quantization
 
 # (name, help, add_arguments, run)
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -28,6 +29,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="HF model dir or .gguf file (default: bundled SmolLM2)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda"], help="compile for the CPU or a CUDA GPU")
+    p.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", *(q.value for q in Quantization)],
+        help="weights in memory: gguf (a .gguf file's own Q4_0/Q4_1/Q8_0 blocks), q4f32_1, q4f16_1 (CUDA), q8_0, "
+        "none (float); auto (default): gguf for a .gguf file, none for an HF directory",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="compiled-library cache (default ~/.cache/pdserve)")
 
 
@@ -80,7 +88,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     from llama_relax.models import open_model
 
     params = sampling_params_from_args(args)
-    model = open_model(args.model, dtype=args.dtype, target=_target(args), cache_dir=args.cache_dir)
+    model = open_model(
+        args.model, dtype=args.dtype, target=_target(args), cache_dir=args.cache_dir, quantization=args.quantization
+    )
     try:
         tok = model.tokenizer
         if args.prompt is not None:
@@ -155,12 +165,15 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 
 def _run_compile(args: argparse.Namespace) -> int:
     from llama_relax.compile import compile_model
-    from llama_relax.loader import load_config, resolve_model
+    from llama_relax.loader import load_config, quant_plan, resolve_model
     from llama_relax.models import default_model_path
 
     path = args.model or default_model_path(args.cache_dir)
-    config = load_config(resolve_model(path))
-    cm = compile_model(config, args.dtype, _target(args), cache_dir=args.cache_dir, force=args.force)
+    src = resolve_model(path)
+    config = load_config(src)
+    target = _target(args)
+    plan = quant_plan(src, config, args.quantization, target.kind)
+    cm = compile_model(config, args.dtype, target, cache_dir=args.cache_dir, force=args.force, plan=plan)
     state = "cached" if cm.cache_hit else f"built in {cm.build_s:.1f}s"
     print(f"{cm.lib_path} ({state})")
     return 0

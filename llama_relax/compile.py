@@ -25,9 +25,18 @@ from tvm import relax
 
 from llama_relax.config import LlamaConfig
 from llama_relax.kv_cache_args import extract_create_args
+from llama_relax.quantization import NO_QUANTIZATION, QuantPlan
 
 DTYPES = ("float32", "float16")
-_COMPILE_SOURCES = ("model.py", "compile.py", "kv_cache_args.py", "schedule_cpu.py", "schedule_matmul.py", "kernels")
+_COMPILE_SOURCES = (
+    "model.py",
+    "quantization.py",
+    "compile.py",
+    "kv_cache_args.py",
+    "schedule_cpu.py",
+    "schedule_matmul.py",
+    "kernels",
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,16 @@ class CompiledModel:
     cache_hit: bool
     build_s: float
     kv_create_args: tuple = ()  # JSON spec of the KV cache constructor call (see kv_cache_args)
+    param_specs: tuple[tuple[tuple[int, ...], str], ...] = ()  # (shape, dtype) per parameter, in order
+    plan: QuantPlan = NO_QUANTIZATION
+
+    @classmethod
+    def from_meta(
+        cls, lib_path: Path, config: LlamaConfig, target: TargetSpec, plan: QuantPlan, meta: dict, hit: bool
+    ) -> CompiledModel:
+        specs = tuple((tuple(shape), dtype) for shape, dtype in meta["param_specs"])
+        return cls(lib_path, config, meta["dtype"], target, tuple(meta["param_names"]), hit,
+                   0.0 if hit else meta["build_s"], tuple(meta["kv_create_args"]), specs, plan)  # fmt: skip
 
 
 def compile_code_version() -> str:
@@ -96,10 +115,11 @@ def compile_code_version() -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(config: LlamaConfig, dtype: str, target: TargetSpec) -> str:
+def cache_key(config: LlamaConfig, dtype: str, target: TargetSpec, plan: QuantPlan = NO_QUANTIZATION) -> str:
     material = {
         "config": config.to_dict(),
         "dtype": dtype,
+        "quantization": plan.key(),
         "target": target.describe(),
         "tvm": tvm.__version__,
         "code": compile_code_version(),
@@ -167,8 +187,9 @@ def compile_model(
     cache_dir: Path | str,
     force: bool = False,
     quiet: bool = False,
+    plan: QuantPlan = NO_QUANTIZATION,
 ) -> CompiledModel:
-    """Build (or reuse) the library for `config` x `dtype` x `target` under `cache_dir`."""
+    """Build (or reuse) the library for `config` x `dtype` x `target` x quantization `plan` under `cache_dir`."""
     from llama_relax.model import LlamaForCausalLM
 
     if dtype not in DTYPES:
@@ -176,18 +197,16 @@ def compile_model(
     target = target or resolve_target()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(config, dtype, target)
+    key = cache_key(config, dtype, target, plan)
     lib_path, meta_path = cache / f"llama-{key}.so", cache / f"llama-{key}.json"
     if not force and lib_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        return CompiledModel(
-            lib_path, config, dtype, target, tuple(meta["param_names"]), True, 0.0, tuple(meta["kv_create_args"])
-        )
+        return CompiledModel.from_meta(lib_path, config, target, plan, json.loads(meta_path.read_text()), True)
 
     t0 = time.perf_counter()
     tvm_target = target.to_target()
-    _log(f"[1/3] exporting Relax IR ({config.num_hidden_layers} layers, {dtype}, {target.describe()})", quiet)
-    model = LlamaForCausalLM(config, dtype)
+    what = f"{config.num_hidden_layers} layers, {dtype}, {plan.summary()}, {target.describe()}"
+    _log(f"[1/3] exporting Relax IR ({what})", quiet)
+    model = LlamaForCausalLM(config, dtype, plan)
     with tvm_target:
         mod, named_params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     kv_create_args = extract_create_args(mod)
@@ -201,6 +220,7 @@ def compile_model(
     build_s = time.perf_counter() - t0
     meta = {
         "param_names": [name for name, _ in named_params],
+        "param_specs": [[[int(d) for d in p.shape], str(p.dtype)] for _, p in named_params],
         "kv_create_args": kv_create_args,
         "config": config.to_dict(),
         "dtype": dtype,
@@ -212,9 +232,7 @@ def compile_model(
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, meta_path)
     _log(f"done in {build_s:.1f}s -> {lib_path}", quiet)
-    return CompiledModel(
-        lib_path, config, dtype, target, tuple(meta["param_names"]), False, build_s, tuple(kv_create_args)
-    )
+    return CompiledModel.from_meta(lib_path, config, target, plan, meta, False)
 
 
 def default_cache_dir() -> Path:

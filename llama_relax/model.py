@@ -1,8 +1,9 @@
 """The Llama architecture as a declarative `tvm.relax.frontend.nn` module, plus its export spec.
 
 Only the model lives here: weight-name mapping is in `llama_relax.loader`, compilation in `llama_relax.compile`,
-execution in `llama_relax.runtime`. Linear weights are stored `[in, out]` (the loader transposes Hugging Face's
-`[out, in]`) so CPU matmul schedules can vectorize along the contiguous output columns; the LM head (or the tied
+execution in `llama_relax.runtime`, quantized parameters in `llama_relax.quantization`. Unquantized linear weights
+are stored `[in, out]` (the loader transposes Hugging Face's `[out, in]`) so CPU matmul schedules can vectorize
+along the contiguous output columns; quantized ones `[out, in]` in groups along the input; the LM head (or the tied
 embedding table) is `[vocab, hidden]`.
 
 Shapes in comments: `s` = tokens in a (batched) prefill, `b` = batch size, `h` = hidden, `d` = head_dim,
@@ -20,25 +21,48 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from llama_relax.config import LlamaConfig
+from llama_relax.quantization import NO_QUANTIZATION, QuantizedWeight, QuantPlan, WeightFormat
 
 
 class Linear(nn.Module):
-    """`y = x @ W` with `W: [in, out]`, no bias."""
+    """`y = x @ W` without bias. Unquantized: `weight: [in, out]`; quantized: `weight` is a `QuantizedWeight`
+    stored `[out, in]` and dequantized inside the matmul kernel."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: str) -> None:
+    def __init__(self, in_features: int, out_features: int, dtype: str, plan: QuantPlan, name: str) -> None:
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter((in_features, out_features), dtype)
+        fmt = plan.format(name)
+        if fmt is WeightFormat.F:
+            self.weight = nn.Parameter((in_features, out_features), dtype)
+        else:
+            self.weight = QuantizedWeight(out_features, in_features, fmt, dtype, plan.scale_dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [..., in] -> [..., out]
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight.matmul_nt(x)
         return op.matmul(x, self.weight)
 
 
-class LMHead(nn.Module):
-    """The untied output projection, stored like the embedding table: `weight: [vocab, hidden]`."""
+class TableWeight(nn.Module):
+    """A `[vocab, hidden]` table (the embedding, or the untied LM head), plain or quantized."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: str) -> None:
-        self.weight = nn.Parameter((vocab_size, hidden_size), dtype)
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: str, plan: QuantPlan, name: str) -> None:
+        fmt = plan.format(name)
+        if fmt is WeightFormat.F:
+            self.weight = nn.Parameter((vocab_size, hidden_size), dtype)
+        else:
+            self.weight = QuantizedWeight(vocab_size, hidden_size, fmt, dtype, plan.scale_dtype)
+
+    def lookup(self, input_ids: Tensor) -> Tensor:  # [s] int32 -> [s, h]
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight.take(input_ids)
+        return op.take(self.weight, input_ids, axis=0)
+
+    def project(self, hidden_states: Tensor) -> Tensor:  # [.., h] -> float32 [.., V], reading the table in place
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight.matmul_nt(hidden_states, "float32")
+        logits = op.matmul(hidden_states, op.permute_dims(self.weight))
+        return logits.astype("float32") if logits.dtype != "float32" else logits
 
 
 class RMSNorm(nn.Module):
@@ -53,13 +77,13 @@ class RMSNorm(nn.Module):
 class LlamaAttention(nn.Module):
     """Grouped-query attention: fused `qkv_proj`, RoPE and attention inside the paged KV cache, `o_proj`."""
 
-    def __init__(self, config: LlamaConfig, dtype: str) -> None:
+    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, prefix: str) -> None:
         self.head_dim = config.head_dim
         self.num_q_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         qkv_out = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, qkv_out, dtype)
-        self.o_proj = Linear(self.num_q_heads * self.head_dim, config.hidden_size, dtype)
+        self.qkv_proj = Linear(config.hidden_size, qkv_out, dtype, plan, prefix + "qkv_proj.weight")
+        self.o_proj = Linear(self.num_q_heads * self.head_dim, config.hidden_size, dtype, plan, prefix + "o_proj.weight")
 
     def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = hidden_states.shape  # hidden_states: [b, s, h]
@@ -74,10 +98,11 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SiLU-gated MLP with fused `gate_up_proj` (gate columns first, then up)."""
 
-    def __init__(self, config: LlamaConfig, dtype: str) -> None:
+    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, prefix: str) -> None:
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, dtype)
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = Linear(h, 2 * i, dtype, plan, prefix + "gate_up_proj.weight")
+        self.down_proj = Linear(i, h, dtype, plan, prefix + "down_proj.weight")
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)  # [b, s, 2 I]
@@ -86,11 +111,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, dtype: str) -> None:
+    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, layer: int) -> None:
+        prefix = f"model.layers.{layer}."
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, dtype)
+        self.self_attn = LlamaAttention(config, dtype, plan, prefix + "self_attn.")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.mlp = LlamaMLP(config, dtype, plan, prefix + "mlp.")
 
     def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         attn = self.self_attn(self.input_layernorm(hidden_states), paged_kv_cache, layer_id)
@@ -99,9 +125,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig, dtype: str) -> None:
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan) -> None:
+        self.embed_tokens = TableWeight(config.vocab_size, config.hidden_size, dtype, plan, "model.embed_tokens.weight")
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, dtype, plan, i) for i in range(config.num_hidden_layers)]
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.stage_layer_ranges = config.stage_layer_ranges()
 
@@ -114,26 +142,23 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama causal LM. `dtype` is the weight/activation dtype; logits are always float32."""
+    """Llama causal LM. `dtype` is the activation (and unquantized weight) dtype; logits are always float32.
+    `plan` says which weights are stored quantized (`llama_relax.quantization`); the default stores none."""
 
-    def __init__(self, config: LlamaConfig, dtype: str = "float32") -> None:
+    def __init__(self, config: LlamaConfig, dtype: str = "float32", plan: QuantPlan = NO_QUANTIZATION) -> None:
         self.config = config
         self.dtype = dtype
-        self.model = LlamaModel(config, dtype)
+        self.model = LlamaModel(config, dtype, plan)
         self.tie_word_embeddings = config.tie_word_embeddings
         if not config.tie_word_embeddings:
-            self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype)
+            self.lm_head = TableWeight(config.vocab_size, config.hidden_size, dtype, plan, "lm_head.weight")
 
     # ---- building blocks ----------------------------------------------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:  # [s] int32 -> [s, h]
-        return self.model.embed_tokens(input_ids)
+        return self.model.embed_tokens.lookup(input_ids)
 
     def get_logits(self, hidden_states: Tensor) -> Tensor:  # [n, h] (or [b, n, h]) -> float32 [.., V]
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        logits = op.matmul(hidden_states, op.permute_dims(weight))
-        if logits.dtype != "float32":
-            logits = logits.astype("float32")
-        return logits
+        return (self.model.embed_tokens if self.tie_word_embeddings else self.lm_head).project(hidden_states)
 
     def batch_select_last_hidden_states(self, hidden_states: Tensor, logit_positions: Tensor) -> Tensor:
         # hidden_states: [1, s, h] (or [s, h]); logit_positions: [b] int32 -> [b, h]

@@ -17,7 +17,7 @@ from pathlib import Path
 from llama_relax.compile import CompiledModel, TargetSpec, compile_model, resolve_target
 from llama_relax.config import LlamaConfig
 from llama_relax.errors import UserError
-from llama_relax.loader import ModelSource, load_config, load_params, resolve_model
+from llama_relax.loader import ModelSource, load_config, quant_plan, resolve_model, stream_params
 from llama_relax.loader.gguf_file import open_gguf
 from llama_relax.runtime import KVCacheConfig, ModelRuntime
 from llama_relax.tokenizer import Tokenizer
@@ -84,14 +84,18 @@ def open_model(
     cache_dir: Path,
     kv: KVCacheConfig | None = None,
     quiet: bool = False,
+    quantization: str = "auto",
 ) -> OpenModel:
-    """Resolve, compile (or reuse), load weights and create the runtime."""
+    """Resolve, compile (or reuse), stream the weights into the runtime (one tensor at a time, quantized as
+    `quantization` says: `auto` keeps a .gguf file's own blocks and an HF directory's floats) and create it."""
     path = Path(path) if path is not None else default_model_path(cache_dir, quiet=quiet)
     src = resolve_model(path)
     config = load_config(src)
     tokenizer = load_tokenizer(src)
-    compiled = compile_model(config, dtype, target or resolve_target(), cache_dir=cache_dir, quiet=quiet)
-    params = load_params(src, config, dtype, progress=not quiet)
+    target = target or resolve_target()
+    plan = quant_plan(src, config, quantization, target.kind)
+    compiled = compile_model(config, dtype, target, cache_dir=cache_dir, quiet=quiet, plan=plan)
+    params = stream_params(src, config, dtype, progress=not quiet, plan=plan)
     kv = kv or KVCacheConfig(
         max_batch_size=16, max_total_seq_len=min(config.context_window_size * 2, 16384), prefill_chunk_size=512
     )

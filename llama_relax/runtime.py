@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +71,7 @@ class ModelRuntime:
     def __init__(
         self,
         compiled: CompiledModel,
-        params: dict[str, np.ndarray],
+        params: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
         kv_config: KVCacheConfig,
         *,
         model_create_fn: bool = False,
@@ -85,11 +85,7 @@ class ModelRuntime:
         self.device = compiled.target.device()
         lib = tvm.runtime.load_module(str(compiled.lib_path))
         self.vm = relax.VirtualMachine(lib, self.device)
-        missing = [n for n in compiled.param_names if n not in params]
-        if missing:
-            raise ValueError(f"weights: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(params[n]), self.device) for n in compiled.param_names]
-        self._param_samples = [_sample_bytes(params[n]) for n in compiled.param_names]
+        self.params, self._param_samples = self._upload(params)
         self._fingerprint: str | None = None
         prefill_chunk = min(kv_config.prefill_chunk_size, self.config.prefill_chunk_size)
         self.prefill_chunk_size = prefill_chunk
@@ -113,6 +109,29 @@ class ModelRuntime:
         }
         self._seq_lens: dict[int, int] = {}
         self._transpose_append = lib.get_function("tir_kv_cache_transpose_append", query_imports=True)
+
+    def _upload(
+        self, params: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]
+    ) -> tuple[list[tvm.runtime.Tensor], list[bytes]]:
+        """Each parameter to the device as it arrives (a stream is never held in host memory all at once), in
+        the library's parameter order; checks names, shapes and dtypes against the compiled model."""
+        specs = dict(zip(self.compiled.param_names, self.compiled.param_specs, strict=True))
+        on_device: dict[str, tvm.runtime.Tensor] = {}
+        samples: dict[str, bytes] = {}
+        for name, array in params.items() if isinstance(params, Mapping) else params:
+            if name not in specs:
+                continue  # e.g. a float copy the plan does not use
+            shape, dtype = specs[name]
+            if tuple(array.shape) != shape or str(array.dtype) != dtype:
+                raise ValueError(f"weights: {name} is {array.dtype}{list(array.shape)}, the model wants {dtype}{list(shape)}")
+            on_device[name] = tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+            samples[name] = _sample_bytes(array)
+            del array
+        missing = [n for n in self.compiled.param_names if n not in on_device]
+        if missing:
+            raise ValueError(f"weights: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        names = self.compiled.param_names
+        return [on_device[n] for n in names], [samples[n] for n in names]
 
     def _create_kv_cache(
         self, lib: tvm.runtime.Module, kv: KVCacheConfig, prefill_chunk: int, model_create_fn: bool

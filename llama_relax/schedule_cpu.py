@@ -38,9 +38,11 @@ from llama_relax.schedule_matmul import (
     _SCHEDULED_ATTRS,
     GEMV_MAX_M_NN,
     GEMV_MAX_M_NT,
+    CpuTiles,
     MatmulInfo,
     _extent,
     _find_matmul,
+    _is_dequant,
     _strip_cast,
     _var_indices,
     _written_buffer,
@@ -53,7 +55,7 @@ from llama_relax.schedule_matmul import (
 
 def cpu_schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
     """Module pass: fuse LM-head transposes into NT matmuls, then schedule every recognised matmul PrimFunc."""
-    num_cores = _num_cores(target)
+    tiles = CpuTiles.for_target(target, _num_cores(target))
 
     @tvm.transform.module_pass(opt_level=0, name="CPUScheduleMatmul")
     def _pass(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
@@ -62,7 +64,7 @@ def cpu_schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
                 continue
-            new_func = schedule_prim_func(func, num_cores)
+            new_func = schedule_prim_func(func, tiles)
             if new_func is None:
                 new_func = _try_elementwise(func)
             if new_func is not None:
@@ -176,8 +178,9 @@ def _row_count(func: tirx.PrimFunc):
     return rows, info
 
 
-def schedule_prim_func(func: tirx.PrimFunc, num_cores: int = 2) -> tirx.PrimFunc | None:
+def schedule_prim_func(func: tirx.PrimFunc, tiles: CpuTiles | None = None) -> tirx.PrimFunc | None:
     """Schedule one PrimFunc if it is a (fused) matmul; None when it is not recognised."""
+    tiles = tiles or CpuTiles()
     try:
         rows, info = _row_count(func)
     except Exception:  # anything unexpected in a foreign function: leave it alone
@@ -186,18 +189,25 @@ def schedule_prim_func(func: tirx.PrimFunc, num_cores: int = 2) -> tirx.PrimFunc
         return None
     gemv = schedule_gemv_nt if info.nt else schedule_gemv_nn
     gemv_max = GEMV_MAX_M_NT if info.nt else GEMV_MAX_M_NN
+    if _has_dequant(func):
+        gemv_max = tiles.qgemv_max_m
     try:
         if isinstance(rows, int):
-            new = gemv(func, num_cores) if rows <= gemv_max else schedule_gemm(func, num_cores)
+            new = gemv(func, tiles) if rows <= gemv_max else schedule_gemm(func, tiles)
         else:
-            small = gemv(func, num_cores)
-            large = schedule_gemm(func, num_cores)
+            small = gemv(func, tiles)
+            large = schedule_gemm(func, tiles)
             if not all(a.same_as(b) for a, b in zip(small.params, large.params, strict=True)):
                 return None
             new = func.with_body(tirx.IfThenElse(rows <= gemv_max, small.body, large.body))
     except Exception:  # a schedule step did not apply: keep the original function
         return None
     return new.with_attr("tirx.is_scheduled", True)
+
+
+def _has_dequant(func: tirx.PrimFunc) -> bool:
+    sch = Schedule(func)
+    return any(_is_dequant(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 # ----------------------------------------------------------------------------------------------------------

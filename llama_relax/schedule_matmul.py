@@ -12,19 +12,45 @@ from tvm import tirx
 from tvm.ir.expr import TensorLoad
 from tvm.s_tir import Schedule
 
-# GEMM micro-tile: MR rows x NR columns of fp32 accumulators (6 x 2 ymm = 12 registers).
-MR = 6
-NR = 16
-# GEMV kernels: vector width along the contiguous dimension, k unroll, column block per task.
-GEMV_NV = 16
-GEMV_KU = 8
-GEMV_CB = 4096
-# Row counts up to these run the GEMV kernel instead of the GEMM kernel.
+from llama_relax.quantization import DEQUANT_BLOCK  # the block that rebuilds quantized weights: kept apart
+
+# Row counts up to these run the GEMV kernel instead of the GEMM kernel (float weights).
 GEMV_MAX_M_NN = 12
 GEMV_MAX_M_NT = 48
-# NT GEMV: weight rows processed together (one accumulator register each) and lanes per accumulator.
-GEMV_NT_JU = 8
-GEMV_NT_KV = 8
+GEMV_KU = 8
+GEMV_CB = 4096
+
+
+@dataclass(frozen=True)
+class CpuTiles:
+    """Register tiles and vector widths of the kernels for one CPU, chosen from its ISA.
+
+    GEMM micro-tile: MR rows x NR columns of fp32 accumulators (AVX2, 16 registers of 8 lanes: 6 x 2 ymm = 12;
+    AVX-512, 32 registers of 16 lanes: 12 x 2 zmm = 24), plus the B vectors and an A broadcast. GEMV: `gemv_nv`
+    lanes along contiguous output columns (NN), `gemv_nt_kv` lanes along K times `gemv_nt_ju` weight rows (NT).
+    A quantized weight is dequantized in registers by the GEMV, so only tiny batches use it: past
+    `qgemv_max_m` rows the GEMM dequantizes each panel once and reuses it for every row."""
+
+    cores: int = 2
+    lanes: int = 8
+    mr: int = 6
+    nr: int = 16
+    gemv_nv: int = 16
+    gemv_nt_kv: int = 8
+    gemv_nt_ju: int = 8
+    qgemv_max_m: int = 4
+
+    @classmethod
+    def for_target(cls, target: tvm.target.Target | None, cores: int) -> CpuTiles:
+        from tvm.target import codegen
+
+        avx512 = target is not None and all(
+            codegen.target_has_features(f, target) for f in ("avx512f", "avx512bw", "avx512vl")
+        )
+        if avx512:
+            return cls(cores, lanes=16, mr=12, nr=32, gemv_nv=32, gemv_nt_kv=16, gemv_nt_ju=8)
+        return cls(cores)
+
 
 _SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
 # what a failed schedule primitive raises (ScheduleError is a RuntimeError; InternalError for failed checks)
@@ -146,13 +172,18 @@ def _is_spatial(sch: Schedule, blk) -> bool:
     return node.init is None and all(int(iv.iter_type) == _DATA_PAR for iv in node.iter_vars)
 
 
+def _is_dequant(sch: Schedule, blk) -> bool:
+    return sch.get(blk).name_hint.startswith(DEQUANT_BLOCK)
+
+
 def _inline_producers(sch: Schedule, blk) -> None:
-    """Inline injective producers (casts, transposes) of the matmul inputs where TVM allows it."""
+    """Inline injective producers (casts, transposes) of the matmul inputs where TVM allows it. A weight
+    dequantization stays a block of its own: the kernels decide where it runs (per panel, or in registers)."""
     changed = True
     while changed:
         changed = False
         for prod in sch.get_producers(blk):
-            if not _is_spatial(sch, prod):
+            if not _is_spatial(sch, prod) or _is_dequant(sch, prod):
                 continue
             try:
                 sch.compute_inline(prod)
@@ -233,8 +264,10 @@ def _open_matmul(func: tirx.PrimFunc):
     return sch, blk, info, _merge_epilogue(sch, blk)
 
 
-def schedule_gemm(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
-    """Register-blocked GEMM: M padded to MR, packed A panels, packed per-panel weights, MR x NR accumulators."""
+def schedule_gemm(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
+    """Register-blocked GEMM: M padded to MR, packed A panels, packed per-panel weights, MR x NR accumulators.
+    A quantized weight's `dequantize` block runs per panel, into the packed fp32 tile."""
+    mr = tiles.mr
     sch, blk, info, epi = _open_matmul(func)
 
     node = sch.get(blk)
@@ -242,7 +275,7 @@ def schedule_gemm(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
     if not isinstance(n_ext, tirx.IntImm):
         raise ValueError("symbolic N")
     n_ext = int(n_ext)
-    nr = NR if n_ext % NR == 0 else (8 if n_ext % 8 == 0 else NR)
+    nr = next((c for c in (tiles.nr, tiles.nr // 2, 8) if n_ext % c == 0), tiles.nr)
     padding = [1] * len(node.iter_vars)
     m_last = info.m_iters[-1]
     for i in reversed(info.m_iters):
@@ -250,11 +283,11 @@ def schedule_gemm(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
         if not (isinstance(ext, tirx.IntImm) and int(ext) == 1):
             m_last = i
             break
-    padding[m_last] = MR
+    padding[m_last] = mr
     padding[info.n_iter] = nr
     sch.pad_einsum(blk, padding)
 
-    # A: pack into [Mp / MR, K, MR] (inlining the padding block), computed once for the whole call.
+    # A: pack into [Mp / mr, K, mr] (inlining the padding block), computed once for the whole call.
     a_read = _read_index(sch, blk, "a")
     a_pack = sch.cache_read(blk, a_read, "global")
     for prod in sch.get_producers(a_pack):
@@ -278,7 +311,7 @@ def schedule_gemm(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
             sch.reverse_compute_inline(epi)
 
     m, n, k = _matmul_loops(sch, blk, info)
-    mo, mi = sch.split(m, [None, MR])
+    mo, mi = sch.split(m, [None, mr])
     no, ni = sch.split(n, [None, nr])
     sch.reorder(no, mo, k, mi, ni)
     sch.parallel(no)
@@ -294,11 +327,11 @@ def schedule_gemm(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
     m_dims = info.m_iters
 
     def a_map(*idx):
-        # fused row index over the M dims, then [row // MR, k, row % MR]
+        # fused row index over the M dims, then [row // mr, k, row % mr]
         row = idx[m_dims[0]]
         for d in m_dims[1:]:
             row = row * a_shape[d] + idx[d]
-        return (row // MR, idx[a_rank - 1], row % MR)
+        return (row // mr, idx[a_rank - 1], row % mr)
 
     a_shape = list(_written_buffer(sch, a_pack).shape)
     sch.transform_layout(a_pack, ("write", 0), a_map)
@@ -328,12 +361,13 @@ def _read_index(sch: Schedule, blk, which: str) -> int:
     raise ValueError(f"operand {which} not among the reads")
 
 
-def schedule_gemv_nn(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
+def schedule_gemv_nn(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
     """Small-M NN kernel: each task owns a contiguous column block and streams its weight rows once."""
     sch, blk, info, epi = _open_matmul(func)
     m, n, k = _matmul_loops(sch, blk, info)
     n_ext, k_ext = _extent(sch, n), _extent(sch, k)
-    nv = _largest_divisor(n_ext, (GEMV_NV, 8, 4, 2))
+    num_cores = tiles.cores
+    nv = _largest_divisor(n_ext, (tiles.gemv_nv, 16, 8, 4, 2))
     ku = _largest_divisor(k_ext, (GEMV_KU, 2))
     groups = n_ext // nv
     tasks = max(num_cores, math.ceil(n_ext / GEMV_CB))
@@ -349,16 +383,24 @@ def schedule_gemv_nn(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
     if epi is not None:
         sch.reverse_compute_at(epi, nb)
         _vectorize_tail(sch, epi, nv)
+    _inline_dequant(sch)
     return sch.mod["main"]
 
 
-def schedule_gemv_nt(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
+def _inline_dequant(sch: Schedule) -> None:
+    """GEMV: dequantize each weight element where it is used (in registers, next to its multiply-add)."""
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        if _is_dequant(sch, blk):
+            sch.compute_inline(blk)
+
+
+def schedule_gemv_nt(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
     """Small-M NT kernel (LM head): dot products along contiguous K, JU weight rows at a time."""
     sch, blk, info, epi = _open_matmul(func)
     m, n, k = _matmul_loops(sch, blk, info)
     n_ext, k_ext = _extent(sch, n), _extent(sch, k)
-    kv = _largest_divisor(k_ext, (GEMV_NT_KV, 4))
-    ju = _largest_divisor(n_ext, (GEMV_NT_JU, 4, 2))
+    kv = _largest_divisor(k_ext, (tiles.gemv_nt_kv, 8, 4))
+    ju = _largest_divisor(n_ext, (tiles.gemv_nt_ju, 4, 2))
     no, ji = sch.split(n, [None, ju])
     if kv > 1:
         ko, kvl = sch.split(k, [None, kv])
@@ -384,4 +426,5 @@ def schedule_gemv_nt(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
         sch.decompose_reduction(blk, k)
         if epi is not None:
             sch.reverse_compute_at(epi, m)
+    _inline_dequant(sch)
     return sch.mod["main"]

@@ -39,7 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.faults import Fault, FaultPlan
     from engine.messages import WorkerOptions
     from llama_relax.compile import compile_model, resolve_target
-    from llama_relax.loader import load_config, resolve_model
+    from llama_relax.loader import load_config, quant_plan, resolve_model
     from llama_relax.models import default_model_path, load_tokenizer
     from router.convert import ModelLimits
     from router.metrics import Metrics
@@ -65,6 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
         cache_dir=str(Path(args.cache_dir).resolve()),
         dtype=args.dtype,
         target=args.target,
+        quantization=args.quantization,
         max_batch_size=args.max_batch_size or auto_batch_size(args.max_total_seq_len),
         max_total_seq_len=args.max_total_seq_len,
         prefill_chunk_size=args.prefill_chunk_size,
@@ -72,7 +73,9 @@ def run_serve(args: argparse.Namespace) -> int:
         kv_lease_s=args.kv_lease_s,
         faults=faults,
     )
-    compile_model(config, args.dtype, resolve_target(args.target), cache_dir=args.cache_dir)  # once: workers hit it
+    target = resolve_target(args.target)
+    plan = quant_plan(src, config, args.quantization, target.kind)
+    compile_model(config, args.dtype, target, cache_dir=args.cache_dir, plan=plan)  # once: workers hit the cache
     _say(f"[pdserve] starting {spec.mode.value} workers on Ray ({spec.address or 'local cluster on 127.0.0.1'})...")
     if faults.faults:
         _say(f"[pdserve] fault drill: {', '.join(args.inject_fault)}")

@@ -71,6 +71,24 @@ def compiled_gqa(cache_dir):
 
 
 @pytest.fixture(scope="session")
+def compiled_gqa_q4(cache_dir):
+    from llama_relax.compile import compile_model
+    from llama_relax.quantization import Quantization, uniform_plan
+
+    plan = uniform_plan(Quantization.Q4F32_1, TINY_GQA)
+    return compile_model(TINY_GQA, "float32", cache_dir=cache_dir, quiet=True, plan=plan)
+
+
+@pytest.fixture(scope="session")
+def compiled_gqa_q8(cache_dir):
+    from llama_relax.compile import compile_model
+    from llama_relax.quantization import Quantization, uniform_plan
+
+    plan = uniform_plan(Quantization.Q8_0, TINY_GQA)
+    return compile_model(TINY_GQA, "float32", cache_dir=cache_dir, quiet=True, plan=plan)
+
+
+@pytest.fixture(scope="session")
 def compiled_tied(cache_dir):
     from llama_relax.compile import compile_model
 

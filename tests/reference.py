@@ -100,3 +100,23 @@ def random_params(config: LlamaConfig, seed: int = 0, scale: float = 0.5) -> dic
             fan_in = shape[0] if "layers" in name else shape[-1]
             out[name] = (rng.standard_normal(shape) * scale / np.sqrt(fan_in)).astype(np.float32)
     return out
+
+
+def quantized_params(params: dict[str, np.ndarray], plan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(runtime params, reference params) of `plan`: each quantized weight's arrays, and the float32 values the
+    kernels see (dequantized, back in the project's layout) for the NumPy reference."""
+    from llama_relax.loader.quantize import dequantize, quantize
+    from llama_relax.quantization import WeightFormat, quantized_array_names
+
+    runtime, reference = dict(params), dict(params)
+    for name, fmt in plan.formats:
+        if fmt is WeightFormat.F:
+            continue
+        table = "embed_tokens" in name or "lm_head" in name  # [V, H]; linear weights are stored [in, out]
+        w = params[name] if table else params[name].T  # [out, in]
+        arrays = quantize(fmt, w, plan.scale_dtype)
+        del runtime[name]
+        runtime.update({f"{name}.{s}": a for s, a in zip(quantized_array_names(fmt), arrays, strict=True)})
+        back = dequantize(fmt, arrays)
+        reference[name] = back if table else np.ascontiguousarray(back.T)
+    return runtime, reference

@@ -6,21 +6,27 @@ import numpy as np
 import pytest
 import tvm
 from conftest import TINY_GQA, TINY_TIED
-from reference import NumpyLlama, random_params
+from reference import NumpyLlama, quantized_params, random_params
 
 from llama_relax.runtime import KVCacheConfig, ModelRuntime
 
 ATOL = 2e-4  # float32 kernels vs float64 reference, logits of magnitude ~1-5
 
 
+def model_params(compiled, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(runtime params, the reference's params): equal, or for a quantized model its arrays and the values the
+    kernels dequantize them to."""
+    return quantized_params(random_params(compiled.config, seed=seed), compiled.plan)
+
+
 def make_runtime(compiled, seed: int = 0, **kv) -> tuple[ModelRuntime, NumpyLlama]:
-    params = random_params(compiled.config, seed=seed)
+    params, ref_params = model_params(compiled, seed)
     kv_config = KVCacheConfig(
         max_batch_size=kv.get("max_batch_size", 8),
         max_total_seq_len=kv.get("max_total_seq_len", 1024),
         prefill_chunk_size=kv.get("prefill_chunk_size", compiled.config.prefill_chunk_size),
     )
-    return ModelRuntime(compiled, params, kv_config), NumpyLlama(compiled.config, params)
+    return ModelRuntime(compiled, params, kv_config), NumpyLlama(compiled.config, ref_params)
 
 
 def assert_close(got: np.ndarray, want: np.ndarray) -> None:
@@ -34,9 +40,11 @@ def leak_check(rt: ModelRuntime, pages_at_start: int) -> None:
     assert rt.free_pages() == pages_at_start, "pages leaked"
 
 
-@pytest.fixture(params=["gqa", "tied"])
-def compiled(request, compiled_gqa, compiled_tied):
-    return compiled_gqa if request.param == "gqa" else compiled_tied
+@pytest.fixture(params=["gqa", "tied", "gqa-q4f32_1", "gqa-q8_0"])
+def compiled(request, compiled_gqa, compiled_tied, compiled_gqa_q4, compiled_gqa_q8):
+    return {"gqa": compiled_gqa, "tied": compiled_tied, "gqa-q4f32_1": compiled_gqa_q4, "gqa-q8_0": compiled_gqa_q8}[
+        request.param
+    ]
 
 
 def test_batched_prefill_and_decode_match_reference(compiled):
@@ -81,8 +89,13 @@ def test_decode_batch_members_join_and_leave(compiled_gqa):
     leak_check(rt, start)
 
 
-def test_verify_returns_logits_for_every_token(compiled_gqa):
-    rt, ref = make_runtime(compiled_gqa)
+@pytest.fixture(params=["gqa", "gqa-q4f32_1", "gqa-q8_0"])
+def gqa_any(request, compiled_gqa, compiled_gqa_q4, compiled_gqa_q8):
+    return {"gqa": compiled_gqa, "gqa-q4f32_1": compiled_gqa_q4, "gqa-q8_0": compiled_gqa_q8}[request.param]
+
+
+def test_verify_returns_logits_for_every_token(gqa_any):
+    rt, ref = make_runtime(gqa_any)
     start = rt.free_pages()
     rt.add_sequence(5)
     rt.add_sequence(6)
@@ -93,7 +106,7 @@ def test_verify_returns_logits_for_every_token(compiled_gqa):
     assert_close(out[0], ref.forward(5, [9, 10, 11]))
     assert_close(out[1], ref.forward(6, [12, 13]))
     rt.popn(5, 2)  # roll back two draft tokens, then continue from there
-    ref2 = NumpyLlama(compiled_gqa.config, random_params(compiled_gqa.config, seed=0))
+    ref2 = NumpyLlama(gqa_any.config, model_params(gqa_any, 0)[1])
     ref2.forward(5, [1, 2, 3, 9])
     assert_close(rt.decode([5], [42])[0], ref2.forward(5, [42])[-1])
     leak_check(rt, start)
@@ -128,7 +141,7 @@ def test_single_sequence_entry_points(compiled):
     rt.add_sequence(9)
     hidden = _call(rt, "prefill_to_last_hidden_states", [9], [prompt])  # [1, s, h]
     assert tuple(hidden.shape) == (1, len(prompt), rt.config.hidden_size)
-    want_hidden = NumpyLlama(rt.config, random_params(rt.config, seed=0)).hidden(0, prompt)
+    want_hidden = NumpyLlama(rt.config, model_params(compiled, 0)[1]).hidden(0, prompt)
     np.testing.assert_allclose(hidden.numpy()[0], want_hidden, atol=ATOL)
     # the hidden-state methods compose to the same logits as `prefill`
     composed = rt.logits_at(hidden, [len(prompt) - 1])

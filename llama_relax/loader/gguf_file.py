@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,16 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 from llama_relax.config import LlamaConfig
-from llama_relax.loader.mapping import TensorSource, build_params
+from llama_relax.loader.mapping import TensorSource, fused_parts, iter_params
+from llama_relax.loader.quantize import GGUF_NATIVE
+from llama_relax.quantization import (
+    NO_QUANTIZATION,
+    Quantization,
+    QuantPlan,
+    WeightFormat,
+    check_group,
+    quantizable_weights,
+)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -145,7 +155,8 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
 
 
 class GGUFSource(TensorSource):
-    """Tensors of a GGUF file under HF names, dequantized to float32, q/k permutation undone."""
+    """Tensors of a GGUF file under HF names: dequantized to float32, or (`native`) their own blocks; q/k rows
+    put back in HF's order (`row_order`)."""
 
     def __init__(self, path: str | os.PathLike[str], config: LlamaConfig) -> None:
         self.path = Path(path)
@@ -163,16 +174,46 @@ class GGUFSource(TensorSource):
         tensor = self._tensors.get(self.label(name))
         return None if tensor is None else dequantize_tensor(tensor)
 
-    def finish(self, name: str, array: np.ndarray) -> np.ndarray:
+    def type_name(self, name: str) -> str | None:
+        tensor = self._tensors.get(self.label(name))
+        return None if tensor is None else GGMLQuantizationType(tensor.tensor_type).name
+
+    def native(self, name: str) -> tuple[str, np.ndarray] | None:
+        qtype = self.type_name(name)
+        if qtype is None or qtype not in GGUF_NATIVE:
+            return None
+        return qtype, np.asarray(self._tensors[self.label(name)].data)
+
+    def row_order(self, name: str) -> np.ndarray | None:
+        heads = None
         if name.endswith("self_attn.q_proj.weight"):
-            return unpermute_rope_rows(array, self.config.num_attention_heads)
-        if name.endswith("self_attn.k_proj.weight"):
-            return unpermute_rope_rows(array, self.config.num_key_value_heads)
-        return array
+            heads = self.config.num_attention_heads
+        elif name.endswith("self_attn.k_proj.weight"):
+            heads = self.config.num_key_value_heads
+        if heads is None:
+            return None
+        rows = (self.config.q_size if heads == self.config.num_attention_heads else self.config.kv_size)
+        return unpermute_rope_rows(np.arange(rows)[:, None], heads)[:, 0]
+
+
+def gguf_plan(path: str | os.PathLike[str], config: LlamaConfig) -> QuantPlan:
+    """`--quantization gguf`: each weight keeps its file's block format where the model has it (Q4_0 / Q4_1 ->
+    Q4, Q8_0 -> Q8; the parts of a fused weight must agree), and is dequantized to the model dtype otherwise."""
+    src = GGUFSource(path, config)
+    formats = []
+    for name, _, k in quantizable_weights(config):
+        parts = fused_parts(name)
+        fmts = {GGUF_NATIVE.get(src.type_name(p) or "", WeightFormat.F) for p in parts}
+        fmt = fmts.pop() if len(fmts) == 1 else WeightFormat.F
+        if fmt is not WeightFormat.F:
+            check_group(src.label(parts[0]), k)
+        formats.append((name, fmt))
+    return QuantPlan(Quantization.GGUF, tuple(formats), "float32")
 
 
 def load_gguf_params(
-    path: str | os.PathLike[str], config: LlamaConfig, dtype: str = "float32", progress: bool = False
-) -> dict[str, np.ndarray]:
-    """All model parameters from a GGUF file (see `expected_param_shapes`)."""
-    return build_params(GGUFSource(path, config), config, dtype, progress)
+    path: str | os.PathLike[str], config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    plan: QuantPlan = NO_QUANTIZATION,
+) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+    """Every model parameter from a GGUF file, one at a time (see `iter_params`)."""
+    return iter_params(GGUFSource(path, config), config, dtype, progress, plan)

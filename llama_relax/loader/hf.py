@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import numpy as np
 from safetensors import safe_open
 
 from llama_relax.config import LlamaConfig
-from llama_relax.loader.mapping import TensorSource, build_params
+from llama_relax.loader.mapping import TensorSource, iter_params
+from llama_relax.quantization import NO_QUANTIZATION, QuantPlan
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -83,7 +85,8 @@ class SafetensorsSource(TensorSource):
 
 
 def load_hf_params(
-    model_dir: Path, config: LlamaConfig, dtype: str = "float32", progress: bool = False
-) -> dict[str, np.ndarray]:
-    """All model parameters from an HF directory (see `expected_param_shapes`)."""
-    return build_params(SafetensorsSource(model_dir), config, dtype, progress)
+    model_dir: Path, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    plan: QuantPlan = NO_QUANTIZATION,
+) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+    """Every model parameter from an HF directory, one at a time (see `iter_params`)."""
+    return iter_params(SafetensorsSource(model_dir), config, dtype, progress, plan)

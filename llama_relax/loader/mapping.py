@@ -1,8 +1,9 @@
 """The model's parameter table and the format-independent assembly of it.
 
 Every format reader exposes its tensors under Hugging Face names in HF layout (`[out, in]`, q/k rows in HF's
-rotate-half order) through a `TensorSource`; `build_params` validates their shapes, fuses q/k/v and gate/up,
-transposes linear weights to the model's `[in, out]` layout and casts to the requested dtype.
+rotate-half order) through a `TensorSource`; `iter_params` validates their shapes, fuses q/k/v and gate/up,
+transposes unquantized linear weights to the model's `[in, out]` layout and casts them to the requested dtype, or
+(per the `QuantPlan`) keeps a GGUF tensor's own blocks / quantizes it, one parameter at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from llama_relax.config import LlamaConfig
+from llama_relax.loader.quantize import GGUF_NATIVE, from_gguf_blocks, quantize
+from llama_relax.quantization import NO_QUANTIZATION, QuantPlan, WeightFormat, quantized_array_names
 
 DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.float16}
 
@@ -69,6 +72,12 @@ def _split_layer_name(name: str) -> tuple[str, str]:
     return "", name
 
 
+def fused_parts(name: str) -> list[str]:
+    """The HF tensors a model weight is made of (itself, or the parts of a fused one)."""
+    prefix, suffix = _split_layer_name(name)
+    return [prefix + p for p in _FUSED[suffix]] if suffix in _FUSED else [name]
+
+
 def _fused_sizes(config: LlamaConfig, suffix: str) -> tuple[int, ...]:
     if suffix == "self_attn.qkv_proj.weight":
         return (config.q_size, config.kv_size, config.kv_size)
@@ -95,23 +104,50 @@ class TensorSource:
         """The tensor in HF shape (any float dtype), or None when the file lacks it."""
         raise NotImplementedError
 
-    def finish(self, name: str, array: np.ndarray) -> np.ndarray:
-        """Post-process a tensor after its shape was validated (e.g. undo a row permutation)."""
-        return array
+    def native(self, name: str) -> tuple[str, np.ndarray] | None:
+        """(GGUF type name, raw blocks) when the file stores the tensor in a block format the model can keep."""
+        return None
+
+    def row_order(self, name: str) -> np.ndarray | None:
+        """A permutation of the tensor's output rows to apply after loading (e.g. undoing GGUF's q/k order)."""
+        return None
+
+
+def _check_shape(src: TensorSource, name: str, got: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    if got != shape:
+        label = src.label(name)
+        raise ValueError(f"{src.description}: tensor {label!r} has the wrong shape: expected {shape}, got {got}")
 
 
 def _fetch(src: TensorSource, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Get, validate and finish one source tensor. Shapes are numpy/HF order `[out, in]` (GGUF lists ne0 first)."""
+    """Get, validate and reorder one source tensor. Shapes are numpy/HF order `[out, in]` (GGUF lists ne0 first)."""
     array = src.get(name)
-    label = src.label(name)
     if array is None:
-        raise ValueError(f"{src.description}: missing tensor {label!r} (expected shape {shape})")
-    got = tuple(int(d) for d in array.shape)
-    if got != shape:
-        raise ValueError(f"{src.description}: tensor {label!r} has the wrong shape: expected {shape}, got {got}")
+        raise ValueError(f"{src.description}: missing tensor {src.label(name)!r} (expected shape {shape})")
+    _check_shape(src, name, tuple(int(d) for d in array.shape), shape)
     if array.dtype not in (np.float16, np.float32, np.float64):
         array = array.astype(np.float32)  # bfloat16 and friends: exact in float32
-    return src.finish(name, array)
+    order = src.row_order(name)
+    return array if order is None else array[order]
+
+
+def _fetch_quantized(
+    src: TensorSource, name: str, shape: tuple[int, ...], fmt: WeightFormat, scale_dtype: str
+) -> list[np.ndarray]:
+    """One source tensor as `fmt` arrays: the file's own blocks when it has them in `fmt`, else quantized here."""
+    out, k = shape
+    got = src.native(name)
+    if got is not None and GGUF_NATIVE.get(got[0]) is fmt:
+        try:
+            arrays = from_gguf_blocks(got[0], got[1], out, k, scale_dtype)
+        except ValueError as e:
+            raise ValueError(f"{src.description}: tensor {src.label(name)!r}: {e}") from None
+        order = src.row_order(name)
+        return arrays if order is None else [a[order] for a in arrays]
+    try:
+        return quantize(fmt, _fetch(src, name, shape), scale_dtype)
+    except ValueError as e:
+        raise ValueError(f"{src.description}: tensor {src.label(name)!r}: {e}") from None
 
 
 def _copy(array: np.ndarray, np_dtype: type[np.floating]) -> np.ndarray:
@@ -119,32 +155,45 @@ def _copy(array: np.ndarray, np_dtype: type[np.floating]) -> np.ndarray:
     return np.array(array, dtype=np_dtype, order="C", copy=True)
 
 
-def build_params(
-    src: TensorSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False
-) -> dict[str, np.ndarray]:
-    """Assemble every model parameter (see `expected_param_shapes`) from `src`."""
+def iter_params(
+    src: TensorSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    plan: QuantPlan = NO_QUANTIZATION,
+) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+    """Every model parameter, one at a time (`(name, array)`, in load order), so a caller can hand each to the
+    runtime and drop it: loading never holds a second copy of the weights. Quantized weights (per `plan`) yield
+    their arrays under `<weight>.qweight` / `.scale` / `.zero`."""
     np_dtype = check_dtype(dtype)
     expected = expected_param_shapes(config)
     hf_shapes = hf_tensor_shapes(config)
-    params: dict[str, np.ndarray] = {}
     for name in _progress(expected, progress, src.description):
-        prefix, suffix = _split_layer_name(name)
+        suffix = _split_layer_name(name)[1]
+        parts = fused_parts(name)
+        fmt = plan.format(name)
+        if fmt is not WeightFormat.F:  # [out, in] arrays, fused parts stacked along the output rows
+            pieces = [_fetch_quantized(src, p, hf_shapes[p], fmt, plan.scale_dtype) for p in parts]
+            for j, suffix_name in enumerate(quantized_array_names(fmt)):
+                yield f"{name}.{suffix_name}", np.ascontiguousarray(np.concatenate([pc[j] for pc in pieces]))
+            continue
         if suffix in _FUSED:
             out = np.empty(expected[name], dtype=np_dtype)
             col = 0
-            for part in _FUSED[suffix]:
-                w = _fetch(src, prefix + part, hf_shapes[prefix + part])
+            for part in parts:
+                w = _fetch(src, part, hf_shapes[part])
                 out[:, col : col + w.shape[0]] = w.T
                 col += w.shape[0]
-            params[name] = out
+            yield name, out
         elif suffix in _TRANSPOSED:
-            params[name] = _copy(_fetch(src, name, hf_shapes[name]).T, np_dtype)
+            yield name, _copy(_fetch(src, name, hf_shapes[name]).T, np_dtype)
         else:
-            params[name] = _copy(_fetch(src, name, hf_shapes[name]), np_dtype)
-        got = params[name].shape
-        if got != expected[name]:  # cannot happen unless the tables above disagree
-            raise ValueError(f"parameter {name!r}: expected shape {expected[name]}, got {got}")
-    return params
+            yield name, _copy(_fetch(src, name, hf_shapes[name]), np_dtype)
+
+
+def build_params(
+    src: TensorSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    plan: QuantPlan = NO_QUANTIZATION,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every model parameter at once (tests and tools; serving streams `iter_params` into the runtime)."""
+    return dict(iter_params(src, config, dtype, progress, plan))
 
 
 def _progress(names: dict[str, tuple[int, ...]], enabled: bool, desc: str) -> Iterator[str]:

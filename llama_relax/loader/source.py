@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -10,8 +11,9 @@ from typing import Any, Literal
 import numpy as np
 
 from llama_relax.config import LlamaConfig
-from llama_relax.loader.gguf_file import is_gguf_file, load_gguf_config, load_gguf_params
+from llama_relax.loader.gguf_file import gguf_plan, is_gguf_file, load_gguf_config, load_gguf_params
 from llama_relax.loader.hf import load_hf_config, load_hf_params
+from llama_relax.quantization import NO_QUANTIZATION, Quantization, QuantPlan, uniform_plan
 
 SourceKind = Literal["hf", "gguf"]
 
@@ -63,9 +65,34 @@ def load_config(src: ModelSource, **overrides: Any) -> LlamaConfig:
 
 
 def load_params(
-    src: ModelSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False
-) -> dict[str, np.ndarray]:
-    """Every model parameter (names/shapes of `expected_param_shapes`) as a C-contiguous `dtype` array."""
+    src: ModelSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    plan: QuantPlan = NO_QUANTIZATION,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every model parameter at once (tests and tools); serving streams `stream_params` into the runtime."""
+    return dict(stream_params(src, config, dtype, progress, plan))
+
+
+def stream_params(
+    src: ModelSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    plan: QuantPlan = NO_QUANTIZATION,
+) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+    """Every model parameter (see `iter_params`), one at a time, as C-contiguous arrays."""
     if src.kind == "hf":
-        return load_hf_params(src.path, config, dtype, progress)
-    return load_gguf_params(src.path, config, dtype, progress)
+        return load_hf_params(src.path, config, dtype, progress, plan)
+    return load_gguf_params(src.path, config, dtype, progress, plan)
+
+
+def quant_plan(src: ModelSource, config: LlamaConfig, quantization: str | Quantization, target_kind: str) -> QuantPlan:
+    """The plan for `--quantization` (`auto`: `gguf` for a .gguf file, `none` for an HF directory)."""
+    if quantization == "auto":
+        quantization = Quantization.GGUF if src.kind == "gguf" else Quantization.NONE
+    try:
+        q = Quantization(quantization)
+    except ValueError:
+        names = ", ".join(["auto", *(m.value for m in Quantization)])
+        raise ValueError(f"--quantization: unknown scheme {quantization!r} (one of {names})") from None
+    if q is Quantization.GGUF:
+        if src.kind != "gguf":
+            raise ValueError("--quantization gguf needs a .gguf model; for an HF directory use q4f32_1 or q8_0")
+        return gguf_plan(src.path, config)
+    return uniform_plan(q, config, target_kind)
