@@ -9,13 +9,18 @@ upper bound on what a BLAS-backed implementation of the same model could reach.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import resource
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+
+from llama_relax.bench_peers import llama_cpp_peer, torch_peer
 
 PREFILL_LENGTHS = (128, 512)
 DECODE_BATCHES = (1, 4, 16)
@@ -71,6 +76,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
 
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
     kv = KVCacheConfig(max_batch_size=max(DECODE_BATCHES) + 1, max_total_seq_len=8192, prefill_chunk_size=512)
+    t_open = time.perf_counter()
     model = open_model(
         args.model,
         dtype=args.dtype,
@@ -80,14 +86,27 @@ def run_bench_model(args: argparse.Namespace) -> int:
         quiet=args.json,
         quantization=args.quantization,
     )
+    load_s = time.perf_counter() - t_open
+    load_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rt, cfg = model.runtime, model.config
     rng = np.random.default_rng(0)
     seq = iter(range(1_000_000))
+    weights_mb = (
+        sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in model.compiled.param_specs) / 2**20
+    )
     result: dict[str, object] = {
         "model": str(model.source.path),
         "dtype": args.dtype,
+        "quantization": model.compiled.plan.summary(),
         "target": model.compiled.target.describe(),
+        "cpu": cpu_description(),
+        "threads": int(os.environ.get("TVM_NUM_THREADS", "0")) or len(os.sched_getaffinity(0)),
+        "weights_mb": weights_mb,
+        "load_s": load_s,
+        "load_peak_rss_mb": load_peak_rss_mb,
+        "compile_s": model.compiled.build_s,
     }
+    log(f"{result['cpu']}, {result['threads']} threads; {result['quantization']}; weights {weights_mb:.0f} MB")
     try:
         prefill_tok_s = {}
         for n in PREFILL_LENGTHS:
@@ -144,6 +163,17 @@ def run_bench_model(args: argparse.Namespace) -> int:
         decode_batch16_speedup=tok_s["16"] / tok_s["1"],
         peak_rss_mb=peak_rss_mb,
     )
+    if args.peers:
+        gguf = model.source.path if model.source.kind == "gguf" else None
+        peers = (
+            []
+            if gguf is None
+            else [
+                llama_cpp_peer(args.llama_bench, gguf, int(result["threads"])),
+                torch_peer(gguf, int(result["threads"]), args.torch_python),
+            ]
+        )
+        result["peers"] = {p.name: dataclasses.asdict(p) for p in peers}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -157,5 +187,29 @@ def run_bench_model(args: argparse.Namespace) -> int:
         print(
             f"decode b={b:>2s} (ms/step)   {decode_ms[b]:12.2f}{np_decode[b]:16.2f}{np_decode[b] / decode_ms[b]:8.2f}"
         )
-    print(f"decode tok/s batch 16 / batch 1: {result['decode_batch16_speedup']:.2f}x   peak RSS {peak_rss_mb:.0f} MB")
+    print(
+        f"decode tok/s batch 16 / batch 1: {result['decode_batch16_speedup']:.2f}x   peak RSS {peak_rss_mb:.0f} MB "
+        f"(after loading {load_peak_rss_mb:.0f} MB, weights {weights_mb:.0f} MB)"
+    )
+    for p in result.get("peers", {}).values():
+        if p["skipped"]:
+            print(f"peer {p['name']}: skipped ({p['skipped']})")
+            continue
+        print(
+            f"peer {p['name']:10s} prefill 512: {p['prefill_tok_s']:8.1f} tok/s (ours / peer "
+            f"{prefill_tok_s['512'] / p['prefill_tok_s']:.2f}x)   decode b=1: {p['decode_ms']:6.2f} ms/token (ours / "
+            f"peer {decode_ms['1'] / p['decode_ms']:.2f}x)   [{p['detail']}]"
+        )
     return 0
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the ISA the kernels were built for (reported with every figure)."""
+    import tvm
+
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "SSE")
+    return f"{name} (LLVM {cpu}, {isa})"

@@ -200,6 +200,9 @@ def _bench_model_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peers", action="store_true", help="also measure PyTorch fp32 and llama.cpp on the same GGUF")
+    p.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench (bench/build_llama_cpp.sh)")
+    p.add_argument("--torch-python", default=None, help="the Python with torch + transformers (default: this one)")
 
 
 def _target(args: argparse.Namespace):

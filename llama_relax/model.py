@@ -83,7 +83,9 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         qkv_out = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, qkv_out, dtype, plan, prefix + "qkv_proj.weight")
-        self.o_proj = Linear(self.num_q_heads * self.head_dim, config.hidden_size, dtype, plan, prefix + "o_proj.weight")
+        self.o_proj = Linear(
+            self.num_q_heads * self.head_dim, config.hidden_size, dtype, plan, prefix + "o_proj.weight"
+        )
 
     def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = hidden_states.shape  # hidden_states: [b, s, h]

@@ -123,7 +123,9 @@ class ModelRuntime:
                 continue  # e.g. a float copy the plan does not use
             shape, dtype = specs[name]
             if tuple(array.shape) != shape or str(array.dtype) != dtype:
-                raise ValueError(f"weights: {name} is {array.dtype}{list(array.shape)}, the model wants {dtype}{list(shape)}")
+                raise ValueError(
+                    f"weights: {name} is {array.dtype}{list(array.shape)}, the model wants {dtype}{list(shape)}"
+                )
             on_device[name] = tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
             samples[name] = _sample_bytes(array)
             del array

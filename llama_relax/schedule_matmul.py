@@ -48,7 +48,7 @@ class CpuTiles:
             codegen.target_has_features(f, target) for f in ("avx512f", "avx512bw", "avx512vl")
         )
         if avx512:
-            return cls(cores, lanes=16, mr=12, nr=32, gemv_nv=32, gemv_nt_kv=16, gemv_nt_ju=8)
+            return cls(cores, lanes=16, mr=8, nr=32, gemv_nv=32, gemv_nt_kv=16, gemv_nt_ju=8)
         return cls(cores)
 
 
@@ -295,8 +295,13 @@ def schedule_gemm(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
     # B: packed per column panel below (the padding block, if any, is inlined into the pack).
     b_read = _read_index(sch, blk, "b")
     b_pack = sch.cache_read(blk, b_read, "global")
+    dequant = None
     for prod in sch.get_producers(b_pack):
-        sch.compute_inline(prod)
+        if _is_dequant(sch, prod):
+            dequant = prod
+        else:
+            sch.compute_inline(prod)
+            dequant = next((p for p in sch.get_producers(b_pack) if _is_dequant(sch, p)), dequant)
 
     # C: the padded output is the register tile; its write-back (with the epilogue) runs per tile.
     consumers = sch.get_consumers(blk)
@@ -322,6 +327,9 @@ def schedule_gemm(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
         sch.transform_layout(b_pack, ("write", 0), lambda j, kk: (kk, j))
     sch.compute_at(b_pack, no)
     _vectorize_tail(sch, b_pack, nr)
+    if dequant is not None:  # a quantized weight: dequantize this panel's rows (contiguous along K), then pack
+        sch.compute_at(dequant, no)
+        _vectorize_tail(sch, dequant, tiles.lanes)
 
     a_rank = len(sch.get(a_pack).iter_vars)
     m_dims = info.m_iters

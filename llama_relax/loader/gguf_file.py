@@ -192,7 +192,7 @@ class GGUFSource(TensorSource):
             heads = self.config.num_key_value_heads
         if heads is None:
             return None
-        rows = (self.config.q_size if heads == self.config.num_attention_heads else self.config.kv_size)
+        rows = self.config.q_size if heads == self.config.num_attention_heads else self.config.kv_size
         return unpermute_rope_rows(np.arange(rows)[:, None], heads)[:, 0]
 
 
