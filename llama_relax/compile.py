@@ -97,8 +97,18 @@ class CompiledModel:
         cls, lib_path: Path, config: LlamaConfig, target: TargetSpec, plan: QuantPlan, meta: dict, hit: bool
     ) -> CompiledModel:
         specs = tuple((tuple(shape), dtype) for shape, dtype in meta["param_specs"])
-        return cls(lib_path, config, meta["dtype"], target, tuple(meta["param_names"]), hit,
-                   0.0 if hit else meta["build_s"], tuple(meta["kv_create_args"]), specs, plan)  # fmt: skip
+        return cls(
+            lib_path,
+            config,
+            meta["dtype"],
+            target,
+            tuple(meta["param_names"]),
+            hit,
+            0.0 if hit else meta["build_s"],
+            tuple(meta["kv_create_args"]),
+            specs,
+            plan,
+        )
 
 
 def compile_code_version() -> str:

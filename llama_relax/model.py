@@ -3,8 +3,8 @@
 Only the model lives here: weight-name mapping is in `llama_relax.loader`, compilation in `llama_relax.compile`,
 execution in `llama_relax.runtime`, quantized parameters in `llama_relax.quantization`. Unquantized linear weights
 are stored `[in, out]` (the loader transposes Hugging Face's `[out, in]`) so CPU matmul schedules can vectorize
-along the contiguous output columns; quantized ones `[out, in]` in groups along the input; the LM head (or the tied
-embedding table) is `[vocab, hidden]`.
+along the contiguous output columns, and so are quantized ones (in groups along the input); a float LM head (or
+tied embedding table) is `[vocab, hidden]`, a quantized one `[hidden, vocab]`.
 
 Shapes in comments: `s` = tokens in a (batched) prefill, `b` = batch size, `h` = hidden, `d` = head_dim,
 `Hq`/`Hkv` = query/key-value heads, `V` = vocab.
@@ -26,7 +26,7 @@ from llama_relax.quantization import NO_QUANTIZATION, QuantizedWeight, QuantPlan
 
 class Linear(nn.Module):
     """`y = x @ W` without bias. Unquantized: `weight: [in, out]`; quantized: `weight` is a `QuantizedWeight`
-    stored `[out, in]` and dequantized inside the matmul kernel."""
+    (k-major too) dequantized inside the matmul kernel."""
 
     def __init__(self, in_features: int, out_features: int, dtype: str, plan: QuantPlan, name: str) -> None:
         self.in_features = in_features
@@ -39,7 +39,7 @@ class Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: [..., in] -> [..., out]
         if isinstance(self.weight, QuantizedWeight):
-            return self.weight.matmul_nt(x)
+            return self.weight.matmul(x)
         return op.matmul(x, self.weight)
 
 
@@ -60,7 +60,7 @@ class TableWeight(nn.Module):
 
     def project(self, hidden_states: Tensor) -> Tensor:  # [.., h] -> float32 [.., V], reading the table in place
         if isinstance(self.weight, QuantizedWeight):
-            return self.weight.matmul_nt(hidden_states, "float32")
+            return self.weight.matmul(hidden_states, "float32")
         logits = op.matmul(hidden_states, op.permute_dims(self.weight))
         return logits.astype("float32") if logits.dtype != "float32" else logits
 

@@ -18,7 +18,7 @@ from llama_relax.compile import CompiledModel, TargetSpec, compile_model, resolv
 from llama_relax.config import LlamaConfig
 from llama_relax.errors import UserError
 from llama_relax.loader import ModelSource, load_config, quant_plan, resolve_model, stream_params
-from llama_relax.loader.gguf_file import open_gguf
+from llama_relax.loader.gguf_file import open_gguf, release_readers
 from llama_relax.runtime import KVCacheConfig, ModelRuntime
 from llama_relax.tokenizer import Tokenizer
 
@@ -100,4 +100,7 @@ def open_model(
         max_batch_size=16, max_total_seq_len=min(config.context_window_size * 2, 16384), prefill_chunk_size=512
     )
     runtime = ModelRuntime(compiled, params, kv)
+    del params
+    if src.kind == "gguf":
+        release_readers()
     return OpenModel(src, config, tokenizer, compiled, runtime)

@@ -2,13 +2,15 @@
 declare quantized parameters and dequantize them inside the kernels.
 
 Weights stay quantized in memory; only kernels dequantize. Two formats, both with groups of 32 along the input
-(reduction) dimension, stored `[out, in]`:
-- `Q4`: `qweight: uint8 [out, in/2]`, `scale`, `zero: [out, in/32]`; w = scale * q + zero with q in 0..15. Within
-  a group of 32, byte j holds element j in its low nibble and element j + 16 in its high nibble (llama.cpp's
-  order, which keeps 16 consecutive elements in 16 consecutive bytes, so kernels load them as one vector).
-  GGUF Q4_0 (zero = -8 d), Q4_1 (zero = m) and the symmetric q4f32_1 / q4f16_1 (zero = -8 scale) all map to it.
-- `Q8`: `qweight: int8 [out, in]`, `scale: [out, in/32]`; w = scale * q (GGUF Q8_0, q8_0).
-Unquantized (`F`) linear weights keep the model's `[in, out]` layout. The loader (`llama_relax.loader.quantize`)
+(reduction) dimension k, stored k-major like the model's float `[in, out]` weights, so kernels read a row of
+consecutive outputs as one vector (the decode GEMV streams rows; the prefill GEMM packs contiguous panels):
+- `Q4`: `qweight: uint8 [in/2, out]`, `scale`, `zero: [in/32, out]`; w = scale * q + zero with q in 0..15. In group
+  g, byte row 16 g + j holds k = 32 g + j in its low nibble and k = 32 g + j + 16 in its high nibble (llama.cpp's
+  order within a block). GGUF Q4_0 (zero = -8 d), Q4_1 (zero = m) and the symmetric q4f32_1 / q4f16_1 (zero = -8
+  scale) all map to it.
+- `Q8`: `qweight: int8 [in, out]`, `scale: [in/32, out]`; w = scale * q (GGUF Q8_0, q8_0).
+The embedding table (and an untied LM head) is quantized as a `[hidden, vocab]` weight: the LM head is its matmul,
+an embedding lookup reads one column. The loader (`llama_relax.loader.quantize`)
 produces these arrays; `llama_relax.schedule_matmul` recognises the `dequantize` block the modules emit and
 dequantizes a panel per GEMM tile (prefill) or in registers (GEMV, decode).
 """
@@ -58,8 +60,11 @@ class QuantPlan:
         return dict(self.formats).get(name, WeightFormat.F)
 
     def key(self) -> dict[str, object]:
-        return {"q": self.quantization.value, "scale": self.scale_dtype,
-                "formats": [[n, f.value] for n, f in self.formats if f is not WeightFormat.F]}  # fmt: skip
+        return {
+            "q": self.quantization.value,
+            "scale": self.scale_dtype,
+            "formats": [[n, f.value] for n, f in self.formats if f is not WeightFormat.F],
+        }
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -113,75 +118,80 @@ def quantized_array_names(fmt: WeightFormat) -> tuple[str, ...]:
 
 def quantized_arrays(name: str, out: int, k: int, fmt: WeightFormat, scale_dtype: str) -> dict[str, tuple]:
     """Parameter name -> (shape, dtype) of a quantized weight's arrays: `x.weight` -> `x.weight.qweight`, ..."""
-    groups = (out, k // GROUP)
+    groups = (k // GROUP, out)
     if fmt is WeightFormat.Q4:
-        return {f"{name}.qweight": ((out, k // 2), "uint8"), f"{name}.scale": (groups, scale_dtype),
-                f"{name}.zero": (groups, scale_dtype)}  # fmt: skip
+        return {
+            f"{name}.qweight": ((k // 2, out), "uint8"),
+            f"{name}.scale": (groups, scale_dtype),
+            f"{name}.zero": (groups, scale_dtype),
+        }
     if fmt is WeightFormat.Q8:
-        return {f"{name}.qweight": ((out, k), "int8"), f"{name}.scale": (groups, scale_dtype)}
+        return {f"{name}.qweight": ((k, out), "int8"), f"{name}.scale": (groups, scale_dtype)}
     raise ValueError(f"{name}: not a quantized format: {fmt}")
 
 
-# ---- TE: dequantize, and the dequantized NT matmul / embedding lookup ---------------------------------------
-def _q4_value(q: te.Tensor, row, k):
-    """The 4-bit value of element k of a group-of-32 row (byte j: element j low nibble, j + 16 high nibble)."""
-    byte = q[row, (k // GROUP) * (GROUP // 2) + k % (GROUP // 2)]
+# ---- TE: dequantize, and the dequantized matmul / embedding lookup -----------------------------------------
+def _q4_value(q: te.Tensor, k, n):
+    """The 4-bit value of weight (k, n): byte row `g * 16 + j` of column n holds k = 32 g + j (low nibble) and
+    k = 32 g + j + 16 (high nibble)."""
+    byte = q[(k // GROUP) * (GROUP // 2) + k % (GROUP // 2), n]
     shift = ((k % GROUP) // (GROUP // 2) * 4).astype("uint8")
     return (byte >> shift) & tirx.const(15, "uint8")
 
 
-def dequant_expr(fmt: WeightFormat, arrays: list[te.Tensor], row, k, dtype: str):
+def dequant_expr(fmt: WeightFormat, arrays: list[te.Tensor], k, n, dtype: str):
+    """The float value of weight (k, n) (k: the input / reduction index, n: the output index)."""
     if fmt is WeightFormat.Q4:
         q, s, z = arrays
-        return (s[row, k // GROUP].astype(dtype) * _q4_value(q, row, k).astype(dtype)
-                + z[row, k // GROUP].astype(dtype))  # fmt: skip
+        return s[k // GROUP, n].astype(dtype) * _q4_value(q, k, n).astype(dtype) + z[k // GROUP, n].astype(dtype)
     q, s = arrays
-    return s[row, k // GROUP].astype(dtype) * q[row, k].astype(dtype)
+    return s[k // GROUP, n].astype(dtype) * q[k, n].astype(dtype)
 
 
 def dequant_matmul_te(fmt: WeightFormat, dtype: str, out_dtype: str):
-    """TE of `y[..., n] = sum_k x[..., k] * W[n, k]` with W dequantized from its arrays in a `dequantize` stage."""
+    """TE of `y[..., n] = sum_k x[..., k] * W[k, n]` with W dequantized from its arrays in a `dequantize` stage."""
 
     def compute(x: te.Tensor, *arrays: te.Tensor) -> te.Tensor:
-        n_out, k_in = int(arrays[0].shape[0]), int(x.shape[-1])
-        w = te.compute((n_out, k_in), lambda n, k: dequant_expr(fmt, list(arrays), n, k, dtype), name=DEQUANT_BLOCK)
+        n_out, k_in = int(arrays[0].shape[1]), int(x.shape[-1])
+        w = te.compute((k_in, n_out), lambda k, n: dequant_expr(fmt, list(arrays), k, n, dtype), name=DEQUANT_BLOCK)
         r = te.reduce_axis((0, k_in), name="k")
-        lead = x.shape[:-1]
 
         def body(*idx):
-            return te.sum(x[(*idx[:-1], r)].astype(out_dtype) * w[idx[-1], r].astype(out_dtype), axis=r)
+            return te.sum(x[(*idx[:-1], r)].astype(out_dtype) * w[r, idx[-1]].astype(out_dtype), axis=r)
 
-        return te.compute((*lead, n_out), body, name="matmul")
+        return te.compute((*x.shape[:-1], n_out), body, name="matmul")
 
     return compute
 
 
 def dequant_take_te(fmt: WeightFormat, dtype: str):
-    """TE of an embedding lookup `out[i, h] = W[ids[i], h]` from quantized rows."""
+    """TE of an embedding lookup `out[i, h] = table[ids[i], h]` from a quantized `[hidden, vocab]` table."""
 
     def compute(ids: te.Tensor, *arrays: te.Tensor) -> te.Tensor:
-        hidden = int(arrays[1].shape[1]) * GROUP
-        return te.compute((ids.shape[0], hidden), lambda i, h: dequant_expr(fmt, list(arrays), ids[i], h, dtype),
-                          name="take_dequant")  # fmt: skip
+        hidden = int(arrays[1].shape[0]) * GROUP
+        return te.compute(
+            (ids.shape[0], hidden), lambda i, h: dequant_expr(fmt, list(arrays), h, ids[i], dtype), name="take_dequant"
+        )
 
     return compute
 
 
 class QuantizedWeight(nn.Module):
-    """A `[out, in]` weight stored quantized: its arrays as parameters, and the ops that read it."""
+    """A weight of `out` x `k` values stored quantized, k-major (`[k (packed), out]`, groups of 32 along k): its
+    arrays as parameters, and the ops that read it."""
 
     def __init__(self, out: int, k: int, fmt: WeightFormat, dtype: str, scale_dtype: str) -> None:
         self.fmt, self.dtype, self.out, self.k = fmt, dtype, out, k
-        self.qweight = nn.Parameter((out, k // 2) if fmt is WeightFormat.Q4 else (out, k),
-                                    "uint8" if fmt is WeightFormat.Q4 else "int8")  # fmt: skip
-        self.scale = nn.Parameter((out, k // GROUP), scale_dtype)
+        shapes = list(quantized_arrays("w", out, k, fmt, scale_dtype).values())
+        self.qweight = nn.Parameter(*shapes[0])
+        self.scale = nn.Parameter(*shapes[1])
         if fmt is WeightFormat.Q4:
-            self.zero = nn.Parameter((out, k // GROUP), scale_dtype)
+            self.zero = nn.Parameter(*shapes[2])
 
     def arrays(self) -> list[Tensor]:
         return [self.qweight, self.scale, self.zero] if self.fmt is WeightFormat.Q4 else [self.qweight, self.scale]
 
-    def matmul_nt(self, x: Tensor, out_dtype: str | None = None) -> Tensor:  # x: [..., k] -> [..., out]
+    def matmul(self, x: Tensor, out_dtype: str | None = None) -> Tensor:  # x: [..., k] -> [..., out]
         te_fn = dequant_matmul_te(self.fmt, self.dtype, out_dtype or self.dtype)
         return op.tensor_expr_op(te_fn, f"{self.fmt.value}_matmul", [x, *self.arrays()])
 

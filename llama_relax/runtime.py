@@ -24,6 +24,7 @@ import tvm
 from tvm import relax
 from tvm.runtime import ShapeTuple
 
+from llama_relax.arrays import aligned_empty, is_aligned
 from llama_relax.compile import CompiledModel
 from llama_relax.kv_cache_args import SYMBOLS, create_kv_cache
 
@@ -126,7 +127,7 @@ class ModelRuntime:
                 raise ValueError(
                     f"weights: {name} is {array.dtype}{list(array.shape)}, the model wants {dtype}{list(shape)}"
                 )
-            on_device[name] = tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+            on_device[name] = self._to_device(array)
             samples[name] = _sample_bytes(array)
             del array
         missing = [n for n in self.compiled.param_names if n not in on_device]
@@ -134,6 +135,13 @@ class ModelRuntime:
             raise ValueError(f"weights: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
         names = self.compiled.param_names
         return [on_device[n] for n in names], [samples[n] for n in names]
+
+    def _to_device(self, array: np.ndarray) -> tvm.runtime.Tensor:
+        """On the CPU an aligned C-contiguous array becomes the tensor itself (zero-copy: loading then never holds
+        a second copy of a weight); otherwise it is copied to the device."""
+        if self.device.dlpack_device_type() == 1 and array.flags.c_contiguous and is_aligned(array):
+            return tvm.runtime.from_dlpack(array)
+        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
     def _create_kv_cache(
         self, lib: tvm.runtime.Module, kv: KVCacheConfig, prefill_chunk: int, model_create_fn: bool
@@ -438,14 +446,6 @@ class ModelRuntime:
         self.kv_pages = []
         self._host_pages = []
         self.params = []
-
-
-def aligned_empty(shape: Sequence[int], dtype: str, align: int = 64) -> np.ndarray:
-    """An uninitialized array whose data is `align`-byte aligned (TVM accepts such buffers zero-copy)."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % align
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def _sample_bytes(a: np.ndarray, n: int = 4096) -> bytes:

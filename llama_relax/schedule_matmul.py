@@ -266,7 +266,8 @@ def _open_matmul(func: tirx.PrimFunc):
 
 def schedule_gemm(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
     """Register-blocked GEMM: M padded to MR, packed A panels, packed per-panel weights, MR x NR accumulators.
-    A quantized weight's `dequantize` block runs per panel, into the packed fp32 tile."""
+    A quantized weight's `dequantize` block is inlined into the panel pack: each panel is dequantized once, into
+    the packed fp32 tile, and reused by every row tile."""
     mr = tiles.mr
     sch, blk, info, epi = _open_matmul(func)
 
@@ -295,13 +296,8 @@ def schedule_gemm(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
     # B: packed per column panel below (the padding block, if any, is inlined into the pack).
     b_read = _read_index(sch, blk, "b")
     b_pack = sch.cache_read(blk, b_read, "global")
-    dequant = None
-    for prod in sch.get_producers(b_pack):
-        if _is_dequant(sch, prod):
-            dequant = prod
-        else:
-            sch.compute_inline(prod)
-            dequant = next((p for p in sch.get_producers(b_pack) if _is_dequant(sch, p)), dequant)
+    for prod in sch.get_producers(b_pack):  # a quantized weight's dequantize too: it runs in the pack, per panel
+        sch.compute_inline(prod)
 
     # C: the padded output is the register tile; its write-back (with the epilogue) runs per tile.
     consumers = sch.get_consumers(blk)
@@ -327,9 +323,6 @@ def schedule_gemm(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
         sch.transform_layout(b_pack, ("write", 0), lambda j, kk: (kk, j))
     sch.compute_at(b_pack, no)
     _vectorize_tail(sch, b_pack, nr)
-    if dequant is not None:  # a quantized weight: dequantize this panel's rows (contiguous along K), then pack
-        sch.compute_at(dequant, no)
-        _vectorize_tail(sch, dequant, tiles.lanes)
 
     a_rank = len(sch.get(a_pack).iter_vars)
     m_dims = info.m_iters

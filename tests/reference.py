@@ -103,8 +103,8 @@ def random_params(config: LlamaConfig, seed: int = 0, scale: float = 0.5) -> dic
 
 
 def quantized_params(params: dict[str, np.ndarray], plan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(runtime params, reference params) of `plan`: each quantized weight's arrays, and the float32 values the
-    kernels see (dequantized, back in the project's layout) for the NumPy reference."""
+    """(runtime params, reference params) of `plan`: each quantized weight's arrays (k-major, as the model stores
+    them), and the float32 values the kernels see (dequantized, in the project's layout) for the NumPy reference."""
     from llama_relax.loader.quantize import dequantize, quantize
     from llama_relax.quantization import WeightFormat, quantized_array_names
 
@@ -116,7 +116,8 @@ def quantized_params(params: dict[str, np.ndarray], plan) -> tuple[dict[str, np.
         w = params[name] if table else params[name].T  # [out, in]
         arrays = quantize(fmt, w, plan.scale_dtype)
         del runtime[name]
-        runtime.update({f"{name}.{s}": a for s, a in zip(quantized_array_names(fmt), arrays, strict=True)})
+        names = quantized_array_names(fmt)
+        runtime.update({f"{name}.{s}": np.ascontiguousarray(a.T) for s, a in zip(names, arrays, strict=True)})
         back = dequantize(fmt, arrays)
         reference[name] = back if table else np.ascontiguousarray(back.T)
     return runtime, reference

@@ -80,7 +80,7 @@ def test_gguf_plan_keeps_each_tensor_format_and_loads_exactly(tmp_path: Path):
             np.testing.assert_array_equal(params[name], want[name])
             continue
         arrays = [
-            params[f"{name}.{s}"]
+            params[f"{name}.{s}"].T  # the model stores them k-major
             for s in (("qweight", "scale", "zero") if f is WeightFormat.Q4 else ("qweight", "scale"))
         ]
         got = dequantize(f, arrays)  # [out, in]

@@ -76,6 +76,12 @@ def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFReader:
     return GGUFReader(path)
 
 
+def release_readers() -> None:
+    """Forget the cached reader: its memory-mapped file pages stop counting against the process once loading is
+    done and nothing else holds its tensors."""
+    _cached_reader.cache_clear()
+
+
 def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
     """A `GGUFReader` for `path`; the last one is cached (parsing big vocabularies takes seconds)."""
     p = Path(path)
@@ -212,8 +218,11 @@ def gguf_plan(path: str | os.PathLike[str], config: LlamaConfig) -> QuantPlan:
 
 
 def load_gguf_params(
-    path: str | os.PathLike[str], config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    path: str | os.PathLike[str],
+    config: LlamaConfig,
+    dtype: str = "float32",
+    progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
-) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+) -> Iterator[tuple[str, np.ndarray]]:
     """Every model parameter from a GGUF file, one at a time (see `iter_params`)."""
     return iter_params(GGUFSource(path, config), config, dtype, progress, plan)

@@ -69,24 +69,28 @@ class SafetensorsSource(TensorSource):
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
         self.description = str(self.model_dir)
-        self._handles: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
         for path in safetensors_files(self.model_dir):
-            handle = safe_open(str(path), framework="numpy")
-            self._handles[path] = handle
-            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                self._where.setdefault(key, path)
+            with safe_open(str(path), framework="numpy") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    self._where.setdefault(key, path)
 
     def get(self, name: str) -> np.ndarray | None:
+        """The tensor, read from its shard opened for this read only: the file's mapped pages are released as
+        soon as it is read, so loading holds no more of the file than one tensor."""
         path = self._where.get(name)
         if path is None:
             return None
-        return self._handles[path].get_tensor(name)
+        with safe_open(str(path), framework="numpy") as handle:
+            return handle.get_tensor(name)
 
 
 def load_hf_params(
-    model_dir: Path, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    model_dir: Path,
+    config: LlamaConfig,
+    dtype: str = "float32",
+    progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
-) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+) -> Iterator[tuple[str, np.ndarray]]:
     """Every model parameter from an HF directory, one at a time (see `iter_params`)."""
     return iter_params(SafetensorsSource(model_dir), config, dtype, progress, plan)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_relax.arrays import aligned_copy, aligned_empty
 from llama_relax.config import LlamaConfig
 from llama_relax.loader.quantize import GGUF_NATIVE, from_gguf_blocks, quantize
 from llama_relax.quantization import NO_QUANTIZATION, QuantPlan, WeightFormat, quantized_array_names
@@ -151,14 +152,17 @@ def _fetch_quantized(
 
 
 def _copy(array: np.ndarray, np_dtype: type[np.floating]) -> np.ndarray:
-    """An owned, C-contiguous copy in `np_dtype`."""
-    return np.array(array, dtype=np_dtype, order="C", copy=True)
+    """An owned, C-contiguous, aligned copy in `np_dtype` (the runtime takes it zero-copy)."""
+    return aligned_copy(array, np_dtype)
 
 
 def iter_params(
-    src: TensorSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    src: TensorSource,
+    config: LlamaConfig,
+    dtype: str = "float32",
+    progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
-) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+) -> Iterator[tuple[str, np.ndarray]]:
     """Every model parameter, one at a time (`(name, array)`, in load order), so a caller can hand each to the
     runtime and drop it: loading never holds a second copy of the weights. Quantized weights (per `plan`) yield
     their arrays under `<weight>.qweight` / `.scale` / `.zero`."""
@@ -169,13 +173,15 @@ def iter_params(
         suffix = _split_layer_name(name)[1]
         parts = fused_parts(name)
         fmt = plan.format(name)
-        if fmt is not WeightFormat.F:  # [out, in] arrays, fused parts stacked along the output rows
+        if fmt is not WeightFormat.F:  # [out, in] arrays, fused parts stacked along the output rows, then k-major
             pieces = [_fetch_quantized(src, p, hf_shapes[p], fmt, plan.scale_dtype) for p in parts]
             for j, suffix_name in enumerate(quantized_array_names(fmt)):
-                yield f"{name}.{suffix_name}", np.ascontiguousarray(np.concatenate([pc[j] for pc in pieces]))
+                parts_j = [pc[j] for pc in pieces]
+                rows = parts_j[0] if len(parts_j) == 1 else np.concatenate(parts_j)
+                yield f"{name}.{suffix_name}", aligned_copy(rows.T)
             continue
         if suffix in _FUSED:
-            out = np.empty(expected[name], dtype=np_dtype)
+            out = aligned_empty(expected[name], np.dtype(np_dtype).name)
             col = 0
             for part in parts:
                 w = _fetch(src, part, hf_shapes[part])
@@ -189,9 +195,12 @@ def iter_params(
 
 
 def build_params(
-    src: TensorSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    src: TensorSource,
+    config: LlamaConfig,
+    dtype: str = "float32",
+    progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
-) -> dict[str, np.ndarray]:  # fmt: skip
+) -> dict[str, np.ndarray]:
     """Every model parameter at once (tests and tools; serving streams `iter_params` into the runtime)."""
     return dict(iter_params(src, config, dtype, progress, plan))
 

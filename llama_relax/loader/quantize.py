@@ -1,6 +1,7 @@
 """Quantizers and GGUF block repacking into the model's quantized arrays (`llama_relax.quantization`).
 
-All functions take and return `[out, in]` row-major arrays; groups of 32 run along `in`.
+All functions take and return `[out, in]` row-major arrays (groups of 32 run along `in`); the model stores their
+transposes, k-major (`llama_relax.quantization`), which the loader makes as it yields them.
 - `quantize(fmt, w, scale_dtype)`: float weights -> the format's arrays (q4: symmetric, w = scale * (q - 8) with
   scale = max|w| / 7 per group; q8: w = scale * q with scale = max|w| / 127, as GGUF's Q8_0).
 - `from_gguf_blocks(qtype, raw, out, k)`: a GGUF tensor's own Q4_0 / Q4_1 / Q8_0 blocks -> the same arrays, exactly
@@ -39,8 +40,18 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return np.concatenate([g & 15, g >> 4], axis=2).reshape(out, -1)
 
 
+ROWS_PER_CHUNK = 2048  # quantize this many rows at a time: float temporaries stay small for big embeddings
+
+
 def quantize(fmt: WeightFormat, w: np.ndarray, scale_dtype: str = "float32") -> list[np.ndarray]:
-    """The arrays of `w` ([out, in] float) in `fmt` (see the module docstring)."""
+    """The arrays of `w` ([out, in] float) in `fmt` (see the module docstring), a chunk of rows at a time."""
+    if w.shape[0] <= ROWS_PER_CHUNK:
+        return _quantize_rows(fmt, w, scale_dtype)
+    chunks = [_quantize_rows(fmt, w[i : i + ROWS_PER_CHUNK], scale_dtype) for i in range(0, w.shape[0], ROWS_PER_CHUNK)]
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def _quantize_rows(fmt: WeightFormat, w: np.ndarray, scale_dtype: str) -> list[np.ndarray]:
     g = _groups(np.asarray(w, dtype=np.float32))
     amax = np.abs(g).max(axis=2)  # [out, groups]
     if fmt is WeightFormat.Q4:

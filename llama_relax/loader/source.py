@@ -65,17 +65,23 @@ def load_config(src: ModelSource, **overrides: Any) -> LlamaConfig:
 
 
 def load_params(
-    src: ModelSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    src: ModelSource,
+    config: LlamaConfig,
+    dtype: str = "float32",
+    progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
-) -> dict[str, np.ndarray]:  # fmt: skip
+) -> dict[str, np.ndarray]:
     """Every model parameter at once (tests and tools); serving streams `stream_params` into the runtime."""
     return dict(stream_params(src, config, dtype, progress, plan))
 
 
 def stream_params(
-    src: ModelSource, config: LlamaConfig, dtype: str = "float32", progress: bool = False,
+    src: ModelSource,
+    config: LlamaConfig,
+    dtype: str = "float32",
+    progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
-) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+) -> Iterator[tuple[str, np.ndarray]]:
     """Every model parameter (see `iter_params`), one at a time, as C-contiguous arrays."""
     if src.kind == "hf":
         return load_hf_params(src.path, config, dtype, progress, plan)
