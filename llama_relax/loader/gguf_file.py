@@ -214,7 +214,7 @@ def gguf_plan(path: str | os.PathLike[str], config: LlamaConfig) -> QuantPlan:
         if fmt is not WeightFormat.F:
             check_group(src.label(parts[0]), k)
         formats.append((name, fmt))
-    return QuantPlan(Quantization.GGUF, tuple(formats), "float32")
+    return QuantPlan(Quantization.GGUF, tuple(formats), "float16")
 
 
 def load_gguf_params(
