@@ -19,9 +19,27 @@ from pathlib import Path
 from bench.arrivals import arrival_offsets, check_burstiness, check_rate
 from bench.client import BenchClient, ClientOptions, LaunchedServer, ServerInfo
 from bench.faults import FaultSchedule, FaultSpec, fault_impact, is_local
-from bench.report import RunOutcome, format_sweep, format_table, rate_json, rate_text, write_plots, write_results
-from bench.stats import SLO, compute_metrics, latency_samples_ms
-from bench.workload import DATASETS, Workload, WorkloadSpec, WorkloadSummary, build_workload, tokenizer_counter
+from bench.multiturn import Conversation, MultiturnSpec, build_conversations, run_conversations
+from bench.report import (
+    RunOutcome,
+    format_sweep,
+    format_table,
+    rate_json,
+    rate_text,
+    same_tokens_line,
+    write_plots,
+    write_results,
+)
+from bench.stats import SLO, RequestRecord, compute_metrics, latency_samples_ms
+from bench.workload import (
+    DATASETS,
+    BenchRequest,
+    Workload,
+    WorkloadSpec,
+    WorkloadSummary,
+    build_workload,
+    tokenizer_counter,
+)
 from llama_relax.errors import UserError
 
 RESULTS_VERSION = 1
@@ -49,6 +67,7 @@ class BenchConfig:
     tokenizer_model: str | None = None
     ready_timeout_s: float = 600.0
     faults: tuple[FaultSpec, ...] = ()
+    multiturn: MultiturnSpec | None = None  # --dataset multiturn
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
@@ -76,11 +95,21 @@ class BenchConfig:
             raise ValueError(f"--ready-timeout must be > 0, got {args.ready_timeout}")
         if args.fault and args.addr is not None and not is_local(args.addr):
             raise ValueError("--fault kills a worker process on this machine: the server must be on a loopback address")
+        chat = args.dataset == "multiturn"
+        input_len = args.input_len or (64 if chat else 128)  # multiturn: a user message, an answer
+        output_len = args.output_len or (32 if chat else 64)
+        if chat and args.fault:
+            raise ValueError("--fault applies to the single-turn datasets only")
+        multiturn = None
+        if chat:
+            multiturn = MultiturnSpec(
+                args.conversations, args.turns, args.system_len, input_len, output_len, args.range_ratio, args.seed
+            )
         workload = WorkloadSpec(
             dataset=args.dataset,
             num_prompts=args.num_prompts,
-            input_len=args.input_len,
-            output_len=args.output_len,
+            input_len=input_len,
+            output_len=output_len,
             range_ratio=args.range_ratio,
             long_fraction=args.long_fraction,
             long_input_len=args.long_input_len,
@@ -113,6 +142,7 @@ class BenchConfig:
             tok_model,
             args.ready_timeout,
             tuple(FaultSpec.parse(f) for f in args.fault),
+            multiturn,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -165,8 +195,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--dataset", choices=DATASETS, default="random")
     w.add_argument("--dataset-path", type=Path, default=None, help="ShareGPT JSON file (--dataset sharegpt)")
     w.add_argument("--num-prompts", type=int, default=100)
-    w.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=128)
-    w.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=64)
+    w.add_argument(
+        "--input-len",
+        "--random-input-len",
+        dest="input_len",
+        type=int,
+        default=None,
+        help="prompt tokens (default 128); multiturn: each user message (default 64)",
+    )
+    w.add_argument(
+        "--output-len",
+        "--random-output-len",
+        dest="output_len",
+        type=int,
+        default=None,
+        help="output tokens (default 64); multiturn: each answer (default 32)",
+    )
+    w.add_argument("--conversations", type=int, default=8, help="multiturn: conversations (default 8)")
+    w.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation (default 4)")
+    w.add_argument("--system-len", type=int, default=256, help="multiturn: shared system prompt tokens (default 256)")
     w.add_argument(
         "--range-ratio",
         "--random-range-ratio",
@@ -208,12 +255,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _make_workload(cfg: BenchConfig, info: ServerInfo) -> Workload:
+    if cfg.multiturn is not None:  # what results.json records: each turn's new tokens and its answer length
+        convs = build_conversations(cfg.multiturn, info.vocab_size, info.context_window_size)
+        return Workload(tuple(_turn_requests(convs)))
     count = None
     if cfg.workload.dataset == "sharegpt":
         if not info.has_tokenizer:
             raise ValueError("--dataset sharegpt sends text prompts; the server's model has no tokenizer")
         count = tokenizer_counter(cfg.tokenizer_model) if cfg.tokenizer_model else None
     return build_workload(cfg.workload, info.vocab_size, info.context_window_size, count)
+
+
+def _turn_requests(convs: Sequence[Conversation]) -> list[BenchRequest]:
+    return [
+        BenchRequest(len(u) + (len(c.system) if k == 0 else 0), a, u)
+        for c in convs
+        for k, (u, a) in enumerate(zip(c.users, c.answer_lens, strict=True))
+    ]
 
 
 def _warm_up(client: BenchClient, workload: Workload, n: int) -> None:
@@ -275,6 +333,13 @@ def _measure(
     if cfg.warmup:
         _warm_up(client, workload, cfg.warmup)
     runs = []
+    if cfg.multiturn is not None:
+        convs = build_conversations(cfg.multiturn, info.vocab_size, info.context_window_size)
+        for rate in cfg.rates:
+            offsets = arrival_offsets(len(convs), rate, cfg.burstiness, cfg.workload.seed)
+            result = run_conversations(client, convs, offsets, desc=f"{target.label} @ {rate_text(rate)}")
+            runs.append(_outcome(cfg, target, addr, rate, result.records, result.duration_s))
+        return workload, info, launched, runs
     for rate in cfg.rates:
         offsets = arrival_offsets(len(workload.requests), rate, cfg.burstiness, cfg.workload.seed)
         schedule = FaultSchedule(cfg.faults, client.worker_pid)
@@ -282,10 +347,22 @@ def _measure(
             workload.requests, offsets, desc=f"{target.label} @ {rate_text(rate)}", on_start=schedule.start
         )
         impacts = tuple(fault_impact(e, result.records, result.start) for e in schedule.join())
-        metrics = compute_metrics(result.records, result.duration_s, cfg.slo)
-        samples = latency_samples_ms(result.records)
-        runs.append(RunOutcome(target.label, addr, target.serve_flags, rate, metrics, samples, impacts))
+        runs.append(_outcome(cfg, target, addr, rate, result.records, result.duration_s, impacts))
     return workload, info, launched, runs
+
+
+def _outcome(
+    cfg: BenchConfig,
+    target: Target,
+    addr: str,
+    rate: float,
+    records: Sequence[RequestRecord],
+    duration_s: float,
+    impacts: tuple = (),
+) -> RunOutcome:
+    metrics = compute_metrics(records, duration_s, cfg.slo)
+    ids = tuple(r.output_ids if r.ok else () for r in records)
+    return RunOutcome(target.label, addr, target.serve_flags, rate, metrics, latency_samples_ms(records), impacts, ids)
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -324,6 +401,8 @@ def summary(runs: Sequence[RunOutcome]) -> str:
         for rate in rates:
             same = [r for r in runs if r.request_rate == rate]
             parts.append(format_table(same, f"pdserve bench: {' vs '.join(labels)} @ {rate_text(rate)}"))
+            if len(same) == 2:
+                parts.append(same_tokens_line(same[0], same[1]))
     elif len(rates) == 1:
         parts.append(format_table(runs, "pdserve bench"))
     if len(rates) > 1:

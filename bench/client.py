@@ -153,8 +153,17 @@ class BenchClient:
         end = max((r.done for r in records), default=start)
         return RunResult(records, max(end - start, 1e-9), start)
 
-    def _one(self, msg: pb.GenerateRequest, target: int, slots: threading.BoundedSemaphore, bar: tqdm) -> RequestRecord:
+    def one(self, req: BenchRequest, bar: tqdm | None = None) -> RequestRecord:
+        """Send one request now and wait for its end (a multi-turn conversation's next turn needs the answer)."""
+        slot = threading.BoundedSemaphore(1)
+        slot.acquire()
+        return self._one(to_message(req, self.options), req.output_len, slot, bar)
+
+    def _one(
+        self, msg: pb.GenerateRequest, target: int, slots: threading.BoundedSemaphore, bar: tqdm | None
+    ) -> RequestRecord:
         chunks: list[float] = []
+        ids: list[int] = []
         ntok = prompt_tokens = 0
         final: pb.GenerateResponse | None = None
         sent = time.perf_counter()
@@ -170,6 +179,7 @@ class BenchClient:
                     if resp.token_ids:
                         chunks.append(now)
                         ntok += len(resp.token_ids)
+                        ids.extend(resp.token_ids)
                     if resp.finish_reason:
                         final = resp
             finally:
@@ -189,6 +199,9 @@ class BenchClient:
                 target,
                 server=timings,
                 migrations=final.timings.migrations,
+                cached_tokens=final.usage.cached_prompt_tokens,
+                kv_bytes=final.timings.kv_transfer_bytes,
+                output_ids=tuple(ids),
             )
         except grpc.RpcError as e:
             code = e.code().name if e.code() is not None else "UNKNOWN"
@@ -197,7 +210,8 @@ class BenchClient:
             return RequestRecord(sent, time.perf_counter(), tuple(chunks), ntok, 0, target, type(e).__name__, str(e))
         finally:
             slots.release()
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
 
     def _cancel_all(self) -> None:
         with self._lock:

@@ -41,6 +41,7 @@ class RunOutcome:
     metrics: RunMetrics
     samples_ms: dict[str, list[float]]
     faults: tuple[FaultImpact, ...] = ()
+    output_ids: tuple[tuple[int, ...], ...] = ()  # each request's streamed tokens, in workload order
 
     @property
     def name(self) -> str:
@@ -74,6 +75,8 @@ def summary_rows(m: RunMetrics) -> list[Row]:
         Row("Request throughput (req/s)", m.request_throughput),
         Row("Output token throughput (tok/s)", m.output_token_throughput),
         Row("Total token throughput (tok/s)", m.total_token_throughput),
+        Row("Cached prompt tokens (%)", 100.0 * m.cached_token_fraction, 1),
+        Row("KV bytes sent per request (KiB)", m.kv_bytes_per_request / 1024.0, 1),
     ]
     if m.goodput is not None:
         rows += [Row("Goodput (req/s)", m.goodput), Row("SLO attainment (%)", 100.0 * (m.slo_attainment or 0.0), 1)]
@@ -188,6 +191,13 @@ def run_json(r: RunOutcome) -> dict[str, object]:
         "faults": [dataclasses.asdict(f) for f in r.faults],
         "samples_ms": r.samples_ms,
     }
+
+
+def same_tokens_line(a: RunOutcome, b: RunOutcome) -> str:
+    """How many requests streamed identical tokens on both servers (greedy runs must match everywhere)."""
+    pairs = [(x, y) for x, y in zip(a.output_ids, b.output_ids, strict=False) if x and y]
+    same = sum(x == y for x, y in pairs)
+    return f"Same tokens on {a.label} and {b.label} @ {rate_text(a.request_rate)}: {same}/{len(pairs)} requests"
 
 
 def _jsonable(o: object) -> object:

@@ -48,6 +48,9 @@ class RequestRecord:
     error_detail: str = ""
     server: ServerTimings | None = None
     migrations: int = 0  # times the server moved the request to another decode attempt
+    cached_tokens: int = 0  # prompt tokens the server took from a prefix cache (usage.cached_prompt_tokens)
+    kv_bytes: int = 0  # KV bytes the server moved prefill -> decode for it (timings.kv_transfer_bytes)
+    output_ids: tuple[int, ...] = ()  # the tokens it streamed (multi-turn histories, same-token checks)
 
     @property
     def ok(self) -> bool:
@@ -175,6 +178,8 @@ class RunMetrics:
     itl_ms: Percentiles | None
     e2e_ms: Percentiles | None
     server_breakdown_s: ServerBreakdown | None
+    cached_token_fraction: float = 0.0  # prompt tokens served from a prefix cache / all prompt tokens
+    kv_bytes_per_request: float = 0.0  # mean KV bytes moved prefill -> decode per completed request
 
 
 def server_breakdown(records: Sequence[RequestRecord]) -> ServerBreakdown | None:
@@ -219,6 +224,8 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo: SL
         itl_ms=Percentiles.of_seconds([g for r in ok for g in r.itls]),
         e2e_ms=Percentiles.of_seconds([r.e2e for r in ok]),
         server_breakdown_s=server_breakdown(records),
+        cached_token_fraction=sum(r.cached_tokens for r in ok) / in_tokens if in_tokens else 0.0,
+        kv_bytes_per_request=sum(r.kv_bytes for r in ok) / len(ok) if ok else 0.0,
     )
 
 

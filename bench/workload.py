@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
-Dataset = Literal["random", "fixed", "sharegpt"]
-DATASETS: tuple[Dataset, ...] = ("random", "fixed", "sharegpt")
+Dataset = Literal["random", "fixed", "sharegpt", "multiturn"]
+DATASETS: tuple[Dataset, ...] = ("random", "fixed", "sharegpt", "multiturn")  # multiturn: bench.multiturn
 WORKLOAD_STREAM = 0  # seed stream id, distinct from the arrivals'
 HUMAN_ROLES = ("human", "user")
 GPT_ROLES = ("gpt", "chatgpt", "assistant", "model")

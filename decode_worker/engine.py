@@ -21,6 +21,7 @@ Memory: the engine owns the runtime (one KV cache) and the page pool; streams ar
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -32,6 +33,7 @@ from engine.loop import EngineLoop, OutputStream
 from engine.messages import Admission, ErrorKind, GenerationRequest, RequestError, WorkerLoad
 from engine.pages import PagePool, pages_for
 from engine.prefill_batch import FirstToken, PrefillBatch, make_decoder
+from engine.prefix_cache import PrefixCache
 from engine.scheduler import admit, decode_reservation
 from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
 from kvtransfer.runtime_io import import_into
@@ -54,6 +56,7 @@ class DecodeEngine(EngineLoop):
         kv_lease_s: float = 30.0,
         faults: FaultInjector | None = None,
         name: str = "decode",
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__(name)
         self.runtime = runtime
@@ -68,6 +71,7 @@ class DecodeEngine(EngineLoop):
         self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
         self.prefill = PrefillBatch(runtime, self.max_seqs, token_budget)
         self.decode = DecodeBatch(runtime, self.pool, max_batch)
+        self.cache = PrefixCache(runtime, self.pool, prefix_cache)  # finished sequences (prompt + output)
         self.seqs: dict[str, DecodeSequence] = {}  # every request held, admission order
         # streams not yet taken by `stream()`, with their admission time (they may outlive the request)
         self._unclaimed: dict[str, tuple[OutputStream, float]] = {}
@@ -98,7 +102,7 @@ class DecodeEngine(EngineLoop):
                 stream.put(RequestError(request_id, ErrorKind.UNAVAILABLE, f"cannot prefill {request_id!r}: {why}"))
                 return stream
             seq.state = DecodeState.PREFILLING
-            self.prefill.add(seq.req, seq.seq_id, seq.decoder)
+            self.prefill.add(seq.req, seq.seq_id, seq.decoder, done=seq.length)  # after its cached prefix
             return self._unclaimed.pop(request_id, (seq.out, 0.0))[0]
 
         return self.call(work)
@@ -135,15 +139,23 @@ class DecodeEngine(EngineLoop):
                 queued_tokens=self.prefill.queued_tokens,
                 reserved=states.count(DecodeState.RESERVED),
                 running=states.count(DecodeState.DECODING),
-                sequences=len(self.runtime.sequence_ids()),
+                sequences=len(self.runtime.sequence_ids()) - len(self.cache.entries),
                 free_pages=self.pool.free,
                 total_pages=self.pool.total,
                 max_batch_seen=max(self.decode.batch_sizes, default=0),
                 lease_expired=self.lease_expired,
                 steps=self.steps,
+                cached_pages=self.cache.cached_pages,
+                cached_prefixes=self.cache.prefixes(),
+                prefix_hit_tokens=self.cache.hit_tokens,
+                prefix_queried_tokens=self.cache.queried_tokens,
             )
 
         return self.call(read)
+
+    def flush_cache(self) -> int:
+        """Drop every prefix-cache entry no request uses; how many were dropped."""
+        return self.call(self.cache.flush)
 
     def close(self) -> None:
         self.stop()
@@ -161,8 +173,12 @@ class DecodeEngine(EngineLoop):
 
     # ---- engine thread ------------------------------------------------------------------------------------
     def _admit(self, req: GenerationRequest, state: DecodeState) -> Admission:
+        """Admission for both ways in: pages for the prompt and a first output slice, less the pages of the
+        longest cached prefix, which the request's sequence is forked from (its KV is neither computed nor
+        received again: the answer's `cached_tokens`)."""
         rid, n = req.request_id, len(req.token_ids)
         tokens = decode_reservation(n, req.params.max_tokens - len(req.resume_ids), self.output_slice)
+        hit = self.cache.claim(req.token_ids, tokens)
         decision = admit(
             self.pool,
             rid,
@@ -172,17 +188,20 @@ class DecodeEngine(EngineLoop):
             max_active=self.max_seqs,
             what=f"{self.name} engine",
             peak_tokens=len(req.prompt_ids) + req.params.max_tokens,
+            shared_pages=hit.shared_pages,
         )
         if not decision.ok:
+            self.cache.unpin(hit)
             return decision
-        self.pool.reserve(rid, pages_for(tokens, self.pool.page_size))
+        self.pool.reserve(rid, pages_for(tokens, self.pool.page_size) - hit.shared_pages)
         decoder = make_decoder(req, self.tokenizer, self.runtime.config.context_window_size)
-        seq = DecodeSequence(req, next(self._seq_ids), decoder, OutputStream(), state)
+        seq = DecodeSequence(req, next(self._seq_ids), decoder, OutputStream(), state, length=hit.tokens, hit=hit)
+        self.cache.fork(hit, seq.seq_id, n)
         self.seqs[rid] = seq
         self._unclaimed[rid] = (seq.out, seq.t_admit)
         if state is DecodeState.PREFILLING:
-            self.prefill.add(req, seq.seq_id, decoder)
-        return decision
+            self.prefill.add(req, seq.seq_id, decoder, done=hit.tokens)
+        return dataclasses.replace(decision, cached_tokens=hit.tokens)
 
     def _import(self, header: KVHeader, k, v) -> None:
         seq = self.seqs.get(header.request_id)
@@ -208,8 +227,7 @@ class DecodeEngine(EngineLoop):
         did = self._expire_leases()
         if self.prefill.queue:
             did = True
-            free_slots = self.max_seqs - len(self.runtime.sequence_ids())
-            firsts, failures = self.prefill.step(free_slots)
+            firsts, failures = self.prefill.step()
             for f in failures:
                 self._end_id(f.request_id, ErrorKind.INTERNAL, f.message)
             for ft in firsts:
@@ -217,6 +235,7 @@ class DecodeEngine(EngineLoop):
         running = [s for s in self.seqs.values() if s.state is DecodeState.DECODING]
         if running:
             self.faults.hit(Stage.DECODE_STEP)
+            self.cache.evict(min(len(running), self.decode.max_batch))  # a step grows each sequence <= 1 page
             worked, ended = self.decode.step(running)
             did = did or worked
             for e in ended:
@@ -270,12 +289,15 @@ class DecodeEngine(EngineLoop):
             self._end(seq, RequestError(request_id, kind, message))
 
     def _end(self, seq: DecodeSequence, error: RequestError | None) -> None:
-        """The one release path: out of the prefill queue, sequence and pages freed, terminal item streamed."""
+        """The one release path: out of the prefill queue, the sequence kept in the prefix cache (it finished
+        normally: prompt + output) or freed with its pages, terminal item streamed."""
         rid = seq.request_id
-        self.seqs.pop(rid, None)
+        if self.seqs.get(rid) is not seq:  # ended already (the cache's references are counted once)
+            return
+        del self.seqs[rid]
         self.prefill.drop(rid)
-        self.runtime.remove_sequence(seq.seq_id)
-        self.pool.release(rid)
+        held = (seq.req.prompt_ids + tuple(seq.decoder.output_ids))[: seq.length]
+        self.cache.finish(seq.seq_id, rid, seq.hit, held if error is None else None)
         seq.state = DecodeState.FINISHED if error is None else _ENDED_BY.get(error.kind, DecodeState.FAILED)
         if error is not None:
             seq.out.put(error)

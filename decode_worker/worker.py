@@ -36,6 +36,7 @@ class DecodeWorker(HostedEngine):
             kv_lease_s=options.kv_lease_s,
             faults=FaultInjector(options.faults),
             name=self.role.value,
+            prefix_cache=options.prefix_cache,
         )
         self.receiver: KVReceiver | None = None
         self._kv_address = ""

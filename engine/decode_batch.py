@@ -4,7 +4,8 @@ sequences, per-request sampling and stop checks, streaming.
 Call order (engine thread only): the engine passes its DECODING sequences (admission order) to `step(running)`
 each iteration -> the batch grows their page reservations, decodes one token each and streams it to the
 sequence's `OutputStream` -> it returns the sequences that ended in this step (finished, evicted or failed), and the
-engine releases them (its one release path). The batch itself frees nothing."""
+engine releases them (its one release path). The batch frees only what eviction must free before the forward: an
+evicted sequence's reservation and its sequence in the runtime, so the pages it held are there for the others."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from engine.loop import OutputStream
 from engine.messages import ErrorKind, GenerationRequest, RequestError
 from engine.pages import PagePool
+from engine.prefix_cache import MISS, Hit
 from engine.scheduler import DecodeSeq, schedule_decode
 from llama_relax.generation import SequenceDecoder
 from llama_relax.runtime import ModelRuntime
@@ -45,6 +47,7 @@ class DecodeSequence:
     state: DecodeState
     length: int = 0
     last_token: int | None = None
+    hit: Hit = MISS  # the cached prefix its sequence was forked from (its first `hit.tokens` tokens)
     t_admit: float = field(default_factory=time.monotonic)
 
     @property
@@ -72,13 +75,16 @@ class DecodeBatch:
 
         Returns (did work, the sequences that ended)."""
         by_id = {s.request_id: s for s in running}
-        plan = schedule_decode([DecodeSeq(s.request_id, s.length) for s in running], self.pool, self.max_batch)
+        plan = schedule_decode(
+            [DecodeSeq(s.request_id, s.length, s.hit.shared_pages) for s in running], self.pool, self.max_batch
+        )
         ended = [
             Ended(by_id[rid], RequestError(rid, ErrorKind.EVICTED, "KV pages exhausted on the decode worker"))
             for rid in plan.evict
         ]
-        for rid in plan.evict:
-            self.pool.release(rid)  # the victim's pages go to the sequences that stay
+        for rid in plan.evict:  # the victim's pages go to the sequences that stay, in the real cache too
+            self.pool.release(rid)
+            self.runtime.remove_sequence(by_id[rid].seq_id)
         for rid, n in plan.grow:
             if not self.pool.reserve(rid, n):
                 raise RuntimeError(f"decode scheduler granted {n} pages to {rid} that are not free")

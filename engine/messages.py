@@ -78,6 +78,7 @@ class Admission:
 
     kind: ErrorKind | None = None
     reason: str = ""
+    cached_tokens: int = 0  # leading prompt tokens whose KV the worker already holds (its prefix cache)
 
     @property
     def ok(self) -> bool:
@@ -111,6 +112,7 @@ class PrefillResult:
     transfer_s: float = 0.0
     kv_bytes: int = 0
     transfer_retries: int = 0  # sends retried after a transport failure (at most one)
+    cached_tokens: int = 0  # leading prompt tokens the prefill worker took from its prefix cache (not computed)
 
     @property
     def ok(self) -> bool:
@@ -126,13 +128,14 @@ class WorkerOptions:
     dtype: str = "float32"
     target: str = "llvm"
     quantization: str = "auto"  # see llama_relax.quantization (auto: gguf for a .gguf file, else none)
-    max_batch_size: int = 16  # sequences the KV cache holds at once
+    max_batch_size: int = 16  # requests an engine holds at once (and sequences per forward)
     max_total_seq_len: int = 8192  # tokens the KV cache holds at once (all sequences)
     prefill_chunk_size: int = 512  # tokens per prefill forward
     max_queue: int = 64
     output_slice: int = 16  # decode-side reservation: prompt + this many output tokens
     kv_host: str = "127.0.0.1"
     kv_lease_s: float = 30.0  # exported KV not acked, or a reservation whose KV never came, is freed after this
+    prefix_cache: bool = True  # keep finished sequences' KV and reuse it for prompts that start the same way
     faults: FaultPlan = field(default_factory=lambda: FaultPlan())  # fault injection (tests and drills only)
 
     def __post_init__(self) -> None:
@@ -163,9 +166,13 @@ class WorkerLoad:
     reserved: int = 0  # decode reservations waiting for their KV
     transferring: int = 0  # prefilled requests whose KV is being sent
     running: int = 0  # sequences decoding
-    sequences: int = 0  # sequences in the KV cache
+    sequences: int = 0  # requests' sequences in the KV cache (the prefix cache's own are not counted)
     free_pages: int = 0
     total_pages: int = 0
     max_batch_seen: int = 0  # the largest decode batch so far (observability, tests)
     lease_expired: int = 0  # KV exports / reservations freed by their lease so far (a counter)
     steps: int = 0  # engine steps that did work so far (a counter: progress)
+    cached_pages: int = 0  # pages held by the prefix cache (free + cached == total when nothing runs)
+    cached_prefixes: tuple[int, ...] = ()  # page hashes of every cached prefix (`engine.prefix_cache.page_hashes`)
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache so far (a counter)
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in it so far (a counter)

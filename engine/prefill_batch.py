@@ -1,11 +1,12 @@
 """`PrefillBatch`: the prefill half of an engine over one runtime (the prefill worker's, and the decode engine's
 for prompts it prefills itself): a FIFO of admitted prompts, one forward per step, first tokens sampled on the spot.
 
-Call order (engine thread only): the engine admits a request and reserves its pages -> `add(req, seq_id, decoder)` ->
-`step(free_slots)` until the request comes back as a `FirstToken` (or a `PrefillFailure`) -> the engine keeps the
-sequence (decode here) or releases it (after its KV left). `drop(request_id)` takes a queued request out (cancel).
-The batch owns no pages: the engine reserved them and releases them; a failed forward's sequences are already gone
-from the runtime when their `PrefillFailure`s come back."""
+Call order (engine thread only): the engine admits a request, reserves its pages and creates its sequence (fresh,
+or forked from a cached prefix of `done` tokens) -> `add(req, seq_id, decoder, done)` -> `step()` until the request
+comes back as a `FirstToken` (or a `PrefillFailure`) -> the engine keeps the sequence (decode here, or cache it) or
+releases it. `drop(request_id)` takes a queued request out (cancel). The batch owns no pages and no sequences: the
+engine made them and releases them; a failed forward's sequences are already gone from the runtime when their
+`PrefillFailure`s come back."""
 
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ class PrefillBatch:
     def queued_tokens(self) -> int:
         return sum(e.item.remaining for e in self.queue)
 
-    def add(self, req: GenerationRequest, seq_id: int, decoder: SequenceDecoder) -> None:
-        item = PrefillItem(req.request_id, len(req.token_ids))
+    def add(self, req: GenerationRequest, seq_id: int, decoder: SequenceDecoder, done: int = 0) -> None:
+        """Queue a request whose sequence already holds its first `done` tokens (a cached prefix)."""
+        item = PrefillItem(req.request_id, len(req.token_ids), done)
         self.queue.append(PrefillEntry(req, seq_id, item, decoder, time.monotonic()))
 
     def drop(self, request_id: str) -> PrefillEntry | None:
@@ -81,10 +83,10 @@ class PrefillBatch:
                 return self.queue.pop(i)
         return None
 
-    def step(self, free_slots: int) -> tuple[list[FirstToken], list[PrefillFailure]]:
-        """schedule -> execute -> update for one forward of prompt slices; at most `free_slots` prompts start
-        (take a new sequence in the cache). Returns the prompts that completed and those whose forward failed."""
-        slices = schedule_prefill([e.item for e in self.queue], self.token_budget, self.max_seqs, free_slots)
+    def step(self) -> tuple[list[FirstToken], list[PrefillFailure]]:
+        """schedule -> execute -> update for one forward of prompt slices. Returns the prompts that completed and
+        those whose forward failed."""
+        slices = schedule_prefill([e.item for e in self.queue], self.token_budget, self.max_seqs)
         if not slices:
             return [], []
         by_id = {e.req.request_id: e for e in self.queue}
@@ -92,9 +94,7 @@ class PrefillBatch:
         now = time.monotonic()
         try:
             for e in entries:
-                if not e.item.started:
-                    e.t_start = now
-                    self.runtime.add_sequence(e.seq_id)
+                e.t_start = e.t_start or now
             hidden = self.runtime.forward_hidden(
                 [e.seq_id for e in entries],
                 [e.req.token_ids[s.begin : s.end] for e, s in zip(entries, slices, strict=True)],

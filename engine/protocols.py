@@ -44,15 +44,20 @@ class WorkerAPI(Protocol):
 
 
 class PrefillAPI(WorkerAPI, Protocol):
-    def prefill_stream(self, req: GenerationRequest, kv_target: str) -> Iterator[TokenEvent | PrefillResult]:
-        """Prefill `req`, yield its first token as soon as it is sampled (unless admission failed), push the KV
-        (with that token in the header) to the decode worker at `kv_target`, then yield the `PrefillResult`."""
+    def prefill_stream(
+        self, req: GenerationRequest, kv_target: str, kv_begin: int = 0
+    ) -> Iterator[TokenEvent | PrefillResult]:
+        """Prefill `req` (what its prefix cache lacks), yield its first token as soon as it is sampled (unless
+        admission failed), push the KV of tokens [kv_begin, n) (with that token in the header) to the decode
+        worker at `kv_target`, which holds the ones before, then yield the `PrefillResult`."""
         ...
 
 
 class DecodeAPI(WorkerAPI, Protocol):
     def reserve(self, req: GenerationRequest) -> Admission:
-        """Set pages aside for `req`; its KV and first token will come from a prefill worker."""
+        """Set pages aside for `req`; its KV and first token will come from a prefill worker. The answer's
+        `cached_tokens` says how many leading tokens this worker already holds (its prefix cache): the KV sent
+        must start there."""
         ...
 
     def stream(self, request_id: str) -> Iterator[Output]:

@@ -27,15 +27,17 @@ def admit(
     max_active: int,
     what: str,
     peak_tokens: int | None = None,
+    shared_pages: int = 0,
 ) -> Admission:
     """Admit a request that needs pages for `tokens` tokens now (and for `peak_tokens` at most, by its end), on
     an engine holding `active` of at most `max_active` requests (`what` names that limit in the reason).
 
     A duplicate id or a request that could never fit is INVALID (retrying cannot help); a full engine or pages
-    that are taken right now is BUSY. Reserving the pages is the caller's next step."""
+    that are taken right now is BUSY. `shared_pages` of the request's pages are a cached prefix it shares (already
+    counted). Reserving the pages is the caller's next step."""
     if request_id in known:
         return Admission.refuse(ErrorKind.INVALID, f"request {request_id!r} is already on this worker")
-    need = pages_for(tokens, pool.page_size)
+    need = pages_for(tokens, pool.page_size) - shared_pages
     peak = pages_for(max(tokens, peak_tokens or 0), pool.page_size)
     if peak > pool.total:
         return Admission.refuse(
@@ -67,10 +69,6 @@ class PrefillItem:
     def remaining(self) -> int:
         return self.prompt_len - self.done
 
-    @property
-    def started(self) -> bool:
-        return self.done > 0
-
 
 @dataclass(frozen=True)
 class PrefillSlice:
@@ -81,24 +79,16 @@ class PrefillSlice:
     end: int
 
 
-def schedule_prefill(
-    queue: Sequence[PrefillItem], token_budget: int, max_seqs: int, max_new: int | None = None
-) -> list[PrefillSlice]:
+def schedule_prefill(queue: Sequence[PrefillItem], token_budget: int, max_seqs: int) -> list[PrefillSlice]:
     """First come, first served: fill one forward with up to `token_budget` prompt tokens from at most `max_seqs`
-    requests, of which at most `max_new` start (need a new sequence in the KV cache); a prompt that does not fit
-    is split and continues in the next step. A request that may not start blocks the ones behind it (FCFS)."""
+    requests; a prompt that does not fit is split and continues in the next step."""
     slices: list[PrefillSlice] = []
     room = token_budget
-    new_left = max_seqs if max_new is None else max_new
     for item in queue:
         if room == 0 or len(slices) == max_seqs:
             break
         if item.remaining <= 0:
             continue
-        if not item.started:
-            if new_left == 0:
-                break
-            new_left -= 1
         take = min(room, item.remaining)
         slices.append(PrefillSlice(item.request_id, item.done, item.done + take))
         room -= take
@@ -116,6 +106,7 @@ class DecodeSeq:
 
     request_id: str
     length: int
+    shared_pages: int = 0  # leading pages shared with a cached prefix (not the sequence's to reserve)
 
 
 @dataclass(frozen=True)
@@ -130,7 +121,10 @@ def schedule_decode(seqs: Sequence[DecodeSeq], pool: PagePool, max_batch: int) -
     sequence's reservation are taken from the free pool; if they run out, the latest-admitted sequences are
     evicted until the rest fit."""
     ready = list(seqs[:max_batch])
-    need = {s.request_id: max(0, pages_for(s.length + 1, pool.page_size) - pool.held_by(s.request_id)) for s in ready}
+    need = {
+        s.request_id: max(0, pages_for(s.length + 1, pool.page_size) - s.shared_pages - pool.held_by(s.request_id))
+        for s in ready
+    }
     free = pool.free
     evicted: list[str] = []
     while ready and sum(need[s.request_id] for s in ready) > free:

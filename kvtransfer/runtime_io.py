@@ -85,12 +85,19 @@ def export_device_payload(
 
 
 def export_for(
-    runtime: ModelRuntime, sender: KVSender, target: str, seq_id: int, request_id: str, meta: bytes = b""
+    runtime: ModelRuntime,
+    sender: KVSender,
+    target: str,
+    seq_id: int,
+    request_id: str,
+    meta: bytes = b"",
+    begin: int = 0,
 ) -> KVPayload:
-    """The payload `sender` will move to `target` best: on the device for the NCCL path, else in host memory."""
+    """The payload of tokens [begin, end) `sender` will move to `target` best: on the device for the NCCL path,
+    else in host memory."""
     if isinstance(sender, RoutedSender) and sender.nccl is not None and sender.uses_nccl(target):
-        return export_device_payload(runtime, sender.nccl, seq_id, request_id, meta=meta)
-    return export_payload(runtime, seq_id, request_id, meta=meta)
+        return export_device_payload(runtime, sender.nccl, seq_id, request_id, begin=begin, meta=meta)
+    return export_payload(runtime, seq_id, request_id, begin=begin, meta=meta)
 
 
 def _cuda_id(runtime: ModelRuntime) -> int | None:

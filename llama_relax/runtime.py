@@ -179,8 +179,6 @@ class ModelRuntime:
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self._seq_lens:
             raise ValueError(f"sequence {seq_id} already exists")
-        if len(self._seq_lens) >= self.kv_config.max_batch_size:
-            raise RuntimeError(f"kv cache: all {self.kv_config.max_batch_size} sequence slots are in use")
         _ADD_SEQ(self.kv_cache, seq_id)
         self._seq_lens[seq_id] = 0
 
@@ -188,9 +186,18 @@ class ModelRuntime:
         if self._seq_lens.pop(seq_id, None) is not None:
             _REMOVE_SEQ(self.kv_cache, seq_id)
 
-    def fork_sequence(self, parent_id: int, child_id: int) -> None:
-        _FORK_SEQ(self.kv_cache, parent_id, child_id, -1)
-        self._seq_lens[child_id] = self._seq_lens[parent_id]
+    def fork_sequence(self, parent_id: int, child_id: int, length: int | None = None) -> None:
+        """A new sequence holding the first `length` tokens of `parent_id` (default: all of them). Whole pages are
+        shared with the parent (both read them; neither frees them while the other holds them); a partly used
+        page is copied, so the child has `length // page_size` shared pages."""
+        have = self._seq_lens[parent_id]
+        length = have if length is None else length
+        if child_id in self._seq_lens:
+            raise ValueError(f"sequence {child_id} already exists")
+        if not 0 <= length <= have:
+            raise ValueError(f"fork: cannot take {length} of the {have} tokens of sequence {parent_id}")
+        _FORK_SEQ(self.kv_cache, parent_id, child_id, length)
+        self._seq_lens[child_id] = length
 
     def popn(self, seq_id: int, n: int) -> None:
         if not 0 <= n <= self._seq_lens[seq_id]:
@@ -203,6 +210,9 @@ class ModelRuntime:
 
     def sequence_ids(self) -> list[int]:
         return list(self._seq_lens)
+
+    def has_sequence(self, seq_id: int) -> bool:
+        return seq_id in self._seq_lens
 
     def kv_length_in_cache(self, seq_id: int) -> int:
         """The cache's own count (a check against our bookkeeping)."""
@@ -230,6 +240,10 @@ class ModelRuntime:
         return _RESHAPE(emb, ShapeTuple(list(shape)))
 
     def _begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        if len(seq_ids) > self.kv_config.max_batch_size:
+            raise ValueError(
+                f"a forward of {len(seq_ids)} sequences exceeds max_batch_size {self.kv_config.max_batch_size}"
+            )
         for sid, n in zip(seq_ids, lengths, strict=True):
             if sid not in self._seq_lens:
                 raise KeyError(f"sequence {sid} was not added")

@@ -22,6 +22,7 @@ returns.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import enum
 import itertools
 import logging
@@ -35,6 +36,7 @@ from engine.loop import EngineLoop
 from engine.messages import Admission, ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerLoad
 from engine.pages import PagePool, pages_for
 from engine.prefill_batch import FirstToken, PrefillBatch, make_decoder
+from engine.prefix_cache import MISS, Hit, PrefixCache
 from engine.scheduler import admit
 from kvtransfer.payload import ErrorCode, KVPayload
 from kvtransfer.runtime_io import export_for
@@ -67,6 +69,10 @@ class _Job:
     kv_target: str
     on_event: Callable[[PrefillEvent], None]
     seq_id: int
+    hit: Hit = MISS  # the cached prefix its sequence was forked from: only the rest is computed
+    kv_begin: int = 0  # the decode worker holds the tokens before this: only [kv_begin, n) is sent
+    prefilled: bool = False  # its sequence holds the whole prompt (kept in the prefix cache when released)
+    released: bool = False
     state: PrefillState = PrefillState.QUEUED
     _reported: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -93,6 +99,7 @@ class PrefillEngine(EngineLoop):
         kv_lease_s: float = 30.0,
         transfer_threads: int = 2,
         faults: FaultInjector | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__("prefill")
         self.runtime = runtime
@@ -105,14 +112,22 @@ class PrefillEngine(EngineLoop):
         self.steps = 0
         self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
         self.batch = PrefillBatch(runtime, max_seqs, token_budget)
+        self.cache = PrefixCache(runtime, self.pool, prefix_cache)  # prefilled prompts
         self.jobs: dict[str, _Job] = {}
         self._seq_ids = itertools.count(1)
         self._transfers = cf.ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-send")
 
     # ---- control (any thread) -----------------------------------------------------------------------------
-    def submit(self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None]) -> Admission:
-        """Queue `req`; `on_event` gets its first `TokenEvent` (unless the forward fails), then one `PrefillResult`."""
-        return self.call(lambda: self._submit(req, kv_target, on_event))
+    def submit(
+        self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None], kv_begin: int = 0
+    ) -> Admission:
+        """Queue `req`; `on_event` gets its first `TokenEvent` (unless the forward fails), then one `PrefillResult`.
+        The decode worker already holds the first `kv_begin` tokens (its prefix cache): only the rest is sent."""
+        return self.call(lambda: self._submit(req, kv_target, on_event, kv_begin))
+
+    def flush_cache(self) -> int:
+        """Drop every prefix-cache entry no request uses; how many were dropped."""
+        return self.call(self.cache.flush)
 
     def cancel(self, request_id: str) -> bool:
         return self.call(lambda: self._cancel(request_id))
@@ -128,11 +143,15 @@ class PrefillEngine(EngineLoop):
                 queued=len(self.batch.queue),
                 queued_tokens=self.batch.queued_tokens,
                 transferring=transferring,
-                sequences=len(self.runtime.sequence_ids()),
+                sequences=len(self.runtime.sequence_ids()) - len(self.cache.entries),
                 free_pages=self.pool.free,
                 total_pages=self.pool.total,
                 lease_expired=self.lease_expired,
                 steps=self.steps,
+                cached_pages=self.cache.cached_pages,
+                cached_prefixes=self.cache.prefixes(),
+                prefix_hit_tokens=self.cache.hit_tokens,
+                prefix_queried_tokens=self.cache.queried_tokens,
             )
 
         return self.call(read)
@@ -144,8 +163,13 @@ class PrefillEngine(EngineLoop):
             self._fail(job, ErrorKind.INTERNAL, "prefill worker shutting down")
 
     # ---- engine thread ------------------------------------------------------------------------------------
-    def _submit(self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None]) -> Admission:
+    def _submit(
+        self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None], kv_begin: int
+    ) -> Admission:
         rid, n = req.request_id, len(req.token_ids)
+        if not 0 <= kv_begin < n:
+            return Admission.refuse(ErrorKind.INVALID, f"kv_begin must be in [0, {n}) for a {n}-token prompt")
+        hit = self.cache.claim(req.token_ids, n)
         decision = admit(
             self.pool,
             rid,
@@ -154,13 +178,18 @@ class PrefillEngine(EngineLoop):
             active=len(self.batch.queue),
             max_active=self.max_queue,
             what="prefill queue",
+            shared_pages=hit.shared_pages,
         )
-        if decision.ok:
-            self.pool.reserve(rid, pages_for(n, self.pool.page_size))
-            job = _Job(req, kv_target, on_event, next(self._seq_ids))
-            self.jobs[rid] = job
-            self.batch.add(req, job.seq_id, make_decoder(req, self.tokenizer, self.runtime.config.context_window_size))
-        return decision
+        if not decision.ok:
+            self.cache.unpin(hit)
+            return decision
+        self.pool.reserve(rid, pages_for(n, self.pool.page_size) - hit.shared_pages)
+        job = _Job(req, kv_target, on_event, next(self._seq_ids), hit, kv_begin)
+        self.cache.fork(hit, job.seq_id, n)
+        self.jobs[rid] = job
+        decoder = make_decoder(req, self.tokenizer, self.runtime.config.context_window_size)
+        self.batch.add(req, job.seq_id, decoder, done=hit.tokens)
+        return dataclasses.replace(decision, cached_tokens=hit.tokens)
 
     def _cancel(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
@@ -177,13 +206,12 @@ class PrefillEngine(EngineLoop):
         if not self.batch.queue:
             return False
         self.faults.hit(Stage.PREFILL_FORWARD)
-        free_slots = self.runtime.kv_config.max_batch_size - len(self.runtime.sequence_ids())
-        firsts, failures = self.batch.step(free_slots)
+        firsts, failures = self.batch.step()
         self.steps += 1
         for f in failures:
             self._fail(self.jobs[f.request_id], ErrorKind.INTERNAL, f.message)
         for e in self.batch.queue:
-            if e.item.started:
+            if e.t_start:
                 self.jobs[e.req.request_id].state = PrefillState.PREFILLING
         for ft in firsts:
             self._after_prefill(self.jobs[ft.request_id], ft)
@@ -194,16 +222,19 @@ class PrefillEngine(EngineLoop):
             self._fail(job, ErrorKind.INTERNAL, f"prefill engine failed: {error}")
 
     def _after_prefill(self, job: _Job, ft: FirstToken) -> None:
+        job.prefilled = True
         job.on_event(ft.event)
         if ft.event.finish_reason is not None:  # the request ended with its first token: no KV to ship
             self._release(job, PrefillState.DONE)
-            job.report(PrefillResult(job.req.request_id, ft.event, None, ft.queue_s, ft.prefill_s))
+            result = PrefillResult(job.req.request_id, ft.event, None, ft.queue_s, ft.prefill_s)
+            job.report(dataclasses.replace(result, cached_tokens=job.hit.tokens))
             return
         job.state = PrefillState.TRANSFERRING
         self.faults.hit(Stage.KV_EXPORT)
         try:
+            meta = encode_first_token(ft.event)
             payload = export_for(
-                self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id, meta=encode_first_token(ft.event)
+                self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id, meta=meta, begin=job.kv_begin
             )
         except Exception as e:  # this request fails alone
             self._fail(job, ErrorKind.INTERNAL, f"KV export failed: {type(e).__name__}: {e}", ft.event)
@@ -239,7 +270,17 @@ class PrefillEngine(EngineLoop):
         # Report at once: the decode worker may start as soon as the KV is in, not after our current prefill
         # step (waiting for the engine thread here put a whole prefill step between tokens 1 and 2).
         job.report(
-            PrefillResult(rid, ft.event, error, ft.queue_s, ft.prefill_s, result.transfer_s, result.nbytes, retries)
+            PrefillResult(
+                rid,
+                ft.event,
+                error,
+                ft.queue_s,
+                ft.prefill_s,
+                result.transfer_s,
+                result.nbytes,
+                retries,
+                job.hit.tokens,
+            )
         )
         final = PrefillState.DONE if error is None else (PrefillState.CANCELLED if cancelled else PrefillState.FAILED)
         fut = self.post(lambda: self._release(job, final))
@@ -252,11 +293,13 @@ class PrefillEngine(EngineLoop):
         job.report(PrefillResult(rid, first, RequestError(rid, kind, message)))
 
     def _release(self, job: _Job, final: PrefillState) -> None:
-        """The one release path: out of the queue, sequence and pages freed, job forgotten."""
+        """The one release path: out of the queue; the sequence kept in the prefix cache (the prompt was
+        prefilled) or freed with its pages; the job forgotten."""
         rid = job.req.request_id
         self.batch.drop(rid)
-        self.runtime.remove_sequence(job.seq_id)
-        self.pool.release(rid)
+        if not job.released:  # once: the cache's references are counted
+            job.released = True
+            self.cache.finish(job.seq_id, rid, job.hit, job.req.token_ids if job.prefilled else None)
         job.state = final
         if self.jobs.get(rid) is job:
             del self.jobs[rid]

@@ -40,16 +40,19 @@ class PrefillWorker(HostedEngine):
             max_seqs=options.max_batch_size,
             kv_lease_s=options.kv_lease_s,
             faults=faults,
+            prefix_cache=options.prefix_cache,
         )
         self._host(self.engine)
 
-    def prefill(self, req: GenerationRequest, kv_target: str) -> PrefillResult:
-        *_, last = self.prefill_stream(req, kv_target)
+    def prefill(self, req: GenerationRequest, kv_target: str, kv_begin: int = 0) -> PrefillResult:
+        *_, last = self.prefill_stream(req, kv_target, kv_begin)
         return last
 
-    def prefill_stream(self, req: GenerationRequest, kv_target: str) -> Iterator[TokenEvent | PrefillResult]:
+    def prefill_stream(
+        self, req: GenerationRequest, kv_target: str, kv_begin: int = 0
+    ) -> Iterator[TokenEvent | PrefillResult]:
         out: queue.SimpleQueue[TokenEvent | PrefillResult] = queue.SimpleQueue()
-        admission = self.engine.submit(req, kv_target, out.put)
+        admission = self.engine.submit(req, kv_target, out.put, kv_begin)
         if not admission.ok:
             yield PrefillResult(req.request_id, None, admission.error(req.request_id))
             return

@@ -29,6 +29,18 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill-chunk-size", type=int, default=512)
     p.add_argument("--threads-per-worker", type=int, default=0, help="TVM threads per worker (0: cores / workers)")
+    c = p.add_argument_group("prefix cache")
+    c.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="no prefix caches, cache-aware routing or local prefill (the baseline)",
+    )
+    c.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=64,
+        help="the decode worker prefills an uncached prompt part this short itself (default 64; 0: never)",
+    )
     g = p.add_argument_group("failures and load")
     g.add_argument("--migration-limit", type=int, default=3, help="migrations per request (default 3)")
     g.add_argument(

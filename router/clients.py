@@ -89,8 +89,10 @@ class RayWorkerClient:
 class RayPrefillClient(RayWorkerClient):
     """`engine.protocols.PrefillAPI` over a `PrefillWorker` actor."""
 
-    def prefill_stream(self, req: GenerationRequest, kv_target: str) -> Iterator[TokenEvent | PrefillResult]:
-        return self._iter(self.handle.prefill_stream.remote(req, kv_target))
+    def prefill_stream(
+        self, req: GenerationRequest, kv_target: str, kv_begin: int = 0
+    ) -> Iterator[TokenEvent | PrefillResult]:
+        return self._iter(self.handle.prefill_stream.remote(req, kv_target, kv_begin))
 
 
 class RayDecodeClient(RayWorkerClient):

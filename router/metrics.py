@@ -33,28 +33,45 @@ class Metrics:
         self.kv_total = Gauge("pdserve_kv_total_pages", "KV pages per worker", ["worker", "role"], registry=r)
         self.migrations = Counter("pdserve_request_migrations", "Requests moved to another decode worker", registry=r)
         self.fallbacks = Counter("pdserve_prefill_fallbacks", "Prompts prefilled by a decode worker", registry=r)
+        self.local_prefills = Counter(
+            "pdserve_local_prefills", "Prompts whose short uncached part the decode worker prefilled", registry=r
+        )
+        self.cache_hit = Counter(
+            "pdserve_prefix_cache_hit_tokens", "Prompt tokens served from a prefix cache", ["role"], registry=r
+        )
+        self.cache_queried = Counter(
+            "pdserve_prefix_cache_queried_tokens", "Prompt tokens looked up in a prefix cache", ["role"], registry=r
+        )
+        self.kv_cached = Gauge(
+            "pdserve_kv_cached_pages", "KV pages held by the prefix cache", ["worker", "role"], registry=r
+        )
         self.kv_retries = Counter("pdserve_kv_transfer_retries", "KV sends retried after a failure", registry=r)
         self.lease_expired = Counter("pdserve_kv_lease_expired", "KV exports/reservations freed by lease", registry=r)
         self.restarts = Counter("pdserve_worker_restarts", "Worker processes restarted", ["role"], registry=r)
         self.queued = Gauge(
             "pdserve_admission_queue_requests", "Requests waiting for room on the decode pool", registry=r
         )
-        self._seen: dict[str, tuple[int, int]] = {}  # worker -> (restarts, lease_expired) already counted
+        self._seen: dict[tuple[str, str], int] = {}  # (worker, counter) -> value already counted
 
     def observe_pools(self, workers: Iterable[WorkerSlot]) -> None:
-        """Per-worker gauges, and the counters that workers keep (restarts, lease expiries) turned into deltas."""
+        """Per-worker gauges, and the counters that workers keep (restarts, lease expiries, prefix-cache tokens)
+        turned into deltas."""
         for w in workers:
             role = w.role.value
             self.kv_free.labels(w.name, role).set(w.load.free_pages)
             self.kv_total.labels(w.name, role).set(w.load.total_pages)
-            restarts, expired = self._seen.get(w.name, (0, 0))
-            if w.restarts > restarts:
-                self.restarts.labels(role).inc(w.restarts - restarts)
-            # a restarted worker counts from 0 again; count what it reports on top of what was seen before
-            delta = w.load.lease_expired - expired if w.load.lease_expired >= expired else w.load.lease_expired
-            if delta > 0:
-                self.lease_expired.inc(delta)
-            self._seen[w.name] = (w.restarts, w.load.lease_expired)
+            self.kv_cached.labels(w.name, role).set(w.load.cached_pages)
+            self.restarts.labels(role).inc(self._delta(w.name, "restarts", w.restarts))
+            self.lease_expired.inc(self._delta(w.name, "lease_expired", w.load.lease_expired))
+            self.cache_hit.labels(role).inc(self._delta(w.name, "hit", w.load.prefix_hit_tokens))
+            self.cache_queried.labels(role).inc(self._delta(w.name, "queried", w.load.prefix_queried_tokens))
+
+    def _delta(self, worker: str, counter: str, value: int) -> int:
+        """What a worker's counter grew by since the last call; a restarted worker counts from 0 again, so a
+        value below the last one is all new."""
+        seen = self._seen.get((worker, counter), 0)
+        self._seen[worker, counter] = value
+        return value - seen if value >= seen else value
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -1,7 +1,11 @@
 """Worker pools as the router sees them: one typed client per worker, liveness, load, and the placement policies.
 
 Policies are pure functions over `WorkerSlot`s (unit-tested without Ray): a prefill worker with the fewest queued
-prompt tokens; decode workers ordered by fewest active requests, then most free KV pages.
+prompt tokens; decode workers ordered by fewest active requests, then most free KV pages. Cache-aware (given the
+prompt's page hashes): the worker holding the longest prefix of the prompt goes first, unless its load exceeds the
+least-loaded worker's by more than a threshold (SGLang's cache-aware policy). The router's view of what a worker
+holds (`WorkerSlot.prefixes`) is the worker's own report from the last refresh (so evictions are seen), plus what
+the router placed there since.
 
 `refresh()` asks every worker for its `WorkerLoad`; a worker answering with a new `incarnation` (Ray restarted
 its process) is described again, so its new KV address is learned once per process, never per request."""
@@ -39,6 +43,8 @@ class WorkerSlot(Generic[C]):
     restarts: int = 0
     failures: int = 0  # calls failed in a row
     cooldown_until: float = 0.0  # out of rotation until then (monotonic), after `failures` reached the threshold
+    prefixes: set[int] = field(default_factory=set)  # page hashes it reported holding at the last refresh
+    placed: dict[int, float] = field(default_factory=dict)  # page hashes the router sent since -> when (monotonic)
 
     @property
     def kv_address(self) -> str:
@@ -50,18 +56,56 @@ class WorkerSlot(Generic[C]):
         return self.alive and time.monotonic() >= self.cooldown_until
 
 
-def pick_prefill(workers: Sequence[WorkerSlot[PrefillAPI]]) -> WorkerSlot[PrefillAPI] | None:
-    """The live prefill worker with the fewest queued prompt tokens (ties: first)."""
-    live = [w for w in workers if w.available]
-    return min(live, key=lambda w: w.queued_tokens) if live else None
+PLACED_TTL_S = 10.0  # a prompt the router sent counts as cached there this long, until the worker reports it
 
 
-def decode_order(workers: Sequence[WorkerSlot[C]]) -> list[WorkerSlot[C]]:
+def cached_pages(w: WorkerSlot, hashes: Sequence[int]) -> int:
+    """How many leading pages of a prompt (its page hashes) the router believes `w` holds."""
+    n = 0
+    for h in hashes:
+        if h not in w.prefixes and h not in w.placed:
+            break
+        n += 1
+    return n
+
+
+def note_placed(w: WorkerSlot, hashes: Sequence[int]) -> None:
+    """The router sent a prompt with these page hashes to `w`: it will hold them once the request is done."""
+    now = time.monotonic()
+    w.placed.update(dict.fromkeys(hashes, now))
+
+
+def _cache_first(order: list[WorkerSlot[C]], hashes: Sequence[int], load, threshold: float) -> list[WorkerSlot[C]]:
+    """`order` (least loaded first) with the worker holding the longest prefix moved to the front, unless its
+    load exceeds the least-loaded worker's by more than `threshold`."""
+    if not order or not hashes:
+        return order
+    best = max(order, key=lambda w: cached_pages(w, hashes))  # ties: the least loaded (first in order)
+    if cached_pages(best, hashes) == 0 or load(best) - load(order[0]) > threshold:
+        return order
+    return [best, *(w for w in order if w is not best)]
+
+
+def pick_prefill(
+    workers: Sequence[WorkerSlot[PrefillAPI]], hashes: Sequence[int] = (), balance_tokens: int = 1024
+) -> WorkerSlot[PrefillAPI] | None:
+    """The live prefill worker with the fewest queued prompt tokens (ties: first), or the one holding the longest
+    prefix of the prompt when it has at most `balance_tokens` more queued."""
+    live = sorted((w for w in workers if w.available), key=lambda w: w.queued_tokens)
+    order = _cache_first(live, hashes, lambda w: w.queued_tokens, balance_tokens)
+    return order[0] if order else None
+
+
+def decode_order(
+    workers: Sequence[WorkerSlot[C]], hashes: Sequence[int] = (), balance_requests: int = 4
+) -> list[WorkerSlot[C]]:
     """Live decode (or colocated) workers, best first: fewest requests the router has placed there, then most
     free pages. `active` is exact and immediate; the pages are as of the last refresh (up to a poll interval
     old), so ordering by them first herds a burst onto one worker. A worker without room answers BUSY and the
-    next one is asked."""
-    return sorted((w for w in workers if w.available), key=lambda w: (w.active, -w.load.free_pages))
+    next one is asked. The worker holding the longest prefix of the prompt goes first when it has at most
+    `balance_requests` more active requests than the least loaded."""
+    order = sorted((w for w in workers if w.available), key=lambda w: (w.active, -w.load.free_pages))
+    return _cache_first(order, hashes, lambda w: w.active, balance_requests)
 
 
 @dataclass
@@ -119,11 +163,16 @@ class Pools:
                     w.restarts += 1
                     log.warning("%s restarted (pid %d, KV at %s)", w.name, info.pid, info.kv_address or "-")
                 w.info = info
+                w.placed.clear()  # a new process holds nothing
             if not w.alive:
                 log.info("%s is back", w.name)
             w.alive = True
             w.load = load
             w.queued_tokens = load.queued_tokens
+            w.prefixes = set(load.cached_prefixes)  # the worker's own view: what it evicted is gone
+            if w.placed:
+                cutoff = time.monotonic() - PLACED_TTL_S
+                w.placed = {h: t for h, t in w.placed.items() if t > cutoff and h not in w.prefixes}
 
 
 class PoolMonitor:

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 
 from engine.loop import Output
 from engine.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError, Role
+from engine.prefix_cache import page_hashes
 from engine.protocols import DecodeAPI, WorkerFault, WorkerGone
 from llama_relax.generation import TokenEvent
 from router.admission import AdmissionQueue, AdmissionRefused, Busy, NoWorker, QueueLimits
 from router.metrics import Metrics
-from router.pools import Pools, WorkerSlot, decode_order, pick_prefill
+from router.pools import Pools, WorkerSlot, decode_order, note_placed, pick_prefill
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,16 @@ class RouterOptions:
     recovery_timeout_s: float = 60.0  # how long a request waits for a decode worker to come back
     max_queue_wait_s: float = 30.0  # how long a request waits for room on the decode pool
     max_queued: int = 256  # requests waiting for room; past this, RESOURCE_EXHAUSTED at once
+    cache_aware: bool = True  # place on the workers holding the longest prefix of the prompt (within balance)
+    local_prefill_max_tokens: int = 64  # the decode worker prefills an uncached part this short itself (0: off)
+    balance_requests: int = 4  # cache-aware decode placement yields to load beyond this many more active requests
+    balance_tokens: int = 1024  # ... and prefill placement beyond this many more queued prompt tokens
 
     def __post_init__(self) -> None:
         if self.migration_limit < 0 or self.max_queued < 1:
             raise ValueError("migration_limit must be >= 0 and max_queued >= 1")
+        if min(self.local_prefill_max_tokens, self.balance_requests, self.balance_tokens) < 0:
+            raise ValueError("local_prefill_max_tokens, balance_requests and balance_tokens must be >= 0")
         if not (self.recovery_timeout_s >= 0 and self.max_queue_wait_s >= 0):
             raise ValueError("recovery_timeout_s and max_queue_wait_s must be >= 0")
 
@@ -108,6 +115,9 @@ class RequestRecord:
     queue_wait_s: float = 0.0
     first_token_at: float | None = None  # when the client's first token was ready (TTFT), across attempts
     attempt_id: str = ""  # the worker-side id of the current attempt
+    page_hashes: tuple[int, ...] = ()  # of the current attempt's tokens (cache-aware placement)
+    decode_cached: int = 0  # leading tokens the decode worker already held (its reservation's answer)
+    cached_tokens: int = 0  # prompt tokens not prefilled for this request: taken from a prefix cache
     workers: dict[Role, WorkerSlot] = field(default_factory=dict)  # who holds the current attempt
 
     def mark(self, state: RequestState) -> None:
@@ -202,6 +212,7 @@ class Router:
                 tuple(produced),
             )
             rec.attempt_id = attempt.request_id
+            rec.page_hashes = tuple(page_hashes(attempt.token_ids)) if self.options.cache_aware else ()
             flow = self._colocated if self.mode is ServeMode.COLOCATED else self._disaggregated
             try:
                 for event in flow(attempt, rec, deadline):
@@ -229,13 +240,15 @@ class Router:
     def _disaggregated(self, req: GenerationRequest, rec: RequestRecord, deadline: float | None):
         d = self._place(self.pools.decode, req, rec, deadline)
         try:
+            if len(req.token_ids) - rec.decode_cached <= self.options.local_prefill_max_tokens:
+                self.metrics.local_prefills.inc()  # little left to compute: no prefill worker, no transfer
+                yield from self._prefill_on(d, req, rec)
+                return
             try:
                 first = yield from self._prefill(req, rec, d)
             except NoPrefillWorker:
                 self.metrics.fallbacks.inc()
-                rec.mark(RequestState.PREFILLING)
-                with self._on_decode(d):
-                    yield from self._events(d.client.prefill_local(req.request_id), rec)
+                yield from self._prefill_on(d, req, rec)
                 return
             if first.finish_reason is not None:  # ended with its first token: free the decode side's reservation
                 self._release(rec)
@@ -250,13 +263,18 @@ class Router:
     def _colocated(self, req: GenerationRequest, rec: RequestRecord, deadline: float | None):
         """A colocated worker is a decode engine that prefills everything itself: reserve, then prefill there."""
         w = self._place(self.pools.colocated, req, rec, deadline)
-        rec.mark(RequestState.PREFILLING)
         try:
-            with self._on_decode(w):
-                yield from self._events(w.client.prefill_local(req.request_id), rec)
+            yield from self._prefill_on(w, req, rec)
         finally:
             with self.pools.lock:
                 w.active -= 1
+
+    def _prefill_on(self, w: WorkerSlot[DecodeAPI], req: GenerationRequest, rec: RequestRecord):
+        """The reserved decode-side worker prefills the prompt (after what it holds) and decodes it."""
+        rec.mark(RequestState.PREFILLING)
+        rec.cached_tokens = rec.decode_cached
+        with self._on_decode(w):
+            yield from self._events(w.client.prefill_local(req.request_id), rec)
 
     def _place(
         self, slots: list[WorkerSlot[DecodeAPI]], req: GenerationRequest, rec: RequestRecord, deadline: float | None
@@ -281,7 +299,8 @@ class Router:
         role = Role.COLOCATED if self.mode is ServeMode.COLOCATED else Role.DECODE
         while True:
             with self.pools.lock:
-                order = [w for w in decode_order(slots) if w.name not in tried]
+                ranked = decode_order(slots, rec.page_hashes, self.options.balance_requests)
+                order = [w for w in ranked if w.name not in tried]
                 if not order:
                     break
                 w = order[0]
@@ -298,6 +317,8 @@ class Router:
                 reasons.append(f"{w.name}: {e}")
             if admission is not None and admission.ok:
                 rec.workers[role] = w
+                rec.decode_cached = admission.cached_tokens
+                note_placed(w, rec.page_hashes)
                 rec.mark(RequestState.RESERVED)
                 return w
             with self.pools.lock:
@@ -319,7 +340,8 @@ class Router:
         tried: set[str] = set()
         reasons: list[str] = []
         while True:
-            p = pick_prefill([w for w in self.pools.prefill if w.name not in tried])
+            candidates = [w for w in self.pools.prefill if w.name not in tried]
+            p = pick_prefill(candidates, rec.page_hashes, self.options.balance_tokens)
             if p is None:
                 if reasons and any(w.available for w in self.pools.prefill):
                     raise RouterError(ErrorKind.BUSY, "all prefill workers are busy (" + "; ".join(reasons) + ")")
@@ -331,7 +353,7 @@ class Router:
             with self.pools.lock:
                 p.queued_tokens += len(req.token_ids)
             try:
-                for item in p.client.prefill_stream(req, d.kv_address):
+                for item in p.client.prefill_stream(req, d.kv_address, rec.decode_cached):
                     if isinstance(item, TokenEvent):
                         first = item
                         rec.mark(RequestState.KV_TRANSFER)
@@ -343,6 +365,8 @@ class Router:
                     if item.error is None:
                         if first is None:
                             raise RouterError(ErrorKind.INTERNAL, f"{p.name} reported no first token")
+                        rec.cached_tokens = item.cached_tokens
+                        note_placed(p, rec.page_hashes)
                         return first
                     if first is None and item.error.kind is ErrorKind.BUSY:
                         reasons.append(f"{p.name}: {item.error.message}")

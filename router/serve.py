@@ -39,6 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.faults import Fault, FaultPlan
     from engine.messages import WorkerOptions
     from llama_relax.compile import compile_model, resolve_target
+    from llama_relax.errors import UserError
     from llama_relax.loader import load_config, quant_plan, resolve_model
     from llama_relax.models import default_model_path, load_tokenizer
     from router.convert import ModelLimits
@@ -52,8 +53,16 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_batch_size < 0 or not args.stall_timeout > 0 or not args.drain_timeout >= 0:
         raise ValueError("--max-batch-size must be >= 0, --stall-timeout > 0 and --drain-timeout >= 0")
     spec = ClusterSpec(args.prefill_workers, args.decode_workers, args.colocated, args.address, args.threads_per_worker)
+    if args.local_prefill_max_tokens < 0:
+        raise UserError("--local-prefill-max-tokens must be >= 0")
+    caching = not args.no_prefix_cache
     router_options = RouterOptions(
-        args.migration_limit, args.recovery_timeout, args.max_queue_wait_s, args.max_queued_requests
+        args.migration_limit,
+        args.recovery_timeout,
+        args.max_queue_wait_s,
+        args.max_queued_requests,
+        cache_aware=caching,
+        local_prefill_max_tokens=args.local_prefill_max_tokens if caching else 0,
     )
     faults = FaultPlan(tuple(Fault.parse(f) for f in args.inject_fault), args.fault_marker_dir)
     model_path = args.model or default_model_path(args.cache_dir)
@@ -71,6 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
         prefill_chunk_size=args.prefill_chunk_size,
         kv_host=args.host,
         kv_lease_s=args.kv_lease_s,
+        prefix_cache=caching,
         faults=faults,
     )
     target = resolve_target(args.target)

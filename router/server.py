@@ -101,7 +101,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         first_at = rec.first_token_at
         end = rec.stamps.get(RequestState.FINISHED, time.monotonic())
         p = rec.prefill
-        msg.usage.CopyFrom(pb.Usage(prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens))
+        usage = pb.Usage(
+            prompt_tokens=rec.prompt_tokens,
+            completion_tokens=rec.completion_tokens,
+            cached_prompt_tokens=min(rec.cached_tokens, rec.prompt_tokens),
+        )
+        msg.usage.CopyFrom(usage)
         msg.timings.CopyFrom(
             pb.Timings(
                 queue_s=p.queue_s if p else 0.0,
@@ -112,6 +117,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 e2e_s=end - t0,
                 migrations=rec.migrations,
                 admission_wait_s=rec.queue_wait_s,
+                kv_transfer_bytes=p.kv_bytes if p else 0,
             )
         )
         self.metrics.e2e.observe(end - t0)
@@ -152,6 +158,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     sequences=w.load.sequences,
                     pid=w.info.pid if w.info is not None else 0,
                     reserved=w.load.reserved,
+                    cached_pages=w.load.cached_pages,
                 )
             )
         return out

@@ -73,11 +73,12 @@ class Server:
         return [w.pid for w in self.workers() if w.role == role]
 
     def pages_all_free(self, timeout_s: float = 15.0) -> bool:
-        """Every worker alive, all its pages free and no sequence in its cache (within `timeout_s`)."""
+        """Every worker alive, each of its pages free or held by its prefix cache, and no request's sequence in
+        its KV cache (within `timeout_s`)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             ws = self.workers()
-            if ws and all(w.alive and w.free_pages == w.total_pages and w.sequences == 0 for w in ws):
+            if ws and all(w.alive and w.free_pages + w.cached_pages == w.total_pages and w.sequences == 0 for w in ws):
                 return True
             time.sleep(0.25)
         return False

@@ -49,7 +49,7 @@ def test_launch_writes_results_and_plots(model_dir, serve_env, tmp_path, capsys)
     out = tmp_path / "out"
     argv = [
         "--launch",
-        f"--model {model_dir} --max-total-seq-len 1024",
+        f"--model {model_dir} --max-total-seq-len 1024 --local-prefill-max-tokens 0",
         "--num-prompts",
         "16",
         "--request-rate",
@@ -124,6 +124,29 @@ def test_compare_replays_the_same_workload_on_both_servers(model_dir, serve_env,
         check_run(run, 8, 8 * 6)
         assert run["total_input_tokens"] == 8 * 24
     assert (out / "latency_cdf.png").exists() and (out / "sweep.png").exists()
+
+
+def test_multiturn_compare_reuses_cached_turns_sends_less_kv_and_streams_the_same_tokens(
+    model_dir, serve_env, tmp_path, capsys
+):
+    """`--dataset multiturn` against prefix caching on (A) and off (B), every prompt through the prefill worker:
+    A serves most prompt tokens from its caches and sends only the KV the decode worker lacks; the tokens of
+    every request are identical."""
+    out = tmp_path / "multiturn"
+    flags = f"--model {model_dir} --max-total-seq-len 2048 --local-prefill-max-tokens 0"
+    argv = [
+        *("--compare", flags, f"{flags} --no-prefix-cache", "--dataset", "multiturn"),
+        *("--conversations", "3", "--turns", "3", "--system-len", "48", "--input-len", "20", "--output-len", "8"),
+        *("--ignore-eos", "--out", str(out), "--no-progress"),
+    ]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "Same tokens on A and B @ inf: 9/9 requests" in table and "Cached prompt tokens (%)" in table
+    a, b = json.loads((out / "results.json").read_text())["runs"]
+    for run in (a, b):
+        check_run(run, 9, 9 * 8)
+    assert a["cached_token_fraction"] > 0.4 and b["cached_token_fraction"] == 0
+    assert 0 < a["kv_bytes_per_request"] < 0.6 * b["kv_bytes_per_request"]
 
 
 def test_a_server_that_fails_to_start_is_one_line(serve_env, tmp_path, capsys):

@@ -16,6 +16,7 @@ import pytest
 from bench.arrivals import arrival_offsets, gaps
 from bench.cli import main
 from bench.client import BenchClient, ClientOptions
+from bench.multiturn import Conversation, MultiturnSpec, build_conversations, run_conversations
 from bench.report import RunOutcome, format_sweep, format_table, write_plots, write_results
 from bench.stats import SLO, Percentiles, RequestRecord, ServerTimings, compute_metrics, latency_samples_ms
 from bench.workload import (
@@ -408,3 +409,34 @@ def test_client_follows_the_arrival_schedule_and_the_deadline(fake_server):
     with BenchClient(addr, ClientOptions(request_timeout_s=0.05, progress=False)) as client:
         result = client.run([BenchRequest(1, 200, (1,))], [0.0])  # 200 tokens x 2 ms > 50 ms
     assert result.records[0].error == "DEADLINE_EXCEEDED" and result.duration_s < 5
+
+
+def test_multiturn_conversations_share_the_system_prompt_and_are_reproducible():
+    spec = MultiturnSpec(conversations=3, turns=4, system_len=40, user_len=10, answer_len=6, range_ratio=0.5, seed=2)
+    convs = build_conversations(spec, vocab_size=500, context_window=4096)
+    assert convs == build_conversations(spec, 500, 4096)
+    assert len(convs) == 3 and all(c.system == convs[0].system and len(c.system) == 40 for c in convs)
+    assert all(len(c.users) == len(c.answer_lens) == 4 for c in convs)
+    assert all(5 <= len(u) <= 10 for c in convs for u in c.users) and all(
+        3 <= a <= 6 for c in convs for a in c.answer_lens
+    )
+    assert convs[0].users != convs[1].users
+    with pytest.raises(ValueError, match="context window"):
+        build_conversations(spec, 500, 100)
+    with pytest.raises(ValueError, match="--turns"):
+        MultiturnSpec(turns=0)
+
+
+def test_a_conversation_sends_each_turn_after_the_answer_with_the_history(fake_server):
+    """Turn k's prompt is the system prompt + every earlier user message and answer + the new message; a failed
+    turn ends its conversation and the turns after it are recorded as not sent."""
+    addr, _ = fake_server
+    spec = MultiturnSpec(conversations=2, turns=3, system_len=5, user_len=4, answer_len=3)
+    convs = list(build_conversations(spec, 500, 4096))
+    convs[1] = Conversation((999, *convs[1].system[1:]), convs[1].users, convs[1].answer_lens)  # refused
+    with BenchClient(addr, ClientOptions(progress=False)) as client:
+        result = run_conversations(client, convs, [0.0, 0.0])
+    recs = result.records
+    assert [r.prompt_tokens for r in recs[:3]] == [5 + 4, 5 + 4 + 3 + 4, 5 + 2 * (4 + 3) + 4]
+    assert all(r.ok and r.output_ids == (0, 1, 2) for r in recs[:3])
+    assert [r.error for r in recs[3:]] == ["RESOURCE_EXHAUSTED", "NOT_SENT", "NOT_SENT"]

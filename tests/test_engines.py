@@ -78,11 +78,17 @@ def drain(stream: OutputStream) -> list[TokenEvent | RequestError]:
 
 
 def assert_no_leaks(*engines) -> None:
+    """Every page is free or the prefix cache's, every sequence is a cache entry's, the real KV cache agrees with
+    the engine's accounting; after a flush everything is free."""
     for e in engines:
-        assert e.pool.free == e.pool.total and not e.pool.held, e.pool.held
-        assert e.runtime.sequence_ids() == []
+        assert all(owner.startswith("cache:") for owner in e.pool.held), e.pool.held
+        assert sorted(e.runtime.sequence_ids()) == sorted(x.seq_id for x in e.cache.entries.values())
         load = e.load()
-        assert load.free_pages == load.total_pages and load.sequences == 0
+        assert load.free_pages + load.cached_pages == load.total_pages and load.sequences == 0
+        assert e.runtime.free_pages() == e.pool.free  # a shared page is counted once, as TVM counts it
+        e.flush_cache()
+        assert e.pool.free == e.pool.total and not e.pool.held, e.pool.held
+        assert e.runtime.sequence_ids() == [] and e.runtime.free_pages() == e.pool.total
 
 
 def run_until(engine, done, timeout_s: float = 30.0) -> None:
@@ -198,7 +204,8 @@ def test_decode_engine_imports_kv_then_decodes_and_rejects_bad_imports(runtime, 
     with pytest.raises(PayloadError) as e:
         d.import_kv(no_meta.header, no_meta.k, no_meta.v)
     assert e.value.code is ErrorCode.MALFORMED and d.seqs["dx"].state is DecodeState.RESERVED
-    assert second_runtime.sequence_ids() == []  # a rejected import leaves the cache as it was
+    # a rejected import leaves the cache as it was: the reservation's (empty) sequence
+    assert second_runtime.sequence_ids() == [d.seqs["dx"].seq_id] and second_runtime.free_pages() == d.pool.total
     d.import_kv(payload.header, payload.k, payload.v)
     assert d.seqs["dx"].state is DecodeState.DECODING
     run_until(d, lambda: not d.seqs)
@@ -302,7 +309,9 @@ def test_the_prefill_engine_resumes_too_and_the_kv_covers_prompt_plus_produced(r
     p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
     d = DecodeEngine(second_runtime, None, max_batch=8)
     prompt, params = prompts()[2], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    full = run_colocated(DecodeEngine(second_runtime, None, name="colocated"), GenerationRequest("f", prompt, params))
+    colocated = DecodeEngine(second_runtime, None, name="colocated")
+    full = run_colocated(colocated, GenerationRequest("f", prompt, params))
+    assert_no_leaks(colocated)  # and flushed: `d` below shares its runtime
     req = GenerationRequest("m~1", prompt, params, tuple(full[:2]))
     out = Collect()
     assert d.reserve(req).ok and p.submit(req, "unused:1", out).ok

@@ -22,10 +22,11 @@ from engine.messages import (
     WorkerInfo,
     WorkerLoad,
 )
+from engine.prefix_cache import page_hashes
 from engine.protocols import WorkerFault, WorkerGone
 from llama_relax.generation import FinishReason, TokenEvent
 from llama_relax.sampling import SamplingParams
-from router.pools import Pools, WorkerSlot, decode_order, pick_prefill
+from router.pools import Pools, WorkerSlot, cached_pages, decode_order, pick_prefill
 from router.router import Done, RequestState, Router, RouterError, RouterOptions, ServeMode
 
 REQ = GenerationRequest("r1", (1, 2, 3), SamplingParams(max_tokens=3, temperature=0))
@@ -44,6 +45,7 @@ class FakeWorker:
     kv_address: str = ""
     free_pages: int = 10
     fail_load: bool = False
+    prefixes: tuple[int, ...] = ()  # page hashes it reports holding
     cancelled: list[str] = field(default_factory=list)
 
     def describe(self) -> WorkerInfo:
@@ -52,7 +54,9 @@ class FakeWorker:
     def load(self) -> WorkerLoad:
         if self.fail_load:
             raise WorkerGone("not answering")
-        return WorkerLoad(self.incarnation, free_pages=self.free_pages, total_pages=10, queued_tokens=7)
+        return WorkerLoad(
+            self.incarnation, free_pages=self.free_pages, total_pages=10, queued_tokens=7, cached_prefixes=self.prefixes
+        )
 
     def cancel(self, request_id: str) -> bool:
         self.cancelled.append(request_id)
@@ -74,10 +78,14 @@ class FakePrefill(FakeWorker):
     behaviour: str = "ok"  # ok | dies | busy | dies_after_token | finishes | fault | transfer_fails
     seen: list[GenerationRequest] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
+    kv_begins: list[int] = field(default_factory=list)
 
-    def prefill_stream(self, req: GenerationRequest, kv_target: str) -> Iterator[TokenEvent | PrefillResult]:
+    def prefill_stream(
+        self, req: GenerationRequest, kv_target: str, kv_begin: int = 0
+    ) -> Iterator[TokenEvent | PrefillResult]:
         self.seen.append(req)
         self.targets.append(kv_target)
+        self.kv_begins.append(kv_begin)
         rid, behaviour = req.request_id, self.behaviour
         if behaviour.endswith("_once"):
             behaviour, self.behaviour = behaviour.removesuffix("_once"), "ok"
@@ -147,7 +155,7 @@ def make_router(prefill: list[FakePrefill], decode: list[FakeDecode], **options)
     for i, d in enumerate(decode):
         pools.decode.append(WorkerSlot(f"decode-{i}", Role.DECODE, d, load=WorkerLoad("", free_pages=d.free_pages)))
     pools.refresh()
-    opts = {"recovery_timeout_s": 0.3, "max_queue_wait_s": 0.3, **options}
+    opts = {"recovery_timeout_s": 0.3, "max_queue_wait_s": 0.3, "local_prefill_max_tokens": 0, **options}
     return Router(pools, ServeMode.DISAGGREGATED, RouterOptions(**opts))
 
 
@@ -449,6 +457,60 @@ def test_decode_order_fewest_active_then_most_free_pages():
         slot("e", free_pages=1, active=0),
     ]
     assert [w.name for w in decode_order(ws)] == ["e", "c", "a", "b"]
+
+
+LONG = GenerationRequest("long", tuple(range(100, 300)), SamplingParams(max_tokens=3, temperature=0))
+
+
+def test_a_short_uncached_part_is_prefilled_by_the_decode_worker_and_a_long_one_sends_only_the_rest():
+    p = FakePrefill()
+    d = FakeDecode(admission=Admission(cached_tokens=150))
+    router = make_router([p], [d], local_prefill_max_tokens=64)
+    tokens, done = run(router, LONG)  # 50 uncached tokens: local
+    assert tokens == [10, 11, 12] and d.local == ["long"] and p.seen == []
+    assert router.metrics.local_prefills._value.get() == 1 and done.record.cached_tokens == 150
+    d.admission = Admission(cached_tokens=100)  # 100 uncached: the prefill worker, KV from token 100 on
+    router = make_router([p], [d], local_prefill_max_tokens=64)
+    tokens, _ = run(router, LONG)
+    assert tokens == [10, 11, 12] and p.kv_begins == [100] and d.local == ["long"]
+    router = make_router([p], [FakeDecode(admission=Admission(cached_tokens=199))], local_prefill_max_tokens=0)
+    run(router, LONG)  # 0 turns local prefill off
+    assert p.kv_begins == [100, 199] and router.metrics.local_prefills._value.get() == 0
+    assert_settled(router)
+
+
+def test_cache_aware_placement_prefers_the_longest_cached_prefix_within_the_load_threshold():
+    hashes = page_hashes(LONG.token_ids)  # 12 full pages
+    a, b, c = slot("a", active=0), slot("b", active=2), slot("c", active=1)
+    b.prefixes, c.prefixes = set(hashes[:8]), set(hashes[:3])
+    assert [w.name for w in decode_order([a, b, c])] == ["a", "c", "b"]  # no prompt: load only
+    assert [w.name for w in decode_order([a, b, c], hashes, balance_requests=4)] == ["b", "a", "c"]
+    assert [w.name for w in decode_order([a, b, c], hashes, balance_requests=1)] == ["a", "c", "b"]  # b too busy
+    assert cached_pages(b, hashes) == 8 and cached_pages(b, page_hashes((1, *LONG.token_ids))) == 0  # chained
+    p, q = slot("p", queued_tokens=0), slot("q", queued_tokens=900)
+    q.prefixes = set(hashes)
+    assert pick_prefill([p, q], hashes, balance_tokens=1024).name == "q"
+    assert pick_prefill([p, q], hashes, balance_tokens=512).name == "p"
+
+
+def test_the_router_view_follows_placements_and_the_workers_reports():
+    d0, d1 = FakeDecode(), FakeDecode()
+    router = make_router([FakePrefill()], [d0, d1])
+    run(router, LONG)
+    again = GenerationRequest("again", (*LONG.prompt_ids, 7, 8, 9), LONG.params)
+    run(router, again)  # the router remembers where it sent the prompt: the same worker
+    first = next(w for w in router.pools.decode if w.client.reserved)
+    assert [r.request_id for r in first.client.reserved] == ["long", "again"]
+    first.client.prefixes = ()  # the worker evicted it and reports so: the view forgets it
+    first.placed.clear()
+    router.pools.refresh()
+    assert first.prefixes == set() and cached_pages(first, page_hashes(LONG.token_ids)) == 0
+    other = next(w for w in router.pools.decode if w is not first)
+    other.client.prefixes = tuple(page_hashes(LONG.token_ids))
+    router.pools.refresh()
+    router = Router(router.pools, ServeMode.DISAGGREGATED, router.options)
+    run(router, GenerationRequest("third", LONG.prompt_ids, LONG.params))
+    assert other.client.reserved[-1].request_id == "third"
 
 
 def test_refresh_learns_addresses_once_per_incarnation_and_marks_silent_workers_dead():

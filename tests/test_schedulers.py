@@ -36,14 +36,6 @@ def test_prefill_respects_max_seqs_and_empty_queue():
     assert schedule_prefill([], 100, 4) == []
 
 
-def test_prefill_starts_no_more_prompts_than_free_cache_slots():
-    queue = items(10, 10, 10)
-    queue[0].done = 4  # already has its sequence
-    plan = schedule_prefill(queue, 100, max_seqs=8, max_new=1)
-    assert [s.request_id for s in plan] == ["r0", "r1"]
-    assert [s.request_id for s in schedule_prefill(queue, 100, max_seqs=8, max_new=0)] == ["r0"]
-
-
 def test_admission_kinds():
     pool = PagePool(total=10)
     ok = admit(pool, "a", set(), tokens=16 * 10, active=0, max_active=3, what="queue")

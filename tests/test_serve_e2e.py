@@ -43,7 +43,12 @@ def free_port() -> int:
 def disagg(model_dir, cache_dir):
     metrics_port = free_port()
     s = Server(
-        ["--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)], cache_dir
+        # every prompt goes through the prefill worker and a KV transfer (none is prefilled by the decode worker)
+        [
+            *("--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)),
+            *("--local-prefill-max-tokens", "0"),
+        ],
+        cache_dir,
     )
     s.metrics_port = metrics_port
     yield s

@@ -59,7 +59,7 @@ def disagg(ray, prefill, decode, req: GenerationRequest, on_event=None) -> list[
     if not admission.ok:
         return [admission.error(req.request_id)]
     kv_address = ray.get(decode.describe.remote()).kv_address
-    items = [ray.get(ref) for ref in prefill.prefill_stream.remote(req, kv_address)]
+    items = [ray.get(ref) for ref in prefill.prefill_stream.remote(req, kv_address, admission.cached_tokens)]
     result: PrefillResult = items[-1]
     if not result.ok:
         ray.get(decode.cancel.remote(req.request_id))
@@ -91,7 +91,7 @@ def make_requests(tag: str, params_for) -> list[GenerationRequest]:
 def assert_no_leaks(ray, handles) -> None:
     for name, h in handles.items():
         load = ray.get(h.load.remote())
-        assert load.free_pages == load.total_pages, (name, load)
+        assert load.free_pages + load.cached_pages == load.total_pages, (name, load)
         assert load.sequences == 0, (name, load)
 
 
@@ -201,8 +201,8 @@ def test_pages_run_out_mid_generation_evicts_with_an_explicit_error(cluster):
         results = list(ex.map(lambda r: disagg(ray, h["prefill"], h["small_decode"], r), reqs))
     ends = [r[-1] for r in results]
     kinds = [e.kind if isinstance(e, RequestError) else e.finish_reason for e in ends]
-    assert ErrorKind.EVICTED in kinds, kinds
-    assert any(isinstance(e, TokenEvent) and len(r) == 40 for e, r in zip(ends, results, strict=True)), kinds
+    assert ErrorKind.EVICTED in kinds, ends
+    assert any(isinstance(e, TokenEvent) and len(r) == 40 for e, r in zip(ends, results, strict=True)), ends
     assert_no_leaks(ray, h)
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -19,6 +20,8 @@ from conftest import TINY_GQA
 from model_files import write_hf_dir
 from reference import random_params
 from serving import Server, assert_clean_exit, request
+
+T = TypeVar("T")
 
 SLOW_DECODE = "decode_step:pause:0.02x100000000"  # ~20 ms per decode step, like a real model, so faults land mid-stream
 
@@ -36,7 +39,8 @@ def serve(fault_model, cache_dir, tmp_path):
     def start(*flags: str, faults: Sequence[str] = ()) -> Server:
         markers = tmp_path / f"markers{len(servers)}"
         markers.mkdir()
-        args = ["--model", str(fault_model), "--max-total-seq-len", "1024", *flags]
+        # the drills exercise the disaggregated path: no short prompt is prefilled by the decode worker
+        args = ["--model", str(fault_model), "--max-total-seq-len", "1024", "--local-prefill-max-tokens", "0", *flags]
         for f in faults:
             args += ["--inject-fault", f]
         args += ["--fault-marker-dir", str(markers)]
@@ -97,12 +101,14 @@ def wait_streams(streams: Sequence[Stream], timeout_s: float = 180.0) -> None:
         assert st.done.wait(max(0.0, deadline - time.monotonic())), "a stream hung"
 
 
-def wait_until(cond: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+def wait_until(cond: Callable[[], T], timeout_s: float = 60.0, what: str = "condition") -> T:
+    """Poll `cond` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout_s
-    while not cond():
+    while not (value := cond()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+    return value
 
 
 def run_all(server: Server, ps: Sequence[Sequence[int]], max_tokens: int, **sampling) -> list[Stream]:

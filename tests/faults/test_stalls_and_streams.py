@@ -48,7 +48,9 @@ def test_a_stopped_decode_worker_is_treated_as_failed_and_its_requests_migrate(s
     want = [st.tokens for st in run_all(s, ps, max_tokens=40)]
     streams = start_streams(s, ps, max_tokens=40)
     wait_until(lambda: all(len(st.tokens) >= 3 for st in streams), what="decoding")
-    stopped = next(w.pid for w in s.workers() if w.role == "decode" and w.running > 0)
+    # the status is the pool monitor's last poll, which can lag the streams by a poll interval
+    busy = wait_until(lambda: [w.pid for w in s.workers() if w.role == "decode" and w.running > 0], what="status")
+    stopped = busy[0]
     kill(stopped, signal.SIGSTOP)
     try:
         wait_streams(streams)
