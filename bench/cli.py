@@ -274,8 +274,20 @@ def _turn_requests(convs: Sequence[Conversation]) -> list[BenchRequest]:
     ]
 
 
-def _warm_up(client: BenchClient, workload: Workload, n: int) -> None:
-    reqs = [workload.requests[i % len(workload.requests)] for i in range(n)]
+WARMUP_SEED_OFFSET = 7919  # warm-up requests come from another seed: a prefix cache must not see the run's prompts
+
+
+def _warm_up(client: BenchClient, cfg: BenchConfig, workload: Workload, info: ServerInfo, n: int) -> None:
+    """`n` uncounted requests like the run's (same lengths) but not the run's own: random/fixed and multiturn
+    get fresh random prompts of another seed; sharegpt (text, from a file) repeats its first ones."""
+    if cfg.workload.dataset == "sharegpt":
+        reqs = [workload.requests[i % len(workload.requests)] for i in range(n)]
+    else:
+        dataset = "random" if cfg.workload.dataset == "multiturn" else cfg.workload.dataset
+        spec = dataclasses.replace(
+            cfg.workload, dataset=dataset, num_prompts=n, seed=cfg.workload.seed + WARMUP_SEED_OFFSET
+        )
+        reqs = list(build_workload(spec, info.vocab_size, info.context_window_size).requests)
     failed = [r for r in client.run(reqs, [0.0] * n, progress=False).records if not r.ok]
     if failed:
         raise UserError(f"{len(failed)}/{n} warm-up requests failed, e.g. {failed[0].error}: {failed[0].error_detail}")
@@ -331,7 +343,7 @@ def _measure(
     info = client.info()
     workload = workload or _make_workload(cfg, info)
     if cfg.warmup:
-        _warm_up(client, workload, cfg.warmup)
+        _warm_up(client, cfg, workload, info, cfg.warmup)
     runs = []
     if cfg.multiturn is not None:
         convs = build_conversations(cfg.multiturn, info.vocab_size, info.context_window_size)

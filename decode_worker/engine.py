@@ -3,17 +3,18 @@ from a prefill worker (`reserve` -> `import_kv`) or are prefilled here (`submit`
 baseline every disaggregation claim is measured against, is this engine fed only that way).
 
 Request lifecycle (`DecodeState`):
-  1. RESERVED     `reserve(req)`: pages for the prompt + a first slice of output are set aside (BUSY when full;
-                  INVALID for a duplicate id or a request that never fits).
+  1. RESERVED     `reserve(req)`: pages for the prompt + a first slice of output are set aside, less the pages
+                  of the longest cached prefix its sequence is forked from (answered as `cached_tokens`: the KV
+                  sent must start there); BUSY when full, INVALID for a duplicate id or a request that never fits.
      PREFILLING   `submit(req)` (or `prefill_local(id)` of a reservation: no prefill worker alive): the same
                   admission, then the prompt is prefilled here, chunk by chunk, each step before the decode step
                   (neither starves); its first token is sampled here and streamed.
   2. (import)     the KV arrives over the worker's receiver with the first token in its header; it is imported
                   between steps on the engine thread and the sequence starts decoding at once.
   3. DECODING     each step samples one token per running sequence and streams it to the request's `OutputStream`.
-  4. FINISHED / CANCELLED / FAILED   stop condition, `cancel(request_id)`, eviction or error: the sequence and its
-                  pages are freed in the same step (`_end`, the one release path) and the stream gets its terminal
-                  item.
+  4. FINISHED / CANCELLED / FAILED   stop condition, `cancel(request_id)`, eviction or error: in the same step
+                  (`_end`, the one release path) a finished sequence (prompt + output) becomes a prefix-cache
+                  entry, any other is freed with its pages, and the stream gets its terminal item.
 Leases: a reservation whose KV has not come within `kv_lease_s`, and a request whose stream nobody claimed within
 it, are ended and freed (counted in `load().lease_expired`), so no page stays held for a request nobody serves.
 Memory: the engine owns the runtime (one KV cache) and the page pool; streams are handed to the caller.

@@ -48,11 +48,12 @@ def page_hashes(tokens: Sequence[int], page_size: int = 16) -> list[int]:
     return out
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of two int32 token arrays."""
     n = min(len(a), len(b))
     if n == 0:
         return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if diff.size else n
 
 
@@ -61,6 +62,7 @@ class CacheEntry:
     entry_id: int
     seq_id: int
     tokens: tuple[int, ...]  # the tokens whose KV the sequence holds
+    ids: np.ndarray  # the same as int32 [len(tokens)] (lookups compare arrays)
     parent: CacheEntry | None
     shared_pages: int  # leading pages shared with the parent
     hashes: tuple[int, ...]
@@ -110,8 +112,9 @@ class PrefixCache:
         if not self.enabled or len(tokens) < 2:
             return MISS
         best = MISS
+        query = np.asarray(tokens, dtype=np.int32)
         for e in self.entries.values():
-            n = min(common_prefix(e.tokens, tokens), len(tokens) - 1)
+            n = min(common_prefix(e.ids, query), len(tokens) - 1)
             if n > best.tokens:
                 best = Hit(e, n)
         return best
@@ -154,14 +157,11 @@ class PrefixCache:
         request's reservation (`owner`). False when the cache is off or already holds these tokens: the caller
         then frees the sequence itself."""
         tokens = tuple(tokens)
-        if (
-            not self.enabled
-            or not tokens
-            or any(common_prefix(e.tokens, tokens) == len(tokens) for e in self.entries.values())
-        ):
+        ids = np.asarray(tokens, dtype=np.int32)
+        if not self.enabled or not tokens or any(common_prefix(e.ids, ids) == len(ids) for e in self.entries.values()):
             return False
         hashes = tuple(page_hashes(tokens, PAGE_SIZE))
-        entry = CacheEntry(next(self._ids), seq_id, tokens, hit.entry, hit.shared_pages, hashes)
+        entry = CacheEntry(next(self._ids), seq_id, tokens, ids, hit.entry, hit.shared_pages, hashes)
         # the request's reference on its parent becomes the entry's
         self.pool.release(owner)
         if not self.pool.reserve(entry.owner, pages_for(len(tokens)) - entry.shared_pages):

@@ -4,6 +4,8 @@ token in its header.
 Request lifecycle (`PrefillState`):
   1. QUEUED        `submit(req, kv_target, on_event)`: admitted if the queue has room and the prompt's pages can be
                    reserved, else refused at once (BUSY; INVALID for a duplicate id or a prompt that never fits).
+     Its sequence is forked from the longest cached prefix of the prompt (`engine.prefix_cache`): only the
+     rest is computed.
   2. PREFILLING    each step packs waiting prompts into one forward of at most `token_budget` tokens (one sequence:
                    `prefill_to_last_hidden_states`, several: `batch_forward_to_last_hidden_states`); longer prompts
                    continue over several steps. A failed forward fails only its own requests.
@@ -13,7 +15,8 @@ Request lifecycle (`PrefillState`):
                    A transport failure (reset, checksum, truncated stream) is retried once; a send not acked within
                    `kv_lease_s` gives up (the lease expired) and the exported KV is freed.
   4. DONE / FAILED / CANCELLED   the receiver's ack (or a failure / timeout / cancel) ends it: `on_event` gets the
-                   `PrefillResult` exactly once, then the sequence and its pages are released on the engine thread.
+                   `PrefillResult` exactly once, then on the engine thread the prefilled sequence becomes a
+                   prefix-cache entry (one whose forward failed is freed with its pages).
 A request with `resume_ids` (a migration) prefills prompt + resume_ids and samples the token after them.
 Memory: the engine owns the runtime and the page pool; a payload is owned by its transfer thread until the send
 returns.

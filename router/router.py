@@ -3,11 +3,16 @@
 Request lifecycle (`RequestState`, each transition time-stamped; the stamps give the TTFT breakdown):
   1. QUEUED       a validated request enters `generate()`; if the decode pool is full (or has no live worker) it
                   waits in the bounded FIFO admission queue (`router.admission`).
-  2. RESERVED     a decode worker set pages aside for it (best decode worker first).
-  3. PREFILLING   the least-loaded prefill worker runs the prompt; its first token is yielded at once (TTFT). With
-                  no prefill worker alive the decode worker prefills it itself (decode-only fallback).
-  4. KV_TRANSFER  the prefill worker pushes the KV, with the first token in its header, straight to the decode
-                  worker (never through the router); the decode worker starts the sequence on import.
+  2. RESERVED     a decode worker set pages aside for it (the one holding the longest cached prefix of the
+                  prompt, within a load threshold; else the least loaded) and answered how many leading tokens
+                  it already holds.
+  3. PREFILLING   the prefill worker holding the longest cached prefix (within a load threshold; else the least
+                  loaded) runs what its cache lacks; its first token is yielded at once (TTFT). When what the
+                  decode worker lacks is at most `local_prefill_max_tokens`, or no prefill worker is alive
+                  (decode-only fallback), the decode worker prefills it itself: no prefill worker, no transfer.
+  4. KV_TRANSFER  the prefill worker pushes the KV after what the decode worker holds, with the first token in
+                  its header, straight to the decode worker (never through the router); the decode worker starts
+                  the sequence on import.
   5. DECODING     the decode worker streams the remaining tokens; the router forwards them.
   6. FINISHED / CANCELLED / FAILED   in `finally` the router tells every worker holding the request to drop it.
 
