@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -20,16 +21,19 @@ from bench.arrivals import arrival_offsets, check_burstiness, check_rate
 from bench.client import BenchClient, ClientOptions, LaunchedServer, ServerInfo
 from bench.faults import FaultSchedule, FaultSpec, fault_impact, is_local
 from bench.multiturn import Conversation, MultiturnSpec, build_conversations, run_conversations
+from bench.openai_client import BACKENDS, HttpTarget, OpenAIBenchClient
 from bench.report import (
     RunOutcome,
     format_sweep,
     format_table,
     rate_json,
     rate_text,
+    same_rate_pairs,
     same_tokens_line,
     write_plots,
     write_results,
 )
+from bench.slo_grid import SloGrid, compare_line, format_grid
 from bench.stats import SLO, RequestRecord, compute_metrics, latency_samples_ms
 from bench.workload import (
     DATASETS,
@@ -39,6 +43,7 @@ from bench.workload import (
     WorkloadSummary,
     build_workload,
     tokenizer_counter,
+    tokenizer_text,
 )
 from llama_relax.errors import UserError
 
@@ -68,17 +73,30 @@ class BenchConfig:
     ready_timeout_s: float = 600.0
     faults: tuple[FaultSpec, ...] = ()
     multiturn: MultiturnSpec | None = None  # --dataset multiturn
+    slo_grid: SloGrid | None = None  # --slo-grid
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
+        openai = args.backend != "grpc"
+        for addr in (args.addr, args.compare_addr):
+            if addr is None:
+                continue
+            if openai:
+                HttpTarget.parse(addr)
+            elif not _looks_like_addr(addr):
+                raise ValueError(f"--addr/--compare-addr must be HOST:PORT for --backend grpc, got {addr!r}")
         if args.addr is not None:
-            if not _looks_like_addr(args.addr):
-                raise ValueError(f"--addr must be HOST:PORT, got {args.addr!r}")
-            targets = (Target("server", addr=args.addr),)
+            targets = (Target("A" if args.compare_addr else "server", addr=args.addr),)
         elif args.launch is not None:
             targets = (Target("A", serve_flags=args.launch),)
         else:
             targets = (Target("A", serve_flags=args.compare[0]), Target("B", serve_flags=args.compare[1]))
+        if args.compare_addr is not None:
+            if len(targets) == 2:
+                raise ValueError(
+                    "--compare-addr is the second side of --launch or --addr, not a third one of --compare"
+                )
+            targets = (*targets, Target("B", addr=args.compare_addr))
         for t in targets:
             _split_flags(t.serve_flags)
         if args.sweep_rates is not None and args.request_rate is not None:
@@ -119,6 +137,8 @@ class BenchConfig:
         if workload.dataset_path is not None and not workload.dataset_path.is_file():
             raise FileNotFoundError(f"--dataset-path: no such file: {workload.dataset_path}")
         client = ClientOptions(
+            backend=args.backend,
+            api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
             request_timeout_s=args.request_timeout,
             max_concurrency=args.max_concurrency,
             temperature=args.temperature,
@@ -127,7 +147,7 @@ class BenchConfig:
         )
         tok_model = (
             None
-            if args.dataset != "sharegpt"
+            if args.dataset != "sharegpt" and args.backend != "openai-chat"
             else args.model or next((_model_flag(t.serve_flags) for t in targets if t.serve_flags), None)
         )
         return cls(
@@ -143,6 +163,7 @@ class BenchConfig:
             args.ready_timeout,
             tuple(FaultSpec.parse(f) for f in args.fault),
             multiturn,
+            SloGrid.parse(args.slo_grid) if args.slo_grid else None,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -179,7 +200,9 @@ def _model_flag(flags: str | None) -> str | None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--addr", help="HOST:PORT of a running `pdserve serve`")
+    target.add_argument(
+        "--addr", help="a running server: HOST:PORT of `pdserve serve` (gRPC), or http://HOST:PORT (--backend openai-*)"
+    )
     target.add_argument(
         "--launch",
         metavar="FLAGS",
@@ -191,6 +214,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
         metavar=("FLAGS_A", "FLAGS_B"),
         help="launch A, run, stop; launch B, same requests and arrival times; report B/A",
     )
+    p.add_argument(
+        "--compare-addr",
+        default=None,
+        metavar="ADDR",
+        help="a running server as side B of --launch or --addr (e.g. llama-server at http://127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="grpc",
+        help="grpc: pdserve's API (default); openai-completions / openai-chat: any OpenAI-compatible server",
+    )
+    p.add_argument("--api-key", default=None, help="API key (default $PDSERVE_API_KEY, else $OPENAI_API_KEY)")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", choices=DATASETS, default="random")
     w.add_argument("--dataset-path", type=Path, default=None, help="ShareGPT JSON file (--dataset sharegpt)")
@@ -241,6 +277,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--warmup", type=int, default=0, help="uncounted warm-up requests before each server's runs")
     o = p.add_argument_group("measurement and output")
     o.add_argument("--slo", default=None, metavar="ttft=MS,tpot=MS", help="SLOs for goodput (e2e=MS also)")
+    o.add_argument(
+        "--slo-grid",
+        default=None,
+        metavar="ttft=MS,..;tpot=MS,..",
+        help="SLO attainment over every TTFT x TPOT limit pair (a table per run; a PNG per pair with --out)",
+    )
     o.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline, seconds")
     o.add_argument("--ready-timeout", type=float, default=600.0, help="wait for a launched server, seconds")
     o.add_argument("--out", type=Path, default=None, help="write DIR/results.json and PNG plots")
@@ -252,6 +294,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
         metavar="kill|stop:ROLE@S[+HOLD]",
         help="inject a fault into each run, e.g. kill:decode@10s, stop:prefill@5+3 (report adds its impact)",
     )
+
+
+def _client(cfg: BenchConfig, addr: str) -> BenchClient:
+    backend = cfg.client.backend
+    if backend == "grpc":
+        return BenchClient(addr, cfg.client)
+    detokenize = None
+    if backend == "openai-chat" and cfg.tokenizer_model:
+        detokenize = tokenizer_text(cfg.tokenizer_model)
+    return OpenAIBenchClient(addr, cfg.client, backend == "openai-chat", cfg.client.api_key, detokenize)
 
 
 def _make_workload(cfg: BenchConfig, info: ServerInfo) -> Workload:
@@ -337,9 +389,10 @@ def _measure(
             file=sys.stderr,
             flush=True,
         )
-        launched = stack.enter_context(LaunchedServer(target.serve_flags, log, cfg.ready_timeout_s))
-        addr = launched.addr
-    client = stack.enter_context(BenchClient(addr, cfg.client))
+        http = cfg.client.backend != "grpc"
+        launched = stack.enter_context(LaunchedServer(target.serve_flags, log, cfg.ready_timeout_s, http=http))
+        addr = launched.http_url if http else launched.addr
+    client = stack.enter_context(_client(cfg, addr))
     info = client.info()
     workload = workload or _make_workload(cfg, info)
     if cfg.warmup:
@@ -374,7 +427,9 @@ def _outcome(
 ) -> RunOutcome:
     metrics = compute_metrics(records, duration_s, cfg.slo)
     ids = tuple(r.output_ids if r.ok else () for r in records)
-    return RunOutcome(target.label, addr, target.serve_flags, rate, metrics, latency_samples_ms(records), impacts, ids)
+    grid = cfg.slo_grid.attainment(records) if cfg.slo_grid else ()
+    samples = latency_samples_ms(records)
+    return RunOutcome(target.label, addr, target.serve_flags, rate, metrics, samples, impacts, ids, grid)
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -405,7 +460,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     return BenchResult(cfg, WorkloadSummary.of(workload), tuple(servers), tuple(runs))
 
 
-def summary(runs: Sequence[RunOutcome]) -> str:
+def summary(runs: Sequence[RunOutcome], grid: SloGrid | None = None) -> str:
     labels = list(dict.fromkeys(r.label for r in runs))
     rates = list(dict.fromkeys(r.request_rate for r in runs))
     parts = []
@@ -413,12 +468,15 @@ def summary(runs: Sequence[RunOutcome]) -> str:
         for rate in rates:
             same = [r for r in runs if r.request_rate == rate]
             parts.append(format_table(same, f"pdserve bench: {' vs '.join(labels)} @ {rate_text(rate)}"))
-            if len(same) == 2:
-                parts.append(same_tokens_line(same[0], same[1]))
+            if len(same) == 2 and (line := same_tokens_line(same[0], same[1])):
+                parts.append(line)
     elif len(rates) == 1:
         parts.append(format_table(runs, "pdserve bench"))
     if len(rates) > 1:
         parts.append(format_sweep(runs))
+    if grid is not None:
+        parts += [format_grid(r.name, grid, r.slo_grid) for r in runs]
+        parts += [compare_line(a.name, b.name, a.slo_grid, b.slo_grid) for a, b in same_rate_pairs(runs)]
     return "\n\n".join(parts)
 
 
@@ -428,10 +486,10 @@ def run(args: argparse.Namespace) -> int:
     for t in cfg.targets:
         if t.serve_flags is not None:
             print(f"{t.label}: pdserve serve {t.serve_flags}")
-    print(summary(result.runs))
+    print(summary(result.runs, cfg.slo_grid))
     if cfg.out is not None:
         path = write_results(cfg.out, result.preamble(getattr(args, "argv", sys.argv[1:])), result.runs)
-        plots = write_plots(cfg.out, result.runs)
+        plots = write_plots(cfg.out, result.runs, cfg.slo_grid)
         print(f"pdserve bench: wrote {path} and {len(plots)} plot(s)", file=sys.stderr)
     return 0
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from bench.stats import SERVER_FIELDS, RequestRecord, ServerTimings
 from bench.workload import BenchRequest
-from kvtransfer.net import message_limits
+from kvtransfer.net import free_port, message_limits
 from llama_relax.errors import UserError
 from protos import generate_pb2 as pb
 from protos import generate_pb2_grpc as pb_grpc
@@ -36,6 +36,8 @@ CHANNEL_OPTIONS = message_limits()
 
 @dataclass(frozen=True)
 class ClientOptions:
+    backend: str = "grpc"  # or openai-completions / openai-chat (bench.openai_client)
+    api_key: str | None = None
     request_timeout_s: float = 600.0
     max_concurrency: int | None = None
     temperature: float = 0.0
@@ -82,9 +84,26 @@ class BenchClient:
         self.options = options
         self._channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.GenerationStub(self._channel)
-        self._calls: set[grpc.Call] = set()
+        self._init_tracking()
+
+    def _init_tracking(self) -> None:
+        self._calls: set = set()  # in-flight calls (gRPC calls, HTTP connections): aborted on an interrupted run
         self._lock = threading.Lock()
-        self._stopping = False  # set on an interrupted run: calls that register afterwards cancel themselves
+        self._stopping = False  # set on an interrupted run: calls that register afterwards abort themselves
+
+    def _track(self, call) -> None:
+        with self._lock:
+            self._calls.add(call)
+            stopping = self._stopping
+        if stopping:
+            self._abort(call)
+
+    def _untrack(self, call) -> None:
+        with self._lock:
+            self._calls.discard(call)
+
+    def _abort(self, call: grpc.Call) -> None:
+        call.cancel()
 
     def __enter__(self) -> BenchClient:
         return self
@@ -120,7 +139,7 @@ class BenchClient:
         every request ends by its deadline, so this returns within ~max(offsets) + n/concurrency * timeout."""
         if len(requests) != len(offsets):
             raise ValueError(f"{len(requests)} requests but {len(offsets)} send offsets")
-        msgs = [to_message(r, self.options) for r in requests]
+        msgs = [self._prepare(r) for r in requests]
         limit = min(self.options.max_concurrency or MAX_THREADS, max(len(msgs), 1))
         slots = threading.BoundedSemaphore(limit)
         bar = tqdm(
@@ -157,7 +176,11 @@ class BenchClient:
         """Send one request now and wait for its end (a multi-turn conversation's next turn needs the answer)."""
         slot = threading.BoundedSemaphore(1)
         slot.acquire()
-        return self._one(to_message(req, self.options), req.output_len, slot, bar)
+        return self._one(self._prepare(req), req.output_len, slot, bar)
+
+    def _prepare(self, req: BenchRequest) -> pb.GenerateRequest:
+        """The wire form of a request (built before the run starts, so building it is not timed)."""
+        return to_message(req, self.options)
 
     def _one(
         self, msg: pb.GenerateRequest, target: int, slots: threading.BoundedSemaphore, bar: tqdm | None
@@ -169,10 +192,7 @@ class BenchClient:
         sent = time.perf_counter()
         try:
             call = self._stub.Generate(msg, timeout=self.options.request_timeout_s)
-            with self._lock:
-                self._calls.add(call)
-                if self._stopping:
-                    call.cancel()
+            self._track(call)
             try:
                 for resp in call:
                     now = time.perf_counter()
@@ -183,8 +203,7 @@ class BenchClient:
                     if resp.finish_reason:
                         final = resp
             finally:
-                with self._lock:
-                    self._calls.discard(call)
+                self._untrack(call)
             done = time.perf_counter()
             if final is None:
                 return RequestRecord(sent, done, tuple(chunks), ntok, 0, target, "NO_FINAL", "stream ended early")
@@ -218,14 +237,16 @@ class BenchClient:
             self._stopping = True
             calls = list(self._calls)
         for c in calls:
-            c.cancel()
+            self._abort(c)
 
 
 class LaunchedServer:
     """`pdserve serve --port 0 <flags>` in a subprocess: started, waited for (`pdserve: ready`), stopped with
     SIGINT. Its stderr goes to `log_path` (a temporary file when None)."""
 
-    def __init__(self, flags: str, log_path: Path | None = None, ready_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, flags: str, log_path: Path | None = None, ready_timeout_s: float = 600.0, http: bool = False
+    ) -> None:
         try:
             self.flags = shlex.split(flags)
         except ValueError as e:
@@ -235,6 +256,8 @@ class LaunchedServer:
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
         self.addr = ""
+        self.http = http  # serve the OpenAI HTTP API too (on a free port), for the openai-* backends
+        self.http_url = ""
         self.exit_code: int | None = None
         self.proc: subprocess.Popen[str] | None = None
         self._log: IO[str] | None = None
@@ -249,7 +272,8 @@ class LaunchedServer:
         self.stop()
 
     def start(self) -> str:
-        cmd = [sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", *self.flags]
+        http = [] if "--http-port" in self.flags else ["--http-port", str(free_port() if self.http else 0)]
+        cmd = [sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", *http, *self.flags]
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "w+", encoding="utf-8")  # noqa: SIM115 (closed in stop())
@@ -283,8 +307,10 @@ class LaunchedServer:
                 raise UserError(f"pdserve serve {shlex.join(self.flags)} exited early: {self._last_error()}")
             if m := re.search(r"serving .* on (\S+:\d+)", line):
                 self.addr = m.group(1)
+            if m := re.search(r"HTTP API on (http://\S+)/v1", line):
+                self.http_url = m.group(1)
             if line.strip() == "pdserve: ready":
-                if not self.addr:
+                if not self.addr or (self.http and not self.http_url):
                     raise RuntimeError("pdserve serve said ready without printing its address")
                 return
         raise UserError(f"pdserve serve {shlex.join(self.flags)} not ready after {self.ready_timeout_s:.0f} s")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.stats import RequestRecord
+from kvtransfer.net import is_loopback
 
 _SPEC = re.compile(r"^(kill|stop):(prefill|decode|colocated)@([0-9.]+)s?(?:\+([0-9.]+)s?)?$")
 WINDOW_AFTER_S = 10.0
@@ -148,5 +149,4 @@ def fault_impact(event: FaultEvent, records: Sequence[RequestRecord], run_start:
 
 
 def is_local(addr: str) -> bool:
-    host = addr.rpartition(":")[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return is_loopback(addr.rpartition(":")[0])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.faults import WINDOW_AFTER_S, FaultImpact
+from bench.slo_grid import SloGrid, plot_pair
 from bench.stats import Percentiles, RunMetrics
 
 LATENCIES = (
@@ -42,6 +43,7 @@ class RunOutcome:
     samples_ms: dict[str, list[float]]
     faults: tuple[FaultImpact, ...] = ()
     output_ids: tuple[tuple[int, ...], ...] = ()  # each request's streamed tokens, in workload order
+    slo_grid: tuple[tuple[float, ...], ...] = ()  # attainment per (TTFT, TPOT) limit pair (bench.slo_grid)
 
     @property
     def name(self) -> str:
@@ -62,6 +64,12 @@ def rate_text(rate: float) -> str:
 
 def rate_json(rate: float) -> float | str:
     return "inf" if math.isinf(rate) else rate
+
+
+METRICS_NOTE = (
+    "Metrics as vLLM's benchmark defines them: TTFT = first streamed token; TPOT = (E2E - TTFT) / (output tokens - 1); "
+    "ITL = gaps between streamed chunks, pooled over requests; goodput = requests/s meeting every SLO given."
+)
 
 
 def summary_rows(m: RunMetrics) -> list[Row]:
@@ -137,6 +145,7 @@ def format_table(runs: Sequence[RunOutcome], title: str) -> str:
                 lines.append(f"  e.g. {code}: {detail[:200]}")
     if ratio:
         lines.append("B/A: second column divided by the first (latency: < 1 means B is faster; throughput: > 1)")
+    lines.append(METRICS_NOTE)
     lines.append(bar)
     return "\n".join(lines)
 
@@ -189,13 +198,16 @@ def run_json(r: RunOutcome) -> dict[str, object]:
         "request_rate": rate_json(r.request_rate),
         **dataclasses.asdict(r.metrics),
         "faults": [dataclasses.asdict(f) for f in r.faults],
+        "slo_grid_attainment": [list(row) for row in r.slo_grid],
         "samples_ms": r.samples_ms,
     }
 
 
-def same_tokens_line(a: RunOutcome, b: RunOutcome) -> str:
+def same_tokens_line(a: RunOutcome, b: RunOutcome) -> str | None:
     """How many requests streamed identical tokens on both servers (greedy runs must match everywhere)."""
     pairs = [(x, y) for x, y in zip(a.output_ids, b.output_ids, strict=False) if x and y]
+    if not pairs:
+        return None  # no token ids recorded (the OpenAI backends see text only)
     same = sum(x == y for x, y in pairs)
     return f"Same tokens on {a.label} and {b.label} @ {rate_text(a.request_rate)}: {same}/{len(pairs)} requests"
 
@@ -220,8 +232,9 @@ def write_results(out_dir: Path, config: dict[str, object], runs: Sequence[RunOu
     return path
 
 
-def write_plots(out_dir: Path, runs: Sequence[RunOutcome]) -> list[Path]:
-    """latency_cdf.png always; sweep.png when some server ran at two or more finite rates."""
+def write_plots(out_dir: Path, runs: Sequence[RunOutcome], grid: SloGrid | None = None) -> list[Path]:
+    """latency_cdf.png always; sweep.png when some server ran at two or more finite rates; slo_grid_<rate>.png
+    for two servers at a rate with `--slo-grid`."""
     try:
         import matplotlib
 
@@ -234,7 +247,21 @@ def write_plots(out_dir: Path, runs: Sequence[RunOutcome]) -> list[Path]:
     written = [_plot_cdfs(plt, out_dir / "latency_cdf.png", runs)]
     if path := _plot_sweep(plt, out_dir / "sweep.png", runs):
         written.append(path)
+    if grid is not None:
+        for a, b in same_rate_pairs(runs):
+            path = out_dir / f"slo_grid_{rate_text(a.request_rate).replace(' ', '_').replace('/', '')}.png"
+            written.append(plot_pair(plt, path, grid, (a.label, b.label), a.slo_grid, b.slo_grid))
     return written
+
+
+def same_rate_pairs(runs: Sequence[RunOutcome]) -> list[tuple[RunOutcome, RunOutcome]]:
+    """(A, B) runs at the same rate, for a two-server comparison."""
+    labels = list(dict.fromkeys(r.label for r in runs))
+    if len(labels) != 2:
+        return []
+    by = {(r.label, r.request_rate): r for r in runs}
+    rates = list(dict.fromkeys(r.request_rate for r in runs))
+    return [(by[labels[0], x], by[labels[1], x]) for x in rates if (labels[0], x) in by and (labels[1], x) in by]
 
 
 def _plot_cdfs(plt, path: Path, runs: Sequence[RunOutcome]) -> Path:

@@ -221,12 +221,23 @@ def build_workload(
     return random_requests(spec, vocab_size, context_window)
 
 
-def tokenizer_counter(model_path: str | Path) -> TokenCounter:
-    """Token counts with the model's tokenizer (no BOS), loaded locally from `model_path`."""
+def _tokenizer(model_path: str | Path):
     from llama_relax.loader import resolve_model
     from llama_relax.models import load_tokenizer
 
     tok = load_tokenizer(resolve_model(model_path))
     if tok is None:
-        raise ValueError(f"--model {model_path}: this model has no tokenizer to count ShareGPT lengths with")
+        raise ValueError(f"--model {model_path}: this model has no tokenizer (needed for text prompt lengths)")
+    return tok
+
+
+def tokenizer_counter(model_path: str | Path) -> TokenCounter:
+    """Token counts with the model's tokenizer (no BOS), loaded locally from `model_path`."""
+    tok = _tokenizer(model_path)
     return lambda text: len(tok.encode(text, add_bos=False))
+
+
+def tokenizer_text(model_path: str | Path) -> Callable[[Sequence[int]], str]:
+    """Token ids -> text with the model's tokenizer (chat backends send token-id workloads as text)."""
+    tok = _tokenizer(model_path)
+    return lambda ids: tok.decode(ids, skip_special=True)

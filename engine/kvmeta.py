@@ -17,10 +17,12 @@ META_VERSION = 1
 
 
 def encode_first_token(event: TokenEvent) -> bytes:
-    """`event` (its id, top logprobs and finish reason; the text is re-derived by the receiver) as meta bytes."""
+    """`event` (its id, top logprobs, own logprob and finish reason; the text is re-derived by the receiver) as
+    meta bytes."""
     finish = event.finish_reason.value if event.finish_reason is not None else None
     lps = [[lp.token_id, lp.logprob] for lp in event.logprobs]
-    return msgpack.packb({"v": META_VERSION, "token": event.token_id, "logprobs": lps, "finish": finish})
+    meta = {"v": META_VERSION, "token": event.token_id, "logprobs": lps, "finish": finish, "lp": event.logprob}
+    return msgpack.packb(meta)
 
 
 def decode_first_token(meta: bytes) -> TokenEvent:
@@ -35,6 +37,7 @@ def decode_first_token(meta: bytes) -> TokenEvent:
         and type(d.get("token")) is int
         and isinstance(d.get("logprobs"), list)
         and (d.get("finish") is None or d.get("finish") in {r.value for r in FinishReason})
+        and (d.get("lp") is None or (type(d.get("lp")) is float and not math.isnan(d["lp"])))
     )
     if not ok:
         raise PayloadError(ErrorCode.MALFORMED, "KV meta does not carry a first token")
@@ -45,4 +48,4 @@ def decode_first_token(meta: bytes) -> TokenEvent:
     if len(lps) > MAX_LOGPROBS or any(math.isnan(lp.logprob) for lp in lps):
         raise PayloadError(ErrorCode.MALFORMED, "KV meta has malformed logprobs")
     finish = FinishReason(d["finish"]) if d["finish"] is not None else None
-    return TokenEvent(d["token"], "", lps, finish)
+    return TokenEvent(d["token"], "", lps, finish, d.get("lp"))

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from llama_relax.sampling import Sampler, SamplingParams, TokenLogprob, top_logprobs
+from llama_relax.sampling import Sampler, SamplingParams, TokenLogprob, log_softmax, top_logprobs
 
 
 class FinishReason(enum.Enum):
@@ -41,6 +41,7 @@ class TokenEvent:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
+    logprob: float | None = None  # the chosen token's own logprob (when logprobs were asked for)
 
 
 class SequenceDecoder:
@@ -68,17 +69,19 @@ class SequenceDecoder:
     def sample_and_append(self, logits: np.ndarray) -> TokenEvent:
         """Sample from logits [V], record the token, and return its event."""
         token = self.sampler.sample(logits, len(self.output_ids))
+        if self.params.logprobs <= 0:
+            return self.append(token)
         lps = tuple(top_logprobs(logits, self.params.logprobs))
-        return self.append(token, lps)
+        return self.append(token, lps, float(log_softmax(logits)[token]))
 
-    def append(self, token: int, logprobs: tuple[TokenLogprob, ...] = ()) -> TokenEvent:
+    def append(self, token: int, logprobs: tuple[TokenLogprob, ...] = (), logprob: float | None = None) -> TokenEvent:
         assert self.finish_reason is None, "sequence already finished"
         self.output_ids.append(token)
         text = ""
         if token in self.stop_ids:
             self.finish_reason = FinishReason.STOP
             text, self._pending = self._pending + self._flush(), ""
-            return TokenEvent(token, text, logprobs, self.finish_reason)
+            return TokenEvent(token, text, logprobs, self.finish_reason, logprob)
         if self.detok is not None:
             self._pending += self.detok.push(token)
             text = self._release()
@@ -89,7 +92,7 @@ class SequenceDecoder:
             self.finish_reason = FinishReason.LENGTH
             text += self._pending + self._flush()
             self._pending = ""
-        return TokenEvent(token, text, logprobs, self.finish_reason)
+        return TokenEvent(token, text, logprobs, self.finish_reason, logprob)
 
     def _flush(self) -> str:
         """Bytes the detokenizer still holds (an incomplete character at the very end)."""

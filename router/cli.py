@@ -20,6 +20,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0: off)")
+    p.add_argument(
+        "--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port, on --host (default 8000; 0: off)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key on both APIs (HTTP: Authorization: Bearer KEY; gRPC: metadata authorization); "
+        "default $PDSERVE_API_KEY, else none",
+    )
     p.add_argument("--max-total-seq-len", type=int, default=8192, help="KV capacity per worker, in tokens")
     p.add_argument(
         "--max-batch-size",

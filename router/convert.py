@@ -14,6 +14,7 @@ from llama_relax.config import LlamaConfig
 from llama_relax.generation import TokenEvent
 from llama_relax.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams, resolve_seed
 from protos import generate_pb2 as pb
+from router.openai_schema import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_TOKENS = 64
 MAX_REQUEST_ID_CHARS = 128  # the KV header allows 256; attempts add a short "~n" suffix
@@ -142,3 +143,89 @@ def event_to_pb(request_id: str, event: TokenEvent) -> pb.GenerateResponse:
     if event.finish_reason is not None:
         out.finish_reason = event.finish_reason.value
     return out
+
+
+# ---- the OpenAI HTTP API (router.http_api) ---------------------------------------------------------------------
+# a field named by the shared validation (the gRPC names) -> the OpenAI parameter it came from
+_OPENAI_PARAM = {
+    "sampling.max_tokens": "max_tokens",
+    "sampling.temperature": "temperature",
+    "sampling.top_p": "top_p",
+    "sampling.top_k": "top_k",
+    "sampling.stop": "stop",
+    "sampling.logprobs": "logprobs",
+    "sampling.seed": "seed",
+    "token_ids": "prompt",
+    "text": "prompt",
+}
+MAX_SEED = 2**63
+
+
+def request_from_openai(
+    body: CompletionRequest | ChatCompletionRequest, limits: ModelLimits, tokenizer, model_name: str
+) -> GenerationRequest:
+    """Validate and tokenize an OpenAI completions or chat body into a `GenerationRequest`, through the same
+    checks as the gRPC API (so the same prompt gives the same request); errors name the OpenAI parameter."""
+    chat = isinstance(body, ChatCompletionRequest)
+    if (name := body.unsupported()) is not None:
+        raise InvalidArgument(name, f"{getattr(body, name)!r} is not supported (pdserve serves n=1, no tools)")
+    if body.model not in (None, "", model_name):
+        raise InvalidArgument("model", f"this server serves {model_name!r}, not {body.model!r}")
+    if body.seed is not None and not 0 <= body.seed < MAX_SEED:
+        raise InvalidArgument("seed", f"must be in [0, 2**63), got {body.seed}")
+    max_tokens = body.max_tokens
+    if chat and body.max_completion_tokens is not None:
+        max_tokens = body.max_completion_tokens
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    logprobs = 0 if chat else (body.logprobs or 0)
+    if chat and body.logprobs:
+        logprobs = max(1, body.top_logprobs or 0)  # the chosen token's logprob rides with the top list
+    elif chat and body.top_logprobs:
+        raise InvalidArgument("top_logprobs", "needs logprobs: true")
+    s = pb.SamplingParams(stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
+    for field in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(body, field) is not None:
+            setattr(s, field, getattr(body, field))
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
+    prompt_field = "messages" if chat else "prompt"
+    try:
+        req = pb.GenerateRequest(sampling=s, token_ids=pb.TokenIds(ids=_openai_prompt(body, tokenizer)))
+        return request_from_pb(req, limits, tokenizer)
+    except InvalidArgument as e:
+        name = (
+            "max_completion_tokens"
+            if chat and e.field == "sampling.max_tokens" and body.max_completion_tokens
+            else None
+        )
+        param = name or _OPENAI_PARAM.get(e.field, e.field)
+        raise InvalidArgument(prompt_field if param == "prompt" else param, str(e).split(": ", 1)[-1]) from None
+    except ValueError as e:  # out-of-range ints from protobuf
+        raise InvalidArgument(prompt_field, str(e)) from None
+
+
+def _openai_prompt(body: CompletionRequest | ChatCompletionRequest, tokenizer) -> list[int]:
+    """The prompt's token ids: a chat's messages through the model's chat template, or a completion's prompt."""
+    if isinstance(body, ChatCompletionRequest):
+        if tokenizer is None:
+            raise InvalidArgument("messages", "this model has no tokenizer: use /v1/completions with token ids")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise InvalidArgument("messages", str(e)) from None
+        return list(tokenizer.encode(text))
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise InvalidArgument("prompt", f"one prompt per request (got {len(prompt)}): send them one by one")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidArgument("prompt", "the prompt is empty")
+        if tokenizer is None:
+            raise InvalidArgument("prompt", "this model has no tokenizer: send token ids")
+        return list(tokenizer.encode(prompt))
+    if not prompt:
+        raise InvalidArgument("prompt", "the prompt is empty")
+    return list(prompt)

@@ -175,6 +175,12 @@ class Pools:
                 w.placed = {h: t for h, t in w.placed.items() if t > cutoff and h not in w.prefixes}
 
 
+def pools_live(pools: Pools) -> bool:
+    """Every pool the cluster has holds at least one live worker (HTTP /health)."""
+    present = [p for p in (pools.prefill, pools.decode, pools.colocated) if p]
+    return bool(present) and all(any(w.alive for w in p) for p in present)
+
+
 class PoolMonitor:
     """Watches every worker on a thread of its own (a worker that does not answer never delays the others):
     its load every `interval_s`, its new incarnation after a restart. A worker whose load call does not return

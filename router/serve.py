@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from kvtransfer.net import host_port, is_loopback
 from router.cluster import ClusterSpec, connect_ray, loopback_ray_env, start_pools, stop_pools
 
 MAX_AUTO_BATCH = 32
@@ -43,8 +45,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from llama_relax.loader import load_config, quant_plan, resolve_model
     from llama_relax.models import default_model_path, load_tokenizer
     from router.convert import ModelLimits
+    from router.http_api import OpenAIFront
     from router.metrics import Metrics
-    from router.pools import PoolMonitor
+    from router.pools import PoolMonitor, pools_live
     from router.router import Router, RouterOptions
     from router.server import GenerationService, ServedModel, start_server
 
@@ -56,6 +59,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.local_prefill_max_tokens < 0:
         raise UserError("--local-prefill-max-tokens must be >= 0")
     caching = not args.no_prefix_cache
+    if not 0 <= args.http_port < 65536:
+        raise UserError(f"--http-port must be in [0, 65535], got {args.http_port}")
+    api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
+    if api_key is None and not is_loopback(args.host):
+        _say(f"pdserve: WARNING: serving on {args.host} without an API key: anyone who reaches it can use it")
     router_options = RouterOptions(
         args.migration_limit,
         args.recovery_timeout,
@@ -93,7 +101,7 @@ def run_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
         signal.signal(sig, lambda *_: stop.set())
-    cluster = server = router = monitor = health = None
+    cluster = server = router = monitor = health = http = None
     try:
         cluster = start_pools(ray, spec, options, args.stall_timeout)
         pools = cluster.pools
@@ -107,7 +115,11 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         running = options.max_batch_size * (spec.colocated or spec.decode_workers)
         calls = running + router_options.max_queued + API_SPARE_CALLS  # the spare: health, status, refusals
-        server, health, port = start_server(GenerationService(router, served, metrics), args.host, args.port, calls)
+        service = GenerationService(router, served, metrics)
+        server, health, port = start_server(service, args.host, args.port, calls, api_key)
+        if args.http_port:
+            front = OpenAIFront(router, served, metrics, lambda: pools_live(pools), api_key)
+            http = front.serve(args.host, args.http_port).start()
         workers = (
             f"{spec.colocated} colocated"
             if spec.colocated
@@ -117,6 +129,10 @@ def run_serve(args: argparse.Namespace) -> int:
             f"pdserve: serving {served.name} ({workers} workers, batch {options.max_batch_size}) on {args.host}:{port}",
             flush=True,
         )
+        if http is not None:
+            print(
+                f"pdserve: OpenAI-compatible HTTP API on http://{host_port(args.host, args.http_port)}/v1", flush=True
+            )
         print("pdserve: ready", flush=True)
         lost = 0
         while not stop.wait(1.0):
@@ -133,6 +149,8 @@ def run_serve(args: argparse.Namespace) -> int:
             _say(f"pdserve: draining (up to {args.drain_timeout:g} s for in-flight requests)")
             left = router.drain(args.drain_timeout)
             _say(f"pdserve: shutting down ({left} requests still running)" if left else "pdserve: shutting down")
+        if http is not None:
+            http.stop()
         if server is not None:
             server.stop(grace=2).wait(5)
         if monitor is not None:

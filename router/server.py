@@ -7,6 +7,7 @@ both workers drop the request and free its pages."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import uuid
@@ -164,8 +165,37 @@ class GenerationService(pb_grpc.GenerationServicer):
         return out
 
 
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Every call but the health service's needs metadata `authorization: Bearer KEY` (constant-time compare),
+    else UNAUTHENTICATED."""
+
+    OPEN = "/grpc.health.v1.Health/"
+
+    def __init__(self, api_key: str) -> None:
+        self.expected = f"Bearer {api_key}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing API key (authorization: Bearer KEY)")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(self.OPEN):
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(given).encode(), self.expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        return self._deny_stream if handler is not None and handler.response_streaming else self._deny
+
+
 def start_server(
-    service: GenerationService, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 64
+    service: GenerationService,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    max_workers: int = 64,
+    api_key: str | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
     """Start the gRPC server (Generation + health + reflection); returns it, the health servicer and the port.
 
@@ -176,6 +206,7 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-api"),
         options=message_limits(),
         maximum_concurrent_rpcs=max_workers,
+        interceptors=[ApiKeyInterceptor(api_key)] if api_key else [],
     )
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_servicer = health.HealthServicer()

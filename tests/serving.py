@@ -22,11 +22,30 @@ from protos import generate_pb2 as pb
 from protos import generate_pb2_grpc as pb_grpc
 
 
+class _Auth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call (a server started with --api-key)."""
+
+    def __init__(self, key: str) -> None:
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    def _with_key(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
 class Server:
-    def __init__(self, args: Sequence[str], cache_dir, ready_timeout_s: float = 240.0) -> None:
+    def __init__(
+        self, args: Sequence[str], cache_dir, ready_timeout_s: float = 240.0, api_key: str | None = None
+    ) -> None:
         env = {**os.environ, **LOOPBACK_ENV, "PDSERVE_CACHE_DIR": str(cache_dir)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", *args],
+            # no HTTP API unless a test asks for one (servers run side by side; 8000 would be taken)
+            [sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", "--http-port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -50,7 +69,8 @@ class Server:
             self.proc.kill()
             raise RuntimeError("pdserve serve did not become ready:\n" + "".join(self.lines))
         self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.GenerationStub(self.channel)
+        channel = self.channel if api_key is None else grpc.intercept_channel(self.channel, _Auth(api_key))
+        self.stub = pb_grpc.GenerationStub(channel)
 
     def output(self) -> str:
         return "".join(self.lines)

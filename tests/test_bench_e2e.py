@@ -10,8 +10,10 @@ from conftest import TINY_GQA
 from model_files import write_hf_dir
 from ray_cluster import LOOPBACK_ENV
 from reference import random_params
+from serving import Server, assert_clean_exit
 
 from bench.cli import main
+from kvtransfer.net import free_port
 
 PCT = ("mean", "p50", "p90", "p99")
 
@@ -29,7 +31,8 @@ def serve_env(monkeypatch, cache_dir):
         monkeypatch.setenv(k, v)
 
 
-def check_run(run: dict, n: int, target_tokens: int) -> None:
+def check_run(run: dict, n: int, target_tokens: int, server_side: bool = True) -> None:
+    """`server_side`: the gRPC API's own timings are there (an OpenAI server reports none)."""
     assert (run["completed"], run["failed"], run["failures_by_code"]) == (n, 0, {})
     assert run["total_output_tokens"] == run["expected_output_tokens"] == target_tokens  # --ignore-eos
     assert run["duration_s"] > 0 and run["request_throughput"] > 0 and run["output_token_throughput"] > 0
@@ -42,6 +45,9 @@ def check_run(run: dict, n: int, target_tokens: int) -> None:
     assert all(t <= e for t, e in zip(run["samples_ms"]["ttft_ms"], run["samples_ms"]["e2e_ms"], strict=True))
     assert run["e2e_ms"]["max"] < 60_000
     b = run["server_breakdown_s"]
+    if not server_side:
+        assert b is None
+        return
     assert b["count"] == n and 0 < b["first_token_s"] <= b["e2e_s"] and b["decode_s"] > 0
 
 
@@ -147,6 +153,38 @@ def test_multiturn_compare_reuses_cached_turns_sends_less_kv_and_streams_the_sam
         check_run(run, 9, 9 * 8)
     assert a["cached_token_fraction"] > 0.4 and b["cached_token_fraction"] == 0
     assert 0 < a["kv_bytes_per_request"] < 0.6 * b["kv_bytes_per_request"]
+
+
+def test_openai_backend_measures_a_launched_pdserve_against_a_running_openai_server(
+    model_dir, serve_env, cache_dir, tmp_path, capsys
+):
+    """`--backend openai-completions --launch FLAGS --compare-addr URL`: A is launched with its HTTP API, B is a
+    server that is already running (here another pdserve, colocated); the same requests go to both over HTTP."""
+    port = free_port()
+    other = Server(["--model", str(model_dir), "--colocated", "1", "--http-port", str(port)], cache_dir)
+    try:
+        out = tmp_path / "openai"
+        argv = [
+            *(
+                "--launch",
+                f"--model {model_dir} --max-total-seq-len 1024",
+                "--compare-addr",
+                f"http://127.0.0.1:{port}",
+            ),
+            *("--backend", "openai-completions", "--num-prompts", "6", "--input-len", "24", "--output-len", "6"),
+            *("--ignore-eos", "--slo-grid", "ttft=0.5,60000;tpot=0.001,5000", "--out", str(out), "--no-progress"),
+        ]
+        assert main(argv) == 0
+        table = capsys.readouterr().out
+        assert "Metrics as vLLM's benchmark defines them" in table and "SLO attainment (%), A @ inf" in table
+        doc = json.loads((out / "results.json").read_text())
+        for run in doc["runs"]:
+            check_run(run, 6, 6 * 6, server_side=False)
+            assert run["total_input_tokens"] == 6 * 24
+            assert run["slo_grid_attainment"][1][1] == 1.0 and run["slo_grid_attainment"][0][0] == 0.0
+        assert (out / "slo_grid_inf.png").stat().st_size > 1000
+    finally:
+        assert_clean_exit(other)
 
 
 def test_a_server_that_fails_to_start_is_one_line(serve_env, tmp_path, capsys):

@@ -8,6 +8,7 @@ import math
 import threading
 import time
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import numpy as np
@@ -17,7 +18,9 @@ from bench.arrivals import arrival_offsets, gaps
 from bench.cli import main
 from bench.client import BenchClient, ClientOptions
 from bench.multiturn import Conversation, MultiturnSpec, build_conversations, run_conversations
+from bench.openai_client import OpenAIBenchClient
 from bench.report import RunOutcome, format_sweep, format_table, write_plots, write_results
+from bench.slo_grid import SloGrid, compare_line
 from bench.stats import SLO, Percentiles, RequestRecord, ServerTimings, compute_metrics, latency_samples_ms
 from bench.workload import (
     BenchRequest,
@@ -440,3 +443,91 @@ def test_a_conversation_sends_each_turn_after_the_answer_with_the_history(fake_s
     assert [r.prompt_tokens for r in recs[:3]] == [5 + 4, 5 + 4 + 3 + 4, 5 + 2 * (4 + 3) + 4]
     assert all(r.ok and r.output_ids == (0, 1, 2) for r in recs[:3])
     assert [r.error for r in recs[3:]] == ["RESOURCE_EXHAUSTED", "NOT_SENT", "NOT_SENT"]
+
+
+def test_slo_grid_attainment_counts_failures_as_missed_and_names_the_winner():
+    grid = SloGrid.parse("ttft=100,1000;tpot=10,100")
+    fast_first = RequestRecord(0.0, 1.0, (0.05, 0.55, 1.0), 3, 5, 3)  # TTFT 50 ms, TPOT 475 ms
+    fast_decode = RequestRecord(0.0, 0.61, (0.6, 0.605, 0.61), 3, 5, 3)  # TTFT 600 ms, TPOT 5 ms
+    failed = RequestRecord(0.0, 0.1, (), 0, 0, 3, "UNAVAILABLE")
+    a = grid.attainment([fast_first, fast_first, failed, failed])
+    b = grid.attainment([fast_decode, fast_decode, fast_decode, failed])
+    assert a == ((0.0, 0.0), (0.0, 0.0))  # TPOT 475 ms meets no TPOT limit here
+    assert b == ((0.0, 0.0), (0.75, 0.75))
+    line = compare_line("A", "B", a, b)
+    assert "A meets more requests' SLOs in 0 of 4 cells (by up to 0 points), B in 2 (by up to 75); 2 tie" in line
+    for bad in ("ttft=1", "ttft=a;tpot=1", "ttft=-1;tpot=1", "tpot=1;tpot=2"):
+        with pytest.raises(ValueError, match="--slo-grid"):
+            SloGrid.parse(bad)
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server: streams one SSE chunk per token, 2 ms apart, then a usage chunk; a prompt that
+    starts with 999 gets 429; one that starts with 998 breaks with an error event after one token."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = json.dumps({"data": [{"id": "fake", "meta": {"n_vocab": 1000, "n_ctx_train": 4096}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeOpenAI.seen.append((self.path, req, self.headers.get("Authorization")))
+        prompt = req.get("prompt") or req["messages"][0]["content"]
+        first = int(prompt.split()[0]) if isinstance(prompt, str) else prompt[0]
+        if first == 999:
+            self.send_response(429)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chat = "messages" in req
+        n = req["max_tokens"]
+        for i in range(n):
+            time.sleep(0.002)
+            if first == 998 and i == 1:
+                self.wfile.write(b'data: {"error": {"message": "boom", "type": "internal_error", "code": "x"}}\n\n')
+                return
+            choice = {"delta": {"content": f"t{i}"}} if chat else {"text": f"t{i}"}
+            choice["finish_reason"] = "length" if i == n - 1 else None
+            self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+            self.wfile.flush()
+        n_prompt = len(prompt.split()) if isinstance(prompt, str) else len(prompt)
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "prompt_tokens_details": {"cached_tokens": 1}}
+        self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+
+
+@pytest.fixture
+def fake_openai():
+    FakeOpenAI.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", FakeOpenAI.seen
+    server.shutdown()
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_openai_client_records_streams_usage_and_errors(fake_openai, chat):
+    url, seen = fake_openai
+    reqs = [BenchRequest(3, 4, (1, 2, 3))] * 3 + [BenchRequest(2, 4, (999, 1)), BenchRequest(2, 4, (998, 1))]
+    options = ClientOptions(backend="openai-chat" if chat else "openai-completions", ignore_eos=True, progress=False)
+    client = OpenAIBenchClient(url, options, chat, api_key="k", detokenize=lambda ids: " ".join(map(str, ids)))
+    info = client.info()
+    assert (info.model, info.vocab_size, info.context_window_size) == ("fake", 1000, 4096)
+    result = client.run(reqs, [0.0] * len(reqs))
+    m = compute_metrics(result.records, result.duration_s)
+    assert (m.completed, m.failures_by_code) == (3, {"HTTP_429": 1, "x": 1})
+    assert m.total_output_tokens == 12 and m.itl_ms.count == 9 and m.ttft_ms.p50 <= m.e2e_ms.p50
+    assert m.cached_token_fraction == pytest.approx(1 / 3)
+    path, body, auth = seen[0]
+    assert path == ("/v1/chat/completions" if chat else "/v1/completions") and auth == "Bearer k"
+    assert body["stream"] and body["stream_options"] == {"include_usage": True} and body["ignore_eos"]
+    assert (body["messages"][0]["content"] == "1 2 3") if chat else (body["prompt"] == [1, 2, 3])

@@ -21,6 +21,7 @@ from ray_cluster import listeners_beyond_loopback
 from reference import random_params
 from serving import Server, assert_clean_exit, collect, request
 
+from kvtransfer.net import free_port
 from protos import generate_pb2 as pb
 
 LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]
@@ -29,14 +30,6 @@ LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, compiled_gqa):
     return write_hf_dir(tmp_path_factory.mktemp("serve-model"), TINY_GQA, random_params(TINY_GQA, seed=8))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,12 @@ from model_files import write_hf_dir
 from reference import random_params
 from serving import Server, assert_clean_exit, collect, request, tokens_of
 
+from kvtransfer.net import free_port
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, compiled_gqa):
     return write_hf_dir(tmp_path_factory.mktemp("prefix-model"), TINY_GQA, random_params(TINY_GQA, seed=12))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(model_dir, cache_dir, *flags: str) -> Server:

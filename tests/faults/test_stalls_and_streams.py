@@ -21,18 +21,12 @@ from faults.drill import (
 )
 from serving import Server
 
+from kvtransfer.net import free_port
+
 
 def metric(s: Server, name: str) -> float:
     body = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
     return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_with_metrics(serve, *flags, faults=()):
