@@ -307,6 +307,8 @@ def _client(cfg: BenchConfig, addr: str) -> BenchClient:
 
 
 def _make_workload(cfg: BenchConfig, info: ServerInfo) -> Workload:
+    if not info.vocab_size or not info.context_window_size:
+        raise UserError(f"{info.model!r}: the server reports no vocabulary size / context length to build the workload")
     if cfg.multiturn is not None:  # what results.json records: each turn's new tokens and its answer length
         convs = build_conversations(cfg.multiturn, info.vocab_size, info.context_window_size)
         return Workload(tuple(_turn_requests(convs)))

@@ -221,7 +221,7 @@ def test_fault_run_kills_a_decode_worker_and_reports_its_impact(model_dir, serve
     table = capsys.readouterr().out
     assert "Fault kill:decode@1.5s" in table and "Migrated requests" in table
     (run,) = json.loads((out / "results.json").read_text())["runs"]
-    assert (run["completed"], run["failed"]) == (12, 0)
+    assert (run["completed"], run["failed"]) == (12, 0), run["failure_examples"]
     (fault,) = run["faults"]
     assert fault["error"] == "" and fault["pid"] > 0 and fault["in_flight"] >= 1
     assert fault["migrated_requests"] >= 1 == min(1, run["migrated"])

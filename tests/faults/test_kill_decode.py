@@ -27,7 +27,10 @@ def test_decode_killed_mid_stream_with_two_decode_workers_loses_nothing(serve):
     assert all(len(t) == 48 for t in want)
     streams = start_streams(s, ps, max_tokens=48)
     wait_until(lambda: all(len(st.tokens) >= 4 for st in streams), what="every stream to be decoding")
-    victim = next(w.pid for w in s.workers() if w.role == "decode" and w.running > 0)
+    victim = wait_until(  # the router's view of a worker's load is refreshed every 0.5 s
+        lambda: next((w.pid for w in s.workers() if w.role == "decode" and w.running > 0), None),
+        what="a decode worker to report running requests",
+    )
     kill(victim)
     wait_streams(streams)
     assert_completed(streams, want)  # 12 of 12, the same tokens as without the kill
