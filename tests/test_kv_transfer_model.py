@@ -183,6 +183,10 @@ def test_cancelled_transfer_reserves_nothing(dest, model_dir, cache_dir):
         fut = ex.submit(sender.send, payload, address, 30)
         threading.Timer(0.05, lambda: importer_calls.append(sender.cancel("slow"))).start()
         result = fut.result(60)
+    # the sender sees CANCELLED at once; the receiver learns of it when gRPC delivers the stream reset. Opening the
+    # model thread before that lets the import finish "before" the cancel, which only a decode engine's lease
+    # covers (kvtransfer.transport). Give the reset time to arrive: this test is about the receiver's orphan path.
+    time.sleep(0.5)
     gate.set()
     sender.close()
     if not result.ok:
