@@ -161,20 +161,31 @@ def _run_tokenize(args: argparse.Namespace) -> int:
 def _compile_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="with --target cuda: the GPU architecture (sm_80, sm_90); builds and NVRTC-compiles every kernel "
+        "without a GPU (default: the visible GPU's)",
+    )
 
 
 def _run_compile(args: argparse.Namespace) -> int:
     from llama_relax.compile import compile_model
+    from llama_relax.cuda_kernels import cubin_dir as cuda_kernel_dir
     from llama_relax.loader import load_config, quant_plan, resolve_model
     from llama_relax.models import default_model_path
 
     path = args.model or default_model_path(args.cache_dir)
     src = resolve_model(path)
     config = load_config(src)
-    target = _target(args)
+    from llama_relax.compile import resolve_target
+
+    target = resolve_target(args.target, args.arch)
     plan = quant_plan(src, config, args.quantization, target.kind)
     cm = compile_model(config, args.dtype, target, cache_dir=args.cache_dir, force=args.force, plan=plan)
     state = "cached" if cm.cache_hit else f"built in {cm.build_s:.1f}s"
+    if target.kind == "cuda":
+        state += f", {cm.cuda_kernels} CUDA kernels compiled for {target.arch} in {cuda_kernel_dir(cm.lib_path)}"
     print(f"{cm.lib_path} ({state})")
     return 0
 

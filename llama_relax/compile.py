@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ import tvm
 from tvm import relax
 
 from llama_relax.config import LlamaConfig
+from llama_relax.cuda_kernels import KernelReport, compile_kernels
 from llama_relax.kv_cache_args import extract_create_args
 from llama_relax.quantization import NO_QUANTIZATION, QuantPlan
 
@@ -36,6 +38,8 @@ _COMPILE_SOURCES = (
     "schedule_cpu.py",
     "schedule_matmul.py",
     "kernels",
+    "cuda_kernels.py",
+    "nvrtc.py",
 )
 
 
@@ -63,16 +67,23 @@ class TargetSpec:
         return f"llvm/{self.mcpu}x{self.num_cores}" if self.kind == "llvm" else f"cuda/{self.arch}"
 
 
-def resolve_target(kind: str = "llvm") -> TargetSpec:
-    """The real host CPU (never "native": TVM silently falls back to a generic CPU) or the first CUDA GPU."""
+def resolve_target(kind: str = "llvm", arch: str | None = None) -> TargetSpec:
+    """The real host CPU (never "native": TVM silently falls back to a generic CPU) or a CUDA GPU: `arch`
+    ("sm_80", "sm_90") when given, which needs no GPU, else the first visible GPU's."""
+    if arch is not None and kind != "cuda":
+        raise ValueError(f"--arch {arch} is for --target cuda")
     if kind in ("llvm", "cpu"):
         return TargetSpec(
             kind="llvm", mcpu=tvm.target.codegen.llvm_get_system_cpu(), num_cores=len(os.sched_getaffinity(0))
         )
     if kind == "cuda":
+        if arch is not None:
+            if not re.fullmatch(r"sm_\d+[af]?", arch):
+                raise ValueError(f"arch must look like sm_80 or sm_90, got {arch!r}")
+            return TargetSpec(kind="cuda", arch=arch)
         dev = tvm.cuda(0)
         if not dev.exist:
-            raise RuntimeError("target cuda: no CUDA device is visible")
+            raise RuntimeError("target cuda: no CUDA device is visible (pass --arch sm_80|sm_90 to build without one)")
         return TargetSpec(kind="cuda", arch="sm_" + dev.compute_version.replace(".", ""))
     raise ValueError(f"target: unknown kind {kind!r} (use 'llvm' or 'cuda')")
 
@@ -91,6 +102,8 @@ class CompiledModel:
     kv_create_args: tuple = ()  # JSON spec of the KV cache constructor call (see kv_cache_args)
     param_specs: tuple[tuple[tuple[int, ...], str], ...] = ()  # (shape, dtype) per parameter, in order
     plan: QuantPlan = NO_QUANTIZATION
+    functions: tuple[str, ...] = ()  # the library's VM functions (methods, KV cache functions, kernels' callers)
+    cuda_kernels: int = 0  # CUDA kernels NVRTC compiled at build time (cuda targets)
 
     @classmethod
     def from_meta(
@@ -108,6 +121,8 @@ class CompiledModel:
             tuple(meta["kv_create_args"]),
             specs,
             plan,
+            tuple(meta.get("functions", ())),
+            int(meta.get("cuda_kernels", {}).get("count", 0)),
         )
 
 
@@ -143,7 +158,10 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def build_pipeline(target: tvm.target.Target, config: LlamaConfig, dtype: str) -> tvm.transform.Pass:
-    """The relax pipeline. CPU: the stock passes plus our attention kernels and matmul schedules."""
+    """The relax pipeline. CPU: the stock passes plus our attention kernels and matmul schedules. CUDA: TVM's
+    CUDA pipeline (dlight's GPU rules, TVM's paged-KV kernels) with tensor-core matmuls off (see below)."""
+    if target.kind.name == "cuda":
+        return _cuda_pipeline(target)
     if target.kind.name != "llvm":
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -168,6 +186,33 @@ def build_pipeline(target: tvm.target.Target, config: LlamaConfig, dtype: str) -
     return _pipeline
 
 
+@tvm.transform.module_pass(opt_level=0, name="NoTensorCoreMatmul")
+def _no_tensorize(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Mark every PrimFunc `dlight.do_not_tensorize`. Measured with TVM 0.27: dlight's tensor-core matmul rule
+    segfaults (inside `Tensorize`) on each float16 matmul with a dynamic `seq_len` (the projections, the MLP and
+    the LM head of SmolLM2-135M, for sm_80 and sm_90), killing the build; its SIMT matmul schedule is used."""
+    out = tvm.IRModule(attrs=mod.attrs)
+    for gv, f in mod.functions_items():
+        out[gv] = f.with_attr("dlight.do_not_tensorize", True) if isinstance(f, tvm.tirx.PrimFunc) else f
+    return out
+
+
+def _cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    legalize = cuda.legalize_passes(target)
+    legalize.insert(len(legalize) - 1, _no_tensorize)  # before dlight's ApplyDefaultSchedule, its last pass
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            passes = cuda.library_dispatch_passes(target) + legalize
+            passes += cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target)
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
 def _build(mod: tvm.IRModule, target: tvm.target.Target, pipeline: tvm.transform.Pass):
     """`relax.build`, except that on CPU each hand-scheduled PrimFunc is code-generated in an LLVM module of
     its own. Measured with TVM 0.27: compiled inside the one big module, the GEMM micro-kernel's register
@@ -187,6 +232,15 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, pipeline: tvm.transform
     for gv, f in alone.items():
         lib.import_module(tvm.tirx.build(tvm.IRModule({gv: f}, attrs=mod.attrs), target=target))
     return vm_build.VMExecutable(vm_build._ffi_api.VMLink(builder, target, lib, [], {}))
+
+
+def vm_functions(executable: relax.VMExecutable) -> list[str]:
+    """The VM functions of a built library (the model's methods and the KV cache's), from its statistics."""
+    stats = executable.stats()
+    m = re.search(r"Globals \(#\d+\): \[([^\]]*)\]", stats)
+    if m is None:
+        raise RuntimeError("the VM executable's statistics list no globals (TVM changed its format?)")
+    return sorted({g.strip() for g in m.group(1).split(",") if g.strip() and not g.strip().startswith("vm.builtin")})
 
 
 def compile_model(
@@ -222,6 +276,10 @@ def compile_model(
     kv_create_args = extract_create_args(mod)
     _log("[2/3] optimizing and generating code (this is the slow step)", quiet)
     executable = _build(mod, tvm_target, build_pipeline(tvm_target, config, dtype))
+    kernels: KernelReport | None = None
+    if target.kind == "cuda":
+        _log(f"[2/3] compiling the CUDA kernels with NVRTC for {target.arch}", quiet)
+        kernels = compile_kernels(executable.mod, target.arch, lib_path)
     _log(f"[3/3] linking {lib_path.name}", quiet)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         tmp_lib = Path(tmp) / lib_path.name
@@ -237,7 +295,10 @@ def compile_model(
         "target": target.describe(),
         "tvm": tvm.__version__,
         "build_s": round(build_s, 2),
+        "functions": vm_functions(executable),
     }
+    if kernels is not None:
+        meta["cuda_kernels"] = {"count": len(kernels.kernels), "nvrtc": list(kernels.nvrtc_version)}
     tmp_meta = meta_path.with_suffix(".json.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, meta_path)

@@ -26,6 +26,7 @@ from tvm.runtime import ShapeTuple
 
 from llama_relax.arrays import aligned_empty, is_aligned
 from llama_relax.compile import CompiledModel
+from llama_relax.cuda_kernels import use_prebuilt_kernels
 from llama_relax.kv_cache_args import SYMBOLS, create_kv_cache
 
 _F = tvm.get_global_func
@@ -84,6 +85,8 @@ class ModelRuntime:
         self.config = compiled.config
         self.kv_config = kv_config
         self.device = compiled.target.device()
+        if compiled.target.kind == "cuda":
+            use_prebuilt_kernels(compiled.lib_path)  # TVM's CUDA runtime asks for each module's cubin at load
         lib = tvm.runtime.load_module(str(compiled.lib_path))
         self.vm = relax.VirtualMachine(lib, self.device)
         self.params, self._param_samples = self._upload(params)
