@@ -19,7 +19,18 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-SERVER_FIELDS = ("queue_s", "prefill_s", "kv_transfer_s", "first_token_s", "decode_s", "e2e_s")
+SERVER_FIELDS = (
+    "queue_s",
+    "prefill_s",
+    "kv_transfer_s",
+    "kv_export_s",
+    "kv_wire_s",
+    "kv_import_s",
+    "kv_tail_s",
+    "first_token_s",
+    "decode_s",
+    "e2e_s",
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +39,11 @@ class ServerTimings:
 
     queue_s: float = 0.0
     prefill_s: float = 0.0
-    kv_transfer_s: float = 0.0
+    kv_transfer_s: float = 0.0  # the send including the import (the three below: export, wire, import)
+    kv_export_s: float = 0.0
+    kv_wire_s: float = 0.0
+    kv_import_s: float = 0.0
+    kv_tail_s: float = 0.0  # end of prefill until the decode worker holds the KV
     first_token_s: float = 0.0
     decode_s: float = 0.0
     e2e_s: float = 0.0
@@ -151,6 +166,10 @@ class ServerBreakdown:
     queue_s: float
     prefill_s: float
     kv_transfer_s: float
+    kv_export_s: float
+    kv_wire_s: float
+    kv_import_s: float
+    kv_tail_s: float
     first_token_s: float
     decode_s: float
     e2e_s: float

@@ -113,6 +113,9 @@ class PrefillResult:
     kv_bytes: int = 0
     transfer_retries: int = 0  # sends retried after a transport failure (at most one)
     cached_tokens: int = 0  # leading prompt tokens the prefill worker took from its prefix cache (not computed)
+    export_s: float = 0.0  # KV read out of the cache into the payload
+    import_s: float = 0.0  # the decode worker's import (reported in its ack); `transfer_s` includes it
+    tail_s: float = 0.0  # the end of prefill until the ack: what the decode side waited for after the first token
 
     @property
     def ok(self) -> bool:

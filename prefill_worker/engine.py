@@ -30,6 +30,7 @@ import enum
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,6 +78,8 @@ class _Job:
     prefilled: bool = False  # its sequence holds the whole prompt (kept in the prefix cache when released)
     released: bool = False
     state: PrefillState = PrefillState.QUEUED
+    prefill_end: float = 0.0  # perf_counter when its first token was sampled (the KV hand-off starts)
+    export_s: float = 0.0
     _reported: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -226,6 +229,7 @@ class PrefillEngine(EngineLoop):
 
     def _after_prefill(self, job: _Job, ft: FirstToken) -> None:
         job.prefilled = True
+        job.prefill_end = time.perf_counter()
         job.on_event(ft.event)
         if ft.event.finish_reason is not None:  # the request ended with its first token: no KV to ship
             self._release(job, PrefillState.DONE)
@@ -242,6 +246,7 @@ class PrefillEngine(EngineLoop):
         except Exception as e:  # this request fails alone
             self._fail(job, ErrorKind.INTERNAL, f"KV export failed: {type(e).__name__}: {e}", ft.event)
             return
+        job.export_s = time.perf_counter() - job.prefill_end
         self._transfers.submit(self._transfer, job, ft, payload)
 
     def _send(self, job: _Job, payload: KVPayload, retry: bool = False) -> TransferResult:
@@ -283,6 +288,9 @@ class PrefillEngine(EngineLoop):
                 result.nbytes,
                 retries,
                 job.hit.tokens,
+                export_s=job.export_s,
+                import_s=result.import_s,
+                tail_s=time.perf_counter() - job.prefill_end,
             )
         )
         final = PrefillState.DONE if error is None else (PrefillState.CANCELLED if cancelled else PrefillState.FAILED)

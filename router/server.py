@@ -119,6 +119,10 @@ class GenerationService(pb_grpc.GenerationServicer):
                 migrations=rec.migrations,
                 admission_wait_s=rec.queue_wait_s,
                 kv_transfer_bytes=p.kv_bytes if p else 0,
+                kv_export_s=p.export_s if p else 0.0,
+                kv_wire_s=max(0.0, p.transfer_s - p.import_s) if p else 0.0,
+                kv_import_s=p.import_s if p else 0.0,
+                kv_tail_s=p.tail_s if p else 0.0,
             )
         )
         self.metrics.e2e.observe(end - t0)

@@ -87,7 +87,9 @@ def test_launch_writes_results_and_plots(model_dir, serve_env, tmp_path, capsys)
     check_run(run, 16, sum(targets))
     assert run["completed"] + run["failed"] == 16
     assert run["total_input_tokens"] == doc["workload"]["total_prompt_tokens"]
-    assert run["server_breakdown_s"]["kv_transfer_s"] > 0  # disaggregated: the KV moved between workers
+    b = run["server_breakdown_s"]
+    assert b["kv_transfer_s"] > 0  # disaggregated: the KV moved between workers
+    assert b["kv_tail_s"] >= b["kv_export_s"] + b["kv_transfer_s"] - 1e-3 and b["kv_export_s"] > 0
     assert run["goodput"] == pytest.approx(run["request_throughput"])  # the SLOs are loose
     for png in ("latency_cdf.png",):
         assert (out / png).stat().st_size > 1000

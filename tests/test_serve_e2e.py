@@ -73,7 +73,11 @@ def test_disaggregated_streams_the_same_greedy_tokens_as_colocated(disagg, coloc
         assert last.finish_reason == "length" and last.usage.completion_tokens == 8
         assert last.usage.prompt_tokens == len(p)
         assert 0 < last.timings.first_token_s <= last.timings.e2e_s
-        assert last.timings.kv_transfer_s > 0
+        t = last.timings
+        assert t.kv_transfer_s > 0 and t.kv_export_s > 0 and t.kv_import_s > 0 and t.kv_wire_s >= 0
+        assert t.kv_wire_s + t.kv_import_s == pytest.approx(t.kv_transfer_s, abs=1e-6)
+        # the tail (prefill end -> KV in) holds the export and the send, plus any wait for the transfer thread
+        assert t.kv_export_s + t.kv_transfer_s <= t.kv_tail_s + 1e-3 and t.kv_tail_s < t.e2e_s
     assert disagg.pages_all_free() and colocated.pages_all_free()
 
 
