@@ -7,12 +7,12 @@ when the library is loaded, by calling the global `tvm_callback_cuda_compile(sou
 rebuilt from a cubin on a machine without the CUDA driver. So a kernel NVRTC rejects would surface only on the GPU,
 at worker start, and each worker would JIT-compile every kernel. Instead:
 
-1. `compile_kernels(executable, arch, lib_path)` (build time): every CUDA source module in the library is compiled
+1. `compile_kernels(executable.mod, arch, lib_path)` (build time): every CUDA source module in the library is compiled
    with NVRTC for `arch`; a kernel that does not compile fails the build, named, with NVRTC's log. The cubins go to
-   `<lib>.cubin/<sha256 of the source>.cubin` (and `.cu`), with `kernels.json` (arch, kernel names, NVRTC version).
+   `<lib>.so.cubin/<sha256 of the source>.cubin` (and `.cu`), with `kernels.json` (arch, kernel names, NVRTC version).
 2. `use_prebuilt_kernels(lib_path)` (load time, before `tvm.runtime.load_module`, GPU worker) registers
    `tvm_callback_cuda_compile`: it returns the prebuilt cubin of that exact source, so nothing is compiled at
-   start; a source it lacks (another GPU's arch) is compiled with NVRTC for the visible device and kept.
+   start; on a GPU of another arch than the build's, each source is compiled with NVRTC for it, once, and kept.
 
 At load time NVRTC is needed only for that miss: ship the `cuda` extra on GPU machines either way."""
 
@@ -120,10 +120,12 @@ def read_report(lib_path: Path) -> KernelReport:
 
 _lock = threading.Lock()
 _dirs: list[Path] = []
+_device_arch: list[str] = []  # the visible GPU's arch, found on the first load (or given)
 
 
-def use_prebuilt_kernels(lib_path: Path) -> None:
-    """Serve this library's prebuilt cubins to TVM's CUDA runtime (call before loading the library)."""
+def use_prebuilt_kernels(lib_path: Path, device_arch: str | None = None) -> None:
+    """Serve this library's prebuilt cubins to TVM's CUDA runtime (call before loading the library).
+    `device_arch` ("sm_90") is the GPU's; by default it is read from the first CUDA device when needed."""
     import tvm.support.nvcc  # noqa: F401  TVM registers its own hook on import: import it first, then override
     import tvm_ffi
 
@@ -131,21 +133,39 @@ def use_prebuilt_kernels(lib_path: Path) -> None:
         d = cubin_dir(lib_path)
         if d not in _dirs:
             _dirs.append(d)
+        if device_arch is not None:
+            _device_arch[:] = [device_arch]
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_for_runtime, override=True)
 
 
+def _arch() -> str:
+    with _lock:
+        if not _device_arch:
+            import tvm
+
+            _device_arch.append("sm_" + tvm.cuda(0).compute_version.replace(".", ""))
+        return _device_arch[0]
+
+
+def _built_for(d: Path) -> str:
+    try:
+        return json.loads((d / KERNELS_JSON).read_text())["arch"]
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def _compile_for_runtime(source: str, *_: Any) -> bytes:
-    name = f"{_digest(source)}.cubin"
+    """TVM's load-time hook: the prebuilt cubin of `source` when it was built for this GPU's arch, else one
+    compiled now with NVRTC (kept as `<digest>.<arch>.cubin` for the next start)."""
+    arch, digest = _arch(), _digest(source)
     with _lock:
         dirs = list(_dirs)
     for d in dirs:
-        if (d / name).exists():
-            return (d / name).read_bytes()
-    import tvm
-
-    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        names = [f"{digest}.{arch}.cubin"] + ([f"{digest}.cubin"] if _built_for(d) == arch else [])
+        for name in names:
+            if (d / name).exists():
+                return (d / name).read_bytes()
     cubin = Nvrtc.load().compile(source, arch)
-    if dirs:
-        dirs[0].mkdir(parents=True, exist_ok=True)
-        (dirs[0] / name).write_bytes(cubin)
+    if dirs and dirs[0].is_dir():
+        (dirs[0] / f"{digest}.{arch}.cubin").write_bytes(cubin)
     return cubin

@@ -104,10 +104,19 @@ def test_the_load_hook_serves_the_prebuilt_cubin(cuda_builds):
     """What TVM's CUDA runtime calls when it loads the library (`tvm_callback_cuda_compile(source)`) returns the
     cubin built for that exact source, without compiling."""
     cm = cuda_builds["tied", "sm_90"]
-    use_prebuilt_kernels(cm.lib_path)
+    use_prebuilt_kernels(cm.lib_path, device_arch="sm_90")
     hook = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
-    for source in cubin_dir(cm.lib_path).glob("*.cu"):
+    sources = sorted(cubin_dir(cm.lib_path).glob("*.cu"))
+    for source in sources:
         assert bytes(hook(source.read_text())) == source.with_suffix(".cubin").read_bytes()
+    # a GPU of another arch gets kernels compiled for it (once, kept), never the build's cubins
+    use_prebuilt_kernels(cm.lib_path, device_arch="sm_80")
+    other = bytes(hook(sources[0].read_text()))
+    assert cubin_arch(other) == "sm_80" and other != sources[0].with_suffix(".cubin").read_bytes()
+    kept = sources[0].with_name(sources[0].stem + ".sm_80.cubin")
+    assert kept.read_bytes() == other
+    kept.unlink()  # leave the cached build as it was for the other tests
+    use_prebuilt_kernels(cm.lib_path, device_arch="sm_90")
 
 
 class _SourceModule:
