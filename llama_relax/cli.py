@@ -170,7 +170,7 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_compile(args: argparse.Namespace) -> int:
-    from llama_relax.compile import compile_model
+    from llama_relax.compile import compile_model, resolve_target
     from llama_relax.cuda_kernels import cubin_dir as cuda_kernel_dir
     from llama_relax.loader import load_config, quant_plan, resolve_model
     from llama_relax.models import default_model_path
@@ -178,8 +178,6 @@ def _run_compile(args: argparse.Namespace) -> int:
     path = args.model or default_model_path(args.cache_dir)
     src = resolve_model(path)
     config = load_config(src)
-    from llama_relax.compile import resolve_target
-
     target = resolve_target(args.target, args.arch)
     plan = quant_plan(src, config, args.quantization, target.kind)
     cm = compile_model(config, args.dtype, target, cache_dir=args.cache_dir, force=args.force, plan=plan)

@@ -27,6 +27,7 @@ from tvm import relax
 from llama_relax.config import LlamaConfig
 from llama_relax.cuda_kernels import KernelReport, compile_kernels
 from llama_relax.kv_cache_args import extract_create_args
+from llama_relax.nvrtc import check_arch
 from llama_relax.quantization import NO_QUANTIZATION, QuantPlan
 
 DTYPES = ("float32", "float16")
@@ -78,9 +79,7 @@ def resolve_target(kind: str = "llvm", arch: str | None = None) -> TargetSpec:
         )
     if kind == "cuda":
         if arch is not None:
-            if not re.fullmatch(r"sm_\d+[af]?", arch):
-                raise ValueError(f"arch must look like sm_80 or sm_90, got {arch!r}")
-            return TargetSpec(kind="cuda", arch=arch)
+            return TargetSpec(kind="cuda", arch=check_arch(arch))
         dev = tvm.cuda(0)
         if not dev.exist:
             raise RuntimeError("target cuda: no CUDA device is visible (pass --arch sm_80|sm_90 to build without one)")

@@ -22,7 +22,6 @@ import hashlib
 import json
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +38,12 @@ class KernelBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class KernelReport:
-    """What `compile_kernels` built: the arch, the kernels (one entry per `__global__` definition) and the
-    cubin directory."""
+    """What `compile_kernels` built (and `kernels.json` keeps): the arch, the kernels (one entry per `__global__`
+    definition) and the NVRTC version."""
 
     arch: str
     kernels: tuple[str, ...]
-    cubin_dir: Path
-    nvrtc_version: tuple[int, int]
-    compile_s: float
+    nvrtc_version: tuple[int, ...]
 
 
 def cubin_dir(lib_path: Path) -> Path:
@@ -74,24 +71,26 @@ def cuda_sources(module: Any) -> Iterator[str]:
 def compile_kernels(runtime_module: Any, arch: str, lib_path: Path) -> KernelReport:
     """Compile every CUDA kernel of `runtime_module` (a built library's module) for `arch`, into
     `cubin_dir(lib_path)` (replaced as a whole). Raises `KernelBuildError` naming the kernel that failed."""
-    t0 = time.perf_counter()
     nvrtc = Nvrtc.load()
     out = cubin_dir(lib_path)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        report = _compile_into(tmp, nvrtc, list(cuda_sources(runtime_module)), arch, out)
+        sources = list(cuda_sources(runtime_module))
+        report = KernelReport(arch, tuple(_compile_into(tmp, nvrtc, sources, arch)), nvrtc.version())
+        meta = {"arch": arch, "nvrtc": list(report.nvrtc_version), "kernels": report.kernels, "sources": len(sources)}
+        (tmp / KERNELS_JSON).write_text(json.dumps(meta, indent=1))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = KernelReport(arch, report.kernels, out, report.nvrtc_version, time.perf_counter() - t0)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return report
 
 
-def _compile_into(tmp: Path, nvrtc: Nvrtc, sources: list[str], arch: str, out: Path) -> KernelReport:
+def _compile_into(tmp: Path, nvrtc: Nvrtc, sources: list[str], arch: str) -> list[str]:
+    """Each source's cubin (and the source) into `tmp`; the kernels compiled, in order."""
     if not sources:
         raise KernelBuildError("the cuda build holds no CUDA source module (nothing was offloaded to the GPU)")
     names: list[str] = []
@@ -107,19 +106,17 @@ def _compile_into(tmp: Path, nvrtc: Nvrtc, sources: list[str], arch: str, out: P
         (tmp / f"{digest}.cubin").write_bytes(cubin)
         (tmp / f"{digest}.cu").write_text(source)  # what NVRTC compiled (its log's line numbers refer to it)
         names += kernels
-    meta = {"arch": arch, "nvrtc": list(nvrtc.version()), "kernels": names, "sources": len(sources)}
-    (tmp / KERNELS_JSON).write_text(json.dumps(meta, indent=1))
-    return KernelReport(arch, tuple(names), out, nvrtc.version(), 0.0)
+    return names
 
 
 def read_report(lib_path: Path) -> KernelReport:
-    """What `compile_kernels` recorded for this library (`kernels.json`); `compile_s` is not kept."""
+    """What `compile_kernels` recorded for this library (`kernels.json`)."""
     meta = json.loads((cubin_dir(lib_path) / KERNELS_JSON).read_text())
-    return KernelReport(meta["arch"], tuple(meta["kernels"]), cubin_dir(lib_path), tuple(meta["nvrtc"]), 0.0)
+    return KernelReport(meta["arch"], tuple(meta["kernels"]), tuple(meta["nvrtc"]))
 
 
 _lock = threading.Lock()
-_dirs: list[Path] = []
+_libs: list[Path] = []  # libraries whose cubins the hook serves, in registration order
 _device_arch: list[str] = []  # the visible GPU's arch, found on the first load (or given)
 
 
@@ -130,9 +127,8 @@ def use_prebuilt_kernels(lib_path: Path, device_arch: str | None = None) -> None
     import tvm_ffi
 
     with _lock:
-        d = cubin_dir(lib_path)
-        if d not in _dirs:
-            _dirs.append(d)
+        if lib_path not in _libs:
+            _libs.append(lib_path)
         if device_arch is not None:
             _device_arch[:] = [device_arch]
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_for_runtime, override=True)
@@ -147,9 +143,9 @@ def _arch() -> str:
         return _device_arch[0]
 
 
-def _built_for(d: Path) -> str:
+def _built_for(lib_path: Path) -> str:
     try:
-        return json.loads((d / KERNELS_JSON).read_text())["arch"]
+        return read_report(lib_path).arch
     except (OSError, ValueError, KeyError):
         return ""
 
@@ -159,13 +155,13 @@ def _compile_for_runtime(source: str, *_: Any) -> bytes:
     compiled now with NVRTC (kept as `<digest>.<arch>.cubin` for the next start)."""
     arch, digest = _arch(), _digest(source)
     with _lock:
-        dirs = list(_dirs)
-    for d in dirs:
-        names = [f"{digest}.{arch}.cubin"] + ([f"{digest}.cubin"] if _built_for(d) == arch else [])
+        libs = list(_libs)
+    for lib in libs:
+        names = [f"{digest}.{arch}.cubin"] + ([f"{digest}.cubin"] if _built_for(lib) == arch else [])
         for name in names:
-            if (d / name).exists():
-                return (d / name).read_bytes()
+            if (cubin_dir(lib) / name).exists():
+                return (cubin_dir(lib) / name).read_bytes()
     cubin = Nvrtc.load().compile(source, arch)
-    if dirs and dirs[0].is_dir():
-        (dirs[0] / f"{digest}.{arch}.cubin").write_bytes(cubin)
+    if libs and cubin_dir(libs[0]).is_dir():
+        (cubin_dir(libs[0]) / f"{digest}.{arch}.cubin").write_bytes(cubin)
     return cubin

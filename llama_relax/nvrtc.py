@@ -41,6 +41,13 @@ class NvrtcError(RuntimeError):
         self.kernels = kernels
 
 
+def check_arch(arch: str) -> str:
+    """`arch` if it names a real SM architecture ("sm_80", "sm_90", "sm_90a"), else ValueError."""
+    if not re.fullmatch(r"sm_\d+[af]?", arch):
+        raise ValueError(f"arch must look like sm_80 or sm_90, got {arch!r}")
+    return arch
+
+
 def kernel_names(source: str) -> list[str]:
     """The `__global__` kernels defined in TVM-generated CUDA C, in source order."""
     return _KERNEL.findall(source)
@@ -138,8 +145,7 @@ class Nvrtc:
 
     def compile(self, source: str, arch: str) -> bytes:
         """Compile TVM-generated CUDA C for `arch` ("sm_80", "sm_90", ...) to a cubin."""
-        if not re.fullmatch(r"sm_\d+[af]?", arch):
-            raise ValueError(f"arch must look like sm_80 or sm_90, got {arch!r}")
+        check_arch(arch)
         text = _PREAMBLE + source.replace("#include <cuda.h>\n", "\n")
         prog = ctypes.c_void_p()
         self._check(
