@@ -65,16 +65,26 @@ def extract_create_args(mod: tvm.IRModule) -> list[Any]:
 
 
 class _Recorder:
-    """Wraps the library's debug_get_kv kernel; remembers the `pages` argument per layer."""
+    """Wraps the library's debug_get_kv kernel; remembers the `pages` argument per layer.
+
+    With `positions_only` set, a call copies out the cache's position map (page * page_size + slot of each
+    token, which the cache computes on the host from its page table) and runs no kernel: the host KV reader
+    gathers from the page views itself (`ModelRuntime.kv_positions`)."""
 
     def __init__(self, kernel: Any, num_layers: int) -> None:
         self.kernel = kernel
         self.pages: list[Any] = [None] * num_layers
         self.capturing = True
+        self.positions_only = False
+        self.positions: np.ndarray | None = None
 
     def __call__(self, pages: Any, position_map: Any, k: Any, v: Any, layer_id: int) -> None:
         if self.capturing:
             self.pages[layer_id] = pages
+        if self.positions_only:
+            if layer_id == 0:
+                self.positions = position_map.numpy()  # [n] int32, a copy
+            return
         self.kernel(pages, position_map, k, v, layer_id)
 
     def take_pages(self) -> list[Any]:

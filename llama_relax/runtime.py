@@ -158,6 +158,7 @@ class ModelRuntime:
             "page_size": kv.page_size,
             "support_sliding_window": 0,
         }
+        self._recorder = None
         if model_create_fn or not self.compiled.kv_create_args:
             cache = self.vm["create_paged_kv_cache"](*(ShapeTuple([sizes[k]]) for k in SYMBOLS))
             return cache, []
@@ -178,6 +179,7 @@ class ModelRuntime:
         ]
         _DEBUG_GET_KV(cache, probe, 0, 1, *scratch)
         _REMOVE_SEQ(cache, probe)
+        self._recorder = recorder
         return cache, recorder.take_pages()
 
     # ---- sequences ------------------------------------------------------------------------------------------
@@ -370,16 +372,45 @@ class ModelRuntime:
 
     def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Copy K (rotated, as stored) and V of tokens [begin, end) into new host arrays [L, n, Hkv, d]."""
-        if self.device.dlpack_device_type() != 1:  # a GPU: read on the device, then one copy to host
+        if not self._host_pages:  # a GPU: read on the device, then one copy to host
             kt, vt = self.read_kv_device(seq_id, begin, end)
             return kt.numpy(), vt.numpy()
-        self._check_range(seq_id, begin, end)
-        shape = self.kv_shape(end - begin)
-        k = aligned_empty(shape, self.compiled.dtype)
-        v = aligned_empty(shape, self.compiled.dtype)
-        # CPU: the kernel writes straight into the numpy buffers
-        _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, tvm.runtime.from_dlpack(k), tvm.runtime.from_dlpack(v))
+        k, v = (aligned_empty(self.kv_shape(end - begin), self.compiled.dtype) for _ in range(2))
+        self.gather_kv(self.kv_positions(seq_id, begin, end), k, v)
         return k, v
+
+    @property
+    def host_kv(self) -> bool:
+        """Whether the KV pages are host memory this process can read directly (`kv_positions` + `gather_kv`)."""
+        return bool(self._host_pages) and self._recorder is not None
+
+    def kv_positions(self, seq_id: int, begin: int, end: int) -> np.ndarray:
+        """Where tokens [begin, end) of `seq_id` live: [n] int32 of page * page_size + slot (driver thread).
+
+        The positions stay valid while the sequence holds those tokens (appends never move them; `popn`,
+        `remove_sequence` and eviction do)."""
+        self._check_range(seq_id, begin, end)
+        if self._recorder is None:
+            raise RuntimeError("this runtime's KV pages are not reachable (created with model_create_fn=True)")
+        carrier = tvm.runtime.from_dlpack(aligned_empty(self.kv_shape(end - begin), self.compiled.dtype))
+        self._recorder.positions_only = True  # shape checks only; the carrier is never written (nor paged in)
+        try:
+            _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, carrier, carrier)
+        finally:
+            self._recorder.positions_only = False
+        positions, self._recorder.positions = self._recorder.positions, None
+        return positions
+
+    def gather_kv(self, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Copy K and V at `positions` (from `kv_positions`) out of the host pages into `k`, `v` ([L, n, Hkv, d]).
+
+        Reads page memory only, so it may run on any thread while the driver thread runs forwards that write
+        other positions; the caller keeps the sequence (and so its pages) alive until it returns."""
+        ps = self.kv_config.page_size
+        page, slot = positions // ps, positions % ps
+        for layer, pages in enumerate(self._host_pages):  # pages: [P, 2, Hkv, page_size, d]
+            k[layer] = pages[page, 0, :, slot, :]  # [n, Hkv, d]
+            v[layer] = pages[page, 1, :, slot, :]
 
     def read_kv_device(self, seq_id: int, begin: int, end: int) -> tuple[tvm.runtime.Tensor, tvm.runtime.Tensor]:
         """K and V of tokens [begin, end) as new tensors [L, n, Hkv, d] on this runtime's device (no host copy;
