@@ -5,8 +5,9 @@ Stream: one `KVChunk{transfer_id, header}` message, one `KVChunk{index, data}` p
 the import. A stream that ends without the commit imports nothing (gRPC's Python server cannot always tell a
 client's cancel from its half-close, so the commit is the sender's explicit point of no return). Data messages are
 encoded/decoded here by hand (valid protobuf wire format for `KVChunk`, so any protobuf client interoperates)
-to save two copies per chunk: the sender's only copy is joining the tag bytes with the chunk view, the
-receiver's only copy is into the `PayloadAssembler` buffer. Servers bind loopback/explicit hosts only.
+to save two copies per chunk: the sender's only copy is joining the tag bytes with the chunk view; the receiver
+makes none for slab-aligned payloads (the import reads per-layer views of the received messages) and one, into
+the `PayloadAssembler` buffer, for others. Servers bind loopback/explicit hosts only.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ chunks first, of the kind named by ``checksum``:
 - ``"wsum64"`` (device payloads, `nccl_transport`): ``sum((i + 1) * w[i]) mod 2**64`` over the chunk's
   little-endian uint64 words ``w`` (zero-padded), computable by one reduction on a GPU without copying to host.
 
+Zero-copy receive: a sender picks ``chunk_bytes`` as a whole number of layer slabs (`layer_chunk_bytes`: one
+layer's K is ``end-begin`` tokens of ``[kv_heads, head_dim]``), so every chunk holds whole layers; the receiver
+then hands the import per-layer views of the received chunks (`LayerSlabs`) instead of copying them into one
+buffer. Other chunk sizes are still accepted, and assembled by one copy.
+
 ``meta`` is opaque bytes for the application (at most ``MAX_META_BYTES``): kvtransfer carries them and never reads
 them. The serving engine puts the request's first output token there, so the KV and the token that continues it
 arrive together. Dependencies: numpy + msgpack only (no ``llama_relax``, no transport).
@@ -90,6 +95,14 @@ HOST_CHECKSUMS: dict[str, Callable[[memoryview], int]] = {
 }
 
 
+def layer_chunk_bytes(layer_bytes: int, target: int = DEFAULT_CHUNK_BYTES) -> int:
+    """A chunk size of whole layer slabs: as many as fit in `target` (at least one), unless one slab exceeds
+    MAX_CHUNK_BYTES (then `target`: the receiver assembles by copying)."""
+    if layer_bytes > MAX_CHUNK_BYTES:
+        return target
+    return layer_bytes * max(1, target // layer_bytes)
+
+
 def _num_chunks(nbytes: int, chunk_bytes: int) -> int:
     return -(-nbytes // chunk_bytes)
 
@@ -144,6 +157,16 @@ class KVHeader:
     @property
     def total_bytes(self) -> int:
         return self.k_bytes + self.v_bytes
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one layer's K (or V): [end-begin, kv_heads, head_dim]."""
+        return self.k_bytes // self.num_layers
+
+    @property
+    def slab_aligned(self) -> bool:
+        """Whether every chunk holds whole layers (the receiver can use them in place)."""
+        return self.chunk_bytes % self.layer_bytes == 0
 
     @property
     def num_chunks(self) -> int:
@@ -255,11 +278,12 @@ def make_payload(
     fingerprint: str,
     begin: int,
     request_id: str,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     page_size: int = 16,
     meta: bytes = b"",
 ) -> KVPayload:
     """Build a payload for tokens [begin, begin + k.shape[1]): computes sizes and per-chunk XXH3-64 checksums.
+    `chunk_bytes` None: whole layer slabs of about 1 MiB (`layer_chunk_bytes`), which the receiver uses in place.
 
     k, v: [layers, n_tokens, kv_heads, head_dim] in float32/float16 (K already rotated). Non-contiguous arrays are
     copied once to C order; contiguous ones are referenced, so the caller must not modify them until sent.
@@ -269,6 +293,7 @@ def make_payload(
     if k.dtype != v.dtype or str(k.dtype) not in DTYPE_SIZES:
         raise ValueError(f"make_payload: dtype must be one of {sorted(DTYPE_SIZES)} for both, got {k.dtype}/{v.dtype}")
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    chunk_bytes = chunk_bytes or layer_chunk_bytes(k.nbytes // k.shape[0])
     sums = [chunk_checksum(c) for arr in (k, v) for c in _array_chunks(arr, chunk_bytes)]
     header = build_header(
         k.shape, str(k.dtype), fingerprint, begin, request_id, chunk_bytes, page_size, sums, meta=meta
@@ -366,12 +391,41 @@ def check_header(
         raise PayloadError(ErrorCode.SHAPE_MISMATCH, f"payload of {header.total_bytes} bytes exceeds {max_total_bytes}")
 
 
-class PayloadAssembler:
-    """Receives one payload's chunks in order into one preallocated buffer and hands back (k, v) views of it.
+class LayerSlabs:
+    """K or V of a received payload, [layers, n, kv_heads, head_dim], as one [n, kv_heads, head_dim] view per
+    layer into the received chunks: no copy is made (the views keep the chunks alive; they are read-only).
 
+    Index it by layer, as an import does; `np.asarray(slabs)` makes one contiguous copy."""
+
+    ndim = 4
+
+    def __init__(self, chunks: list[memoryview], header: KVHeader) -> None:
+        per_layer = (header.num_tokens, header.num_kv_heads, header.head_dim)
+        self._layers = [a for c in chunks for a in np.frombuffer(c, dtype=header.dtype).reshape(-1, *per_layer)]
+        self.shape = header.shape
+        self.dtype = np.dtype(header.dtype)
+        if len(self._layers) != header.num_layers:
+            raise PayloadError(ErrorCode.MALFORMED, f"{len(self._layers)} layer slabs for {header.num_layers} layers")
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        return self._layers[layer]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = np.stack(self._layers)
+        return out if dtype is None else out.astype(dtype)
+
+
+class PayloadAssembler:
+    """Receives one payload's chunks in order and hands back (k, v).
+
+    Slab-aligned payloads (`KVHeader.slab_aligned`) are kept as the received chunks and come back as `LayerSlabs`
+    views (zero-copy); others are copied into one preallocated buffer and come back as array views of it.
     Construction validates the header against the receiver (fingerprint, dtype, then `expected_shape_fn`) and
-    raises `PayloadError` before any buffer is allocated. Call `add` once per chunk in index order, then `finish`.
-    The assembler owns the buffer; the arrays from `finish` keep it alive, and it is never reused.
+    raises `PayloadError` before anything is allocated. Call `add` once per chunk in index order, then `finish`.
+    The chunks handed to `add` must not be mutated afterwards (gRPC's message bytes are immutable).
     """
 
     def __init__(
@@ -386,7 +440,8 @@ class PayloadAssembler:
         self.header = header
         self._checksum = HOST_CHECKSUMS[header.checksum]
         self._spans = header.chunk_spans()
-        self._buf = np.empty(header.total_bytes, dtype=np.uint8)  # [k_bytes + v_bytes]
+        self._chunks: list[memoryview] | None = [] if header.slab_aligned else None
+        self._buf = None if header.slab_aligned else np.empty(header.total_bytes, dtype=np.uint8)  # [k||v bytes]
         self._next = 0
         self.bytes_received = 0
 
@@ -395,7 +450,7 @@ class PayloadAssembler:
         return self._next == len(self._spans)
 
     def add(self, index: int, data: bytes | bytearray | memoryview) -> None:
-        """Verify chunk `index` (order, size, checksum) and copy it into the buffer (the only copy made here)."""
+        """Verify chunk `index` (order, size, checksum); keep it (slab-aligned) or copy it into the buffer."""
         if index >= len(self._spans):
             raise PayloadError(ErrorCode.MALFORMED, f"extra data: chunk {index} beyond {len(self._spans)} chunks")
         if index != self._next:
@@ -405,12 +460,16 @@ class PayloadAssembler:
             raise PayloadError(ErrorCode.MALFORMED, f"chunk {index} has {len(data)} bytes, expected {size}")
         if self._checksum(data) != self.header.chunk_checksums[index]:
             raise PayloadError(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} fails its {self.header.checksum} check")
-        self._buf[off : off + size] = np.frombuffer(data, dtype=np.uint8)
+        if self._chunks is not None:
+            self._chunks.append(memoryview(data))
+        else:
+            self._buf[off : off + size] = np.frombuffer(data, dtype=np.uint8)
         self._next += 1
         self.bytes_received += size
 
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        """(k, v) views [layers, end-begin, kv_heads, head_dim] of the buffer; TRUNCATED if chunks are missing."""
+    def finish(self) -> tuple[np.ndarray | LayerSlabs, np.ndarray | LayerSlabs]:
+        """(k, v) [layers, end-begin, kv_heads, head_dim]: `LayerSlabs` over the chunks, or views of the buffer;
+        TRUNCATED if chunks are missing."""
         if not self.complete:
             raise PayloadError(
                 ErrorCode.TRUNCATED,
@@ -418,6 +477,10 @@ class PayloadAssembler:
                 f"({self.bytes_received} of {self.header.total_bytes} bytes)",
             )
         h = self.header
+        if self._chunks is not None:
+            nk = _num_chunks(h.k_bytes, h.chunk_bytes)
+            return LayerSlabs(self._chunks[:nk], h), LayerSlabs(self._chunks[nk:], h)
+        assert self._buf is not None
         k = self._buf[: h.k_bytes].view(h.dtype).reshape(h.shape)
         v = self._buf[h.k_bytes :].view(h.dtype).reshape(h.shape)
         return k, v

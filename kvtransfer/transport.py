@@ -25,8 +25,8 @@ class ImportSink(Protocol):
     Called from a transport thread (for gRPC: a server worker thread), possibly from several at once. It must
     hand the work to the thread that owns the model runtime and block until the import finished (or failed):
     the receiver acks the sender only after the sink returned. `k`, `v` ([layers, end-begin, kv_heads,
-    head_dim], header.dtype) are freshly allocated per transfer and owned by the sink from the call on; the
-    transport never reuses or mutates them. A `PayloadError` becomes an ack with its code and message (e.g.
+    head_dim], header.dtype; arrays, or read-only `LayerSlabs` views of the received chunks, indexed by layer)
+    are fresh per transfer and owned by the sink from the call on; the transport never reuses or mutates them. A `PayloadError` becomes an ack with its code and message (e.g.
     SHAPE_MISMATCH when the token range does not fit the local sequence); any other exception an IMPORT_FAILED ack
     carrying "Type: message". Either way the sink must leave the cache as it was.
     """

@@ -45,7 +45,7 @@ class RecordingSink:
         if self.error is not None:
             raise self.error
         with self._lock:
-            self.calls.append((header, k.copy(), v.copy()))
+            self.calls.append((header, np.array(k), np.array(v)))
 
 
 def _payload(shape=SHAPE, dtype=np.float32, fp=FP, request_id="req", seed=0, chunk_bytes=16 << 10) -> KVPayload:

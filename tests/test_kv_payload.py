@@ -10,10 +10,12 @@ import xxhash
 from kvtransfer.payload import (
     ErrorCode,
     KVHeader,
+    LayerSlabs,
     PayloadAssembler,
     PayloadError,
     expect_shape,
     iter_chunks,
+    layer_chunk_bytes,
     make_payload,
 )
 
@@ -135,6 +137,33 @@ def test_assembler_returns_views_of_one_buffer():
     assert k.dtype == p.k.dtype and k.shape == p.header.shape
     assert not np.shares_memory(k, p.k)
     assert v.ctypes.data == k.ctypes.data + p.header.k_bytes  # v follows k in the same allocation
+
+
+def test_layer_chunk_bytes_holds_whole_layers():
+    assert layer_chunk_bytes(393_216) == 786_432  # 2 layers of a 512-token slab in about 1 MiB
+    assert layer_chunk_bytes(1_536_000) == 1_536_000  # one layer when a slab exceeds 1 MiB
+    assert layer_chunk_bytes(100 << 20) == 1 << 20  # beyond MAX_CHUNK_BYTES: plain 1 MiB chunks (copied)
+    k, v = _kv(shape=(5, 7, 2, 8))
+    h = make_payload(k, v, "fp-1", 0, "r").header  # default chunking: slab-aligned
+    assert h.slab_aligned and h.layer_bytes == 7 * 2 * 8 * 4 and h.num_chunks == 2  # all of K in one chunk
+
+
+def test_slab_aligned_payloads_are_assembled_without_a_copy():
+    k, v = _kv(shape=(5, 7, 2, 8))
+    p = make_payload(k, v, "fp-1", 0, "r", chunk_bytes=2 * 7 * 2 * 8 * 4)  # 2 layers per chunk: 3 chunks each
+    assert p.header.slab_aligned and p.header.num_chunks == 6
+    received = [bytes(c) for c in iter_chunks(p)]  # what gRPC hands the receiver: one bytes object per message
+    gk, gv = _assemble(p, received).finish()
+    assert isinstance(gk, LayerSlabs) and gk.shape == k.shape and gk.dtype == k.dtype and len(gk) == 5
+    assert np.array_equal(np.asarray(gk), k) and np.array_equal(np.asarray(gv), v)
+    for layer in range(5):
+        chunk = received[layer // 2]
+        assert np.shares_memory(gk[layer], np.frombuffer(chunk, np.uint8))  # a view of the message, not a copy
+        assert np.array_equal(gv[layer], v[layer])
+    unaligned = _payload(chunk_bytes=96)
+    assert not unaligned.header.slab_aligned
+    ck, _ = _assemble(unaligned).finish()
+    assert isinstance(ck, np.ndarray) and np.array_equal(ck, unaligned.k)
 
 
 def test_assembler_checksum_mismatch():
