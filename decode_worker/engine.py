@@ -9,8 +9,11 @@ Request lifecycle (`DecodeState`):
      PREFILLING   `submit(req)` (or `prefill_local(id)` of a reservation: no prefill worker alive): the same
                   admission, then the prompt is prefilled here, chunk by chunk, each step before the decode step
                   (neither starves); its first token is sampled here and streamed.
-  2. (import)     the KV arrives over the worker's receiver with the first token in its header; it is imported
-                  between steps on the engine thread and the sequence starts decoding at once.
+  2. RECEIVING    the KV arrives over the worker's receiver, in order, in one piece or several (a prefill worker
+                  streams each finished prompt chunk while it computes the next); each piece is imported between
+                  steps on the engine thread. Only the last piece carries the first token: its import starts the
+                  sequence decoding at once. A piece out of order is rejected (SHAPE_MISMATCH) and changes
+                  nothing; a piece again (a retry whose ack was lost) is acknowledged without a second import.
   3. DECODING     each step samples one token per running sequence and streams it to the request's `OutputStream`.
   4. FINISHED / CANCELLED / FAILED   stop condition, `cancel(request_id)`, eviction or error: in the same step
                   (`_end`, the one release path) a finished sequence (prompt + output) becomes a prefix-cache
@@ -29,7 +32,7 @@ import time
 
 from engine.decode_batch import DecodeBatch, DecodeSequence, DecodeState
 from engine.faults import FaultInjector, FaultPlan, Stage
-from engine.kvmeta import decode_first_token
+from engine.kvmeta import decode_first_token, is_partial
 from engine.loop import EngineLoop, OutputStream
 from engine.messages import Admission, ErrorKind, GenerationRequest, RequestError, WorkerLoad
 from engine.pages import PagePool, pages_for
@@ -42,6 +45,7 @@ from llama_relax.generation import TokenizerLike
 from llama_relax.runtime import ModelRuntime
 
 _ENDED_BY = {ErrorKind.CANCELLED: DecodeState.CANCELLED}
+_AWAITING_KV = frozenset({DecodeState.RESERVED, DecodeState.RECEIVING})  # one lease covers every piece
 log = logging.getLogger(__name__)
 
 
@@ -97,11 +101,14 @@ class DecodeEngine(EngineLoop):
 
         def work() -> OutputStream:
             seq = self.seqs.get(request_id)
-            if seq is None or seq.state is not DecodeState.RESERVED:
+            if seq is None or seq.state not in _AWAITING_KV:
                 stream = OutputStream()
                 why = "no reservation" if seq is None else f"it is {seq.state.value}"
                 stream.put(RequestError(request_id, ErrorKind.UNAVAILABLE, f"cannot prefill {request_id!r}: {why}"))
                 return stream
+            if seq.length > seq.hit.tokens:  # streamed pieces of an abandoned transfer: start clean
+                self.runtime.popn(seq.seq_id, seq.length - seq.hit.tokens)
+                seq.length, seq.last_piece = seq.hit.tokens, None
             seq.state = DecodeState.PREFILLING
             self.prefill.add(seq.req, seq.seq_id, seq.decoder, done=seq.length)  # after its cached prefix
             return self._unclaimed.pop(request_id, (seq.out, 0.0))[0]
@@ -138,7 +145,7 @@ class DecodeEngine(EngineLoop):
                 incarnation,
                 queued=len(self.prefill.queue),
                 queued_tokens=self.prefill.queued_tokens,
-                reserved=states.count(DecodeState.RESERVED),
+                reserved=states.count(DecodeState.RESERVED) + states.count(DecodeState.RECEIVING),
                 running=states.count(DecodeState.DECODING),
                 sequences=len(self.runtime.sequence_ids()) - len(self.cache.entries),
                 free_pages=self.pool.free,
@@ -206,18 +213,23 @@ class DecodeEngine(EngineLoop):
 
     def _import(self, header: KVHeader, k, v) -> None:
         seq = self.seqs.get(header.request_id)
-        if seq is None or seq.state is not DecodeState.RESERVED:
+        if seq is None or seq.state not in _AWAITING_KV:
             raise PayloadError(ErrorCode.IMPORT_FAILED, f"no reservation for request {header.request_id}")
-        if header.end != len(seq.req.token_ids):
-            raise PayloadError(
-                ErrorCode.SHAPE_MISMATCH, f"KV covers {header.end} tokens, the request has {len(seq.req.token_ids)}"
-            )
-        first = decode_first_token(header.meta)
-        if first.finish_reason is not None:
+        if seq.last_piece == (header.begin, header.end):  # a retried piece whose first ack was lost: it is in
+            return
+        n, partial = len(seq.req.token_ids), is_partial(header.meta)
+        if (header.end >= n) if partial else (header.end != n):
+            what = "a piece of the KV must end before" if partial else "the last piece of the KV must end at"
+            raise PayloadError(ErrorCode.SHAPE_MISMATCH, f"{what} token {n}, this one ends at {header.end}")
+        first = None if partial else decode_first_token(header.meta)
+        if first is not None and first.finish_reason is not None:
             raise PayloadError(ErrorCode.MALFORMED, "a request that ended with its first token sends no KV")
         self.faults.hit(Stage.DECODE_IMPORT)
-        import_into(self.runtime, seq.seq_id, header, k, v)
-        seq.length = header.end
+        import_into(self.runtime, seq.seq_id, header, k, v)  # SHAPE_MISMATCH unless it starts at seq.length
+        seq.length, seq.last_piece = header.end, (header.begin, header.end)
+        if first is None:
+            seq.state = DecodeState.RECEIVING
+            return
         replay = seq.decoder.append(first.token_id, first.logprobs)  # same stop/detok state as the sender
         seq.last_token = first.token_id
         seq.state = DecodeState.DECODING
@@ -250,7 +262,7 @@ class DecodeEngine(EngineLoop):
         if now < self._next_lease_check:
             return False
         self._next_lease_check = now + min(1.0, self.kv_lease_s / 4)
-        late = [s for s in self.seqs.values() if s.state is DecodeState.RESERVED and now - s.t_admit > self.kv_lease_s]
+        late = [s for s in self.seqs.values() if s.state in _AWAITING_KV and now - s.t_admit > self.kv_lease_s]
         for s in late:
             self._end(
                 s,

@@ -28,6 +28,7 @@ class DecodeState(enum.Enum):
     """A request's state on a decode (or colocated) engine."""
 
     RESERVED = "reserved"  # pages set aside; its KV and first token come from a prefill worker
+    RECEIVING = "receiving"  # some pieces of its KV are in; the last one (with the first token) starts it
     PREFILLING = "prefilling"  # queued for (or in) a prefill on this engine
     DECODING = "decoding"  # in the running batch
     FINISHED = "finished"  # stop condition reached
@@ -48,6 +49,7 @@ class DecodeSequence:
     length: int = 0
     last_token: int | None = None
     hit: Hit = MISS  # the cached prefix its sequence was forked from (its first `hit.tokens` tokens)
+    last_piece: tuple[int, int] | None = None  # token range of the last KV piece imported
     t_admit: float = field(default_factory=time.monotonic)
 
     @property

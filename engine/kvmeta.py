@@ -1,7 +1,9 @@
 """What the serving engine puts in a KV header's opaque `meta` bytes: the token that continues the sequence.
 
 The prefill worker samples the first output token and sends it with the KV, so the decode worker can start the
-sequence the moment the import is done (no round trip through the router). msgpack, versioned, bounded."""
+sequence the moment the import is done (no round trip through the router). A prompt's KV may come in several
+pieces (streamed while later prefill chunks compute): every piece but the last carries `PARTIAL` instead, and only
+the last, with the first token, commits the request. msgpack, versioned, bounded."""
 
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ from llama_relax.generation import FinishReason, TokenEvent
 from llama_relax.sampling import MAX_LOGPROBS, TokenLogprob
 
 META_VERSION = 1
+PARTIAL = msgpack.packb({"v": META_VERSION, "partial": True})  # a piece of the prompt's KV; more will follow
+
+
+def is_partial(meta: bytes) -> bool:
+    """Whether a KV header's meta marks a non-final piece (anything else must decode as a first token)."""
+    return meta == PARTIAL
 
 
 def encode_first_token(event: TokenEvent) -> bytes:

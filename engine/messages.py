@@ -139,12 +139,16 @@ class WorkerOptions:
     kv_host: str = "127.0.0.1"
     kv_lease_s: float = 30.0  # exported KV not acked, or a reservation whose KV never came, is freed after this
     prefix_cache: bool = True  # keep finished sequences' KV and reuse it for prompts that start the same way
+    kv_stream: bool = True  # send each prefill chunk's KV while the next computes (else one piece at the end)
+    kv_stream_tail: int = 64  # a streamed prompt's last tokens get their own forward (0: no split)
     faults: FaultPlan = field(default_factory=lambda: FaultPlan())  # fault injection (tests and drills only)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "max_queue", "output_slice"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.kv_stream_tail < 0:
+            raise ValueError(f"kv_stream_tail must be >= 0, got {self.kv_stream_tail}")
         if not self.kv_lease_s > 0:
             raise ValueError(f"kv_lease_s must be > 0, got {self.kv_lease_s}")
 

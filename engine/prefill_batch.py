@@ -71,9 +71,12 @@ class PrefillBatch:
     def queued_tokens(self) -> int:
         return sum(e.item.remaining for e in self.queue)
 
-    def add(self, req: GenerationRequest, seq_id: int, decoder: SequenceDecoder, done: int = 0) -> None:
-        """Queue a request whose sequence already holds its first `done` tokens (a cached prefix)."""
-        item = PrefillItem(req.request_id, len(req.token_ids), done)
+    def add(
+        self, req: GenerationRequest, seq_id: int, decoder: SequenceDecoder, done: int = 0, split_at: int = 0
+    ) -> None:
+        """Queue a request whose sequence already holds its first `done` tokens (a cached prefix); no forward
+        crosses token `split_at` (0: none)."""
+        item = PrefillItem(req.request_id, len(req.token_ids), done, split_at)
         self.queue.append(PrefillEntry(req, seq_id, item, decoder, time.monotonic()))
 
     def drop(self, request_id: str) -> PrefillEntry | None:

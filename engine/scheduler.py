@@ -59,11 +59,13 @@ def decode_reservation(prompt_len: int, max_tokens: int, output_slice: int) -> i
 # ---- prefill --------------------------------------------------------------------------------------------------
 @dataclass
 class PrefillItem:
-    """A queued request's prefill progress: `done` of `prompt_len` tokens are in the cache."""
+    """A queued request's prefill progress: `done` of `prompt_len` tokens are in the cache. No slice crosses
+    `split_at` (when set): the tokens after it get a forward of their own (a streamed prompt's small last piece)."""
 
     request_id: str
     prompt_len: int
     done: int = 0
+    split_at: int = 0
 
     @property
     def remaining(self) -> int:
@@ -90,6 +92,8 @@ def schedule_prefill(queue: Sequence[PrefillItem], token_budget: int, max_seqs: 
         if item.remaining <= 0:
             continue
         take = min(room, item.remaining)
+        if item.done < item.split_at < item.done + take:
+            take = item.split_at - item.done
         slices.append(PrefillSlice(item.request_id, item.done, item.done + take))
         room -= take
     return slices

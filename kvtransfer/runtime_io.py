@@ -35,6 +35,7 @@ from kvtransfer.payload import (
     make_payload,
 )
 from kvtransfer.transport import ImportSink, KVReceiver, KVSender
+from llama_relax.arrays import aligned_empty
 from llama_relax.runtime import ModelRuntime
 
 _KDL_CUDA = 2
@@ -46,7 +47,7 @@ def export_payload(
     request_id: str,
     begin: int = 0,
     end: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     meta: bytes = b"",
 ) -> KVPayload:
     """K/V of tokens [begin, end) of `seq_id` (default: all) as a payload owning fresh host arrays."""
@@ -84,6 +85,12 @@ def export_device_payload(
     )
 
 
+def _device_route(sender: KVSender, target: str) -> NcclKVSender | None:
+    if isinstance(sender, RoutedSender) and sender.nccl is not None and sender.uses_nccl(target):
+        return sender.nccl
+    return None
+
+
 def export_for(
     runtime: ModelRuntime,
     sender: KVSender,
@@ -92,12 +99,51 @@ def export_for(
     request_id: str,
     meta: bytes = b"",
     begin: int = 0,
+    end: int | None = None,
 ) -> KVPayload:
     """The payload of tokens [begin, end) `sender` will move to `target` best: on the device for the NCCL path,
     else in host memory."""
-    if isinstance(sender, RoutedSender) and sender.nccl is not None and sender.uses_nccl(target):
-        return export_device_payload(runtime, sender.nccl, seq_id, request_id, begin=begin, meta=meta)
-    return export_payload(runtime, seq_id, request_id, begin=begin, meta=meta)
+    if (nccl := _device_route(sender, target)) is not None:
+        return export_device_payload(runtime, nccl, seq_id, request_id, begin=begin, end=end, meta=meta)
+    return export_payload(runtime, seq_id, request_id, begin=begin, end=end, meta=meta)
+
+
+def streams_to(runtime: ModelRuntime, sender: KVSender, target: str) -> bool:
+    """Whether KV for `target` can be read off the driver thread (host pages, host transport): only then is it
+    worth sending a prompt's KV in pieces while later chunks compute."""
+    return runtime.host_kv and _device_route(sender, target) is None
+
+
+def export_later(
+    runtime: ModelRuntime,
+    sender: KVSender,
+    target: str,
+    seq_id: int,
+    request_id: str,
+    begin: int,
+    end: int,
+    meta: bytes = b"",
+    chunk_bytes: int | None = None,
+) -> Callable[[], KVPayload]:
+    """A builder of the payload of tokens [begin, end), called once on any thread. Driver thread only.
+
+    Where `streams_to(...)`, only the token positions are read now; the builder gathers from the host pages and
+    checksums on its own thread (the caller keeps the sequence alive until it ran). Otherwise the KV is exported
+    now and the builder hands that payload over."""
+    if not streams_to(runtime, sender, target):
+        payload = export_for(runtime, sender, target, seq_id, request_id, meta, begin, end)
+        return lambda: payload
+    positions = runtime.kv_positions(seq_id, begin, end)  # [n]
+
+    def build() -> KVPayload:
+        shape, dtype = runtime.kv_shape(end - begin), runtime.compiled.dtype
+        k, v = aligned_empty(shape, dtype), aligned_empty(shape, dtype)
+        runtime.gather_kv(positions, k, v)
+        return make_payload(
+            k, v, runtime.kv_fingerprint(), begin, request_id, chunk_bytes, runtime.kv_config.page_size, meta
+        )
+
+    return build
 
 
 def _cuda_id(runtime: ModelRuntime) -> int | None:

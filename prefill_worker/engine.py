@@ -9,17 +9,22 @@ Request lifecycle (`PrefillState`):
   2. PREFILLING    each step packs waiting prompts into one forward of at most `token_budget` tokens (one sequence:
                    `prefill_to_last_hidden_states`, several: `batch_forward_to_last_hidden_states`); longer prompts
                    continue over several steps. A failed forward fails only its own requests.
-  3. TRANSFERRING  the last chunk's logits give token 1; `on_event(event)` reports it at once (TTFT), the KV is
-                   exported on the engine thread with token 1 in its header, and a transfer thread pushes it to the
-                   decode worker, so the engine keeps prefilling meanwhile.
-                   A transport failure (reset, checksum, truncated stream) is retried once; a send not acked within
-                   `kv_lease_s` gives up (the lease expired) and the exported KV is freed.
+                   KV streaming (host KV, gRPC): after each step, the tokens a prompt gained go to its decode worker
+                   as a partial piece (`KVStream`), sent by a transfer thread while the next chunk computes. The
+                   last `stream_tail` tokens of a longer prompt get a forward of their own, so the KV still to move
+                   once token 1 is out is that small piece only.
+  3. TRANSFERRING  the last chunk's logits give token 1; `on_event(event)` reports it at once (TTFT); the final
+                   piece (the rest of the KV, with token 1 in its header) follows the others. Only token positions
+                   are read on the engine thread; gathering, checksums and sends run on the transfer thread.
+                   A transport failure (reset, checksum, truncated stream) of a piece is retried once; a send not
+                   acked within `kv_lease_s` gives up (the lease expired); either way the request fails
+                   (TRANSFER_FAILED: the router recomputes it) and the decode side frees what it got.
   4. DONE / FAILED / CANCELLED   the receiver's ack (or a failure / timeout / cancel) ends it: `on_event` gets the
                    `PrefillResult` exactly once, then on the engine thread the prefilled sequence becomes a
                    prefix-cache entry (one whose forward failed is freed with its pages).
 A request with `resume_ids` (a migration) prefills prompt + resume_ids and samples the token after them.
 Memory: the engine owns the runtime and the page pool; a payload is owned by its transfer thread until the send
-returns.
+returns; a request's sequence is freed only once its stream is idle (a transfer thread may be reading its pages).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.faults import FaultInjector, FaultPlan, Stage
-from engine.kvmeta import encode_first_token
+from engine.kvmeta import PARTIAL, encode_first_token
 from engine.loop import EngineLoop
 from engine.messages import Admission, ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerLoad
 from engine.pages import PagePool, pages_for
@@ -43,10 +48,11 @@ from engine.prefill_batch import FirstToken, PrefillBatch, make_decoder
 from engine.prefix_cache import MISS, Hit, PrefixCache
 from engine.scheduler import admit
 from kvtransfer.payload import ErrorCode, KVPayload
-from kvtransfer.runtime_io import export_for
+from kvtransfer.runtime_io import export_later, streams_to
 from kvtransfer.transport import KVSender, TransferResult
 from llama_relax.generation import TokenEvent, TokenizerLike
 from llama_relax.runtime import ModelRuntime
+from prefill_worker.kvstream import KVStream, Piece, StreamEnd
 
 
 class PrefillState(enum.Enum):
@@ -59,10 +65,6 @@ class PrefillState(enum.Enum):
 
 
 PrefillEvent = TokenEvent | PrefillResult
-# transport failures worth one more try (a rejection by the receiver, a lease that ran out or a cancel are not)
-RETRYABLE = frozenset(
-    {ErrorCode.UNAVAILABLE, ErrorCode.CHECKSUM_MISMATCH, ErrorCode.TRUNCATED, ErrorCode.CANCELLED, ErrorCode.BUSY}
-)
 log = logging.getLogger(__name__)
 _TERMINAL = frozenset({PrefillState.DONE, PrefillState.FAILED, PrefillState.CANCELLED})
 
@@ -79,7 +81,11 @@ class _Job:
     released: bool = False
     state: PrefillState = PrefillState.QUEUED
     prefill_end: float = 0.0  # perf_counter when its first token was sampled (the KV hand-off starts)
-    export_s: float = 0.0
+    export_s: float = 0.0  # engine-thread time of the hand-off (token positions, or a device export)
+    sent: int = 0  # KV of tokens [kv_begin, sent) is queued or sent to the decode worker
+    streams: bool = False  # partial pieces are sent while the prompt prefills
+    stream: KVStream | None = None
+    first: FirstToken | None = None
     _reported: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,6 +96,13 @@ class _Job:
                 return
             self._reported = True
         self.on_event(result)
+
+    def emit_first(self, event: TokenEvent) -> bool:
+        """Deliver token 1 unless the result (a failure) went out first: never a token after the terminal item."""
+        with self._lock:
+            if not self._reported:
+                self.on_event(event)
+            return not self._reported
 
 
 class PrefillEngine(EngineLoop):
@@ -106,6 +119,8 @@ class PrefillEngine(EngineLoop):
         transfer_threads: int = 2,
         faults: FaultInjector | None = None,
         prefix_cache: bool = True,
+        stream_kv: bool = True,
+        stream_tail: int = 64,
     ) -> None:
         super().__init__("prefill")
         self.runtime = runtime
@@ -119,6 +134,8 @@ class PrefillEngine(EngineLoop):
         self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
         self.batch = PrefillBatch(runtime, max_seqs, token_budget)
         self.cache = PrefixCache(runtime, self.pool, prefix_cache)  # prefilled prompts
+        self.stream_kv = stream_kv  # send each prefill chunk's KV while the next computes
+        self.stream_tail = stream_tail  # tokens of the last forward of a streamed prompt (0: no split)
         self.jobs: dict[str, _Job] = {}
         self._seq_ids = itertools.count(1)
         self._transfers = cf.ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-send")
@@ -190,22 +207,26 @@ class PrefillEngine(EngineLoop):
             self.cache.unpin(hit)
             return decision
         self.pool.reserve(rid, pages_for(n, self.pool.page_size) - hit.shared_pages)
-        job = _Job(req, kv_target, on_event, next(self._seq_ids), hit, kv_begin)
+        job = _Job(req, kv_target, on_event, next(self._seq_ids), hit, kv_begin, sent=kv_begin)
+        job.stream = KVStream(
+            lambda p, retry: self._send(job, p, retry), self._transfers, lambda e: self._ended(job, e)
+        )
+        job.streams = self.stream_kv and streams_to(self.runtime, self.sender, kv_target)
         self.cache.fork(hit, job.seq_id, n)
         self.jobs[rid] = job
         decoder = make_decoder(req, self.tokenizer, self.runtime.config.context_window_size)
-        self.batch.add(req, job.seq_id, decoder, done=hit.tokens)
+        tail = self.stream_tail if job.streams and n - max(hit.tokens, kv_begin) > 2 * self.stream_tail else 0
+        self.batch.add(req, job.seq_id, decoder, done=hit.tokens, split_at=n - tail if tail else 0)
         return dataclasses.replace(decision, cached_tokens=hit.tokens)
 
     def _cancel(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
         if job is None or job.state in _TERMINAL:
             return False
-        if job.state is PrefillState.TRANSFERRING:  # the transfer thread sees the state / the sender's cancel
-            job.state = PrefillState.CANCELLED
+        if job.stream is not None and job.stream.started:  # abort the stream, then cancel the send in flight
+            job.stream.abort()
             self.sender.cancel(request_id)
-        else:
-            self._fail(job, ErrorKind.CANCELLED, "cancelled")
+        self._fail(job, ErrorKind.CANCELLED, "cancelled")
         return True
 
     def step(self) -> bool:
@@ -217,8 +238,11 @@ class PrefillEngine(EngineLoop):
         for f in failures:
             self._fail(self.jobs[f.request_id], ErrorKind.INTERNAL, f.message)
         for e in self.batch.queue:
+            job = self.jobs[e.req.request_id]
             if e.t_start:
-                self.jobs[e.req.request_id].state = PrefillState.PREFILLING
+                job.state = PrefillState.PREFILLING
+            if job.streams and e.item.done > job.sent:  # this step's tokens go while the next chunk computes
+                self._ship(job, e.item.done, PARTIAL, final=False)
         for ft in firsts:
             self._after_prefill(self.jobs[ft.request_id], ft)
         return True
@@ -230,7 +254,9 @@ class PrefillEngine(EngineLoop):
     def _after_prefill(self, job: _Job, ft: FirstToken) -> None:
         job.prefilled = True
         job.prefill_end = time.perf_counter()
-        job.on_event(ft.event)
+        job.first = ft
+        if not job.emit_first(ft.event):  # a piece of its KV failed for good: the failure is reported already
+            return
         if ft.event.finish_reason is not None:  # the request ended with its first token: no KV to ship
             self._release(job, PrefillState.DONE)
             result = PrefillResult(job.req.request_id, ft.event, None, ft.queue_s, ft.prefill_s)
@@ -239,15 +265,19 @@ class PrefillEngine(EngineLoop):
         job.state = PrefillState.TRANSFERRING
         self.faults.hit(Stage.KV_EXPORT)
         try:
-            meta = encode_first_token(ft.event)
-            payload = export_for(
-                self.runtime, self.sender, job.kv_target, ft.seq_id, ft.request_id, meta=meta, begin=job.kv_begin
-            )
+            self._ship(job, len(job.req.token_ids), encode_first_token(ft.event), final=True)
         except Exception as e:  # this request fails alone
             self._fail(job, ErrorKind.INTERNAL, f"KV export failed: {type(e).__name__}: {e}", ft.event)
-            return
-        job.export_s = time.perf_counter() - job.prefill_end
-        self._transfers.submit(self._transfer, job, ft, payload)
+
+    def _ship(self, job: _Job, end: int, meta: bytes, final: bool) -> None:
+        """Queue KV tokens [job.sent, end) as the stream's next piece (engine thread: reads token positions)."""
+        begin, rid = job.sent, job.req.request_id
+        t0 = time.perf_counter()
+        build = export_later(self.runtime, self.sender, job.kv_target, job.seq_id, rid, begin, end, meta)
+        job.export_s += time.perf_counter() - t0  # before the push: the transfer thread may run at once
+        job.sent = end
+        assert job.stream is not None
+        job.stream.push(Piece(begin, end, build, final))
 
     def _send(self, job: _Job, payload: KVPayload, retry: bool = False) -> TransferResult:
         """One send; a planned KV_SEND fault damages a first send (this stream only), never the retry."""
@@ -257,43 +287,43 @@ class PrefillEngine(EngineLoop):
         sent = payload if damaged is payload.k else KVPayload(payload.header, damaged, payload.v)
         return self.sender.send(sent, job.kv_target, self.kv_lease_s)
 
-    def _transfer(self, job: _Job, ft: FirstToken, payload: KVPayload) -> None:  # transfer thread
-        """Send the KV; a transport failure is retried once; a send not acked within the lease gives up."""
-        result, retries = self._send(job, payload), 0
-        if not result.ok and result.error in RETRYABLE and job.state is not PrefillState.CANCELLED:
-            log.warning("KV transfer of %s failed (%s: %s); retrying once", ft.request_id, result.error, result.message)
-            result, retries = self._send(job, payload, retry=True), 1
-        del payload
-        rid = ft.request_id
+    def _ended(self, job: _Job, end: StreamEnd) -> None:  # transfer thread
+        """The stream ended: the final piece is in, or a piece failed for good. Report at once: the decode worker
+        may start as soon as the KV is in, not after our current prefill step."""
+        rid, ft, result = job.req.request_id, job.first, end.result
         cancelled = job.state is PrefillState.CANCELLED
         error = None
         if cancelled:
             error = RequestError(rid, ErrorKind.CANCELLED, "cancelled")
+        elif result is None:
+            error = RequestError(rid, ErrorKind.INTERNAL, end.export_error or "KV export failed")
         elif not result.ok:
             if result.error is ErrorCode.TIMEOUT:
                 self.lease_expired += 1  # a counter read by load(); one writer at a time is enough for it
                 log.warning("KV lease of %s expired after %.0f s without an ack", rid, self.kv_lease_s)
             msg = f"KV transfer to {job.kv_target} failed: {result.error.value}: {result.message}"
             error = RequestError(rid, ErrorKind.TRANSFER_FAILED, msg)
-        # Report at once: the decode worker may start as soon as the KV is in, not after our current prefill
-        # step (waiting for the engine thread here put a whole prefill step between tokens 1 and 2).
+        st = end.stats
         job.report(
             PrefillResult(
                 rid,
-                ft.event,
+                ft.event if ft is not None else None,
                 error,
-                ft.queue_s,
-                ft.prefill_s,
-                result.transfer_s,
-                result.nbytes,
-                retries,
+                ft.queue_s if ft is not None else 0.0,
+                ft.prefill_s if ft is not None else 0.0,
+                st.transfer_s,
+                st.nbytes,
+                st.retries,
                 job.hit.tokens,
-                export_s=job.export_s,
-                import_s=result.import_s,
-                tail_s=time.perf_counter() - job.prefill_end,
+                export_s=job.export_s + st.export_s,
+                import_s=st.import_s,
+                tail_s=end.acked_at - job.prefill_end if ft is not None else 0.0,
             )
         )
         final = PrefillState.DONE if error is None else (PrefillState.CANCELLED if cancelled else PrefillState.FAILED)
+        self._post_release(job, final)
+
+    def _post_release(self, job: _Job, final: PrefillState) -> None:
         fut = self.post(lambda: self._release(job, final))
         if fut.cancelled() or (fut.done() and fut.exception() is not None):  # engine stopped: release inline
             self._release(job, final)
@@ -308,6 +338,9 @@ class PrefillEngine(EngineLoop):
         prefilled) or freed with its pages; the job forgotten."""
         rid = job.req.request_id
         self.batch.drop(rid)
+        if job.stream is not None and not job.stream.when_idle(lambda: self._post_release(job, final)):
+            job.state = final  # a transfer thread still reads its pages: free them when it leaves
+            return
         if not job.released:  # once: the cache's references are counted
             job.released = True
             self.cache.finish(job.seq_id, rid, job.hit, job.req.token_ids if job.prefilled else None)

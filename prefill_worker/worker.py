@@ -41,6 +41,8 @@ class PrefillWorker(HostedEngine):
             kv_lease_s=options.kv_lease_s,
             faults=faults,
             prefix_cache=options.prefix_cache,
+            stream_kv=options.kv_stream,
+            stream_tail=options.kv_stream_tail,
         )
         self._host(self.engine)
 

@@ -50,6 +50,20 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=64,
         help="the decode worker prefills an uncached prompt part this short itself (default 64; 0: never)",
     )
+    k = p.add_argument_group("KV hand-off")
+    k.add_argument(
+        "--no-kv-stream",
+        action="store_true",
+        help="send a prompt's KV in one piece after its last prefill chunk (default: each chunk's KV is streamed "
+        "while the next computes)",
+    )
+    k.add_argument(
+        "--kv-stream-tail",
+        type=int,
+        default=64,
+        help="a streamed prompt's last N tokens get a forward of their own, so only their KV is left to move "
+        "after token 1 (default 64; 0: no split)",
+    )
     g = p.add_argument_group("failures and load")
     g.add_argument("--migration-limit", type=int, default=3, help="migrations per request (default 3)")
     g.add_argument(

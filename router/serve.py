@@ -59,6 +59,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.local_prefill_max_tokens < 0:
         raise UserError("--local-prefill-max-tokens must be >= 0")
     caching = not args.no_prefix_cache
+    if args.kv_stream_tail < 0:
+        raise UserError("--kv-stream-tail must be >= 0")
     if not 0 <= args.http_port < 65536:
         raise UserError(f"--http-port must be in [0, 65535], got {args.http_port}")
     api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
@@ -89,6 +91,8 @@ def run_serve(args: argparse.Namespace) -> int:
         kv_host=args.host,
         kv_lease_s=args.kv_lease_s,
         prefix_cache=caching,
+        kv_stream=not args.no_kv_stream,
+        kv_stream_tail=args.kv_stream_tail,
         faults=faults,
     )
     target = resolve_target(args.target)

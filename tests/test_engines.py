@@ -187,7 +187,7 @@ class RecordingSender(KVSender):
 
 def test_decode_engine_imports_kv_then_decodes_and_rejects_bad_imports(runtime, second_runtime, params):
     sender = RecordingSender()
-    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
+    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1, stream_kv=False)  # one piece
     d = DecodeEngine(second_runtime, None, max_batch=8)
     r = GenerationRequest("dx", prompts()[1], GREEDY)
     out = Collect()

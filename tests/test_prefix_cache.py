@@ -6,6 +6,8 @@ real KV cache's free-page count agreeing with the engine's accounting)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from conftest import TINY_GQA
@@ -95,8 +97,10 @@ def test_the_decode_side_holds_a_prefix_and_only_the_rest_of_the_kv_is_sent(runt
     d = DecodeEngine(runtimes[1], None, max_batch=8)
     plain = DecodeEngine(runtimes[2], None, max_batch=8, name="colocated", prefix_cache=False)
     system = ids(48, 5)
+    sizes = []
     for turn, user in enumerate([ids(20, 6), ids(25, 7)]):
         req = GenerationRequest(f"r{turn}", system + user, GREEDY)
+        sent_before = len(sender.payloads)
         admission = d.reserve(req)
         assert admission.ok and admission.cached_tokens == (0 if turn == 0 else 48)
         out = Collect()
@@ -104,13 +108,17 @@ def test_the_decode_side_holds_a_prefix_and_only_the_rest_of_the_kv_is_sent(runt
         run_until(p, lambda out=out: out.done.is_set() and not p.jobs)  # released: its prompt is cached
         result = out.items[-1]
         assert result.ok and result.cached_tokens == (0 if turn == 0 else 48)
-        payload = sender.payloads[-1]
-        assert (payload.header.begin, payload.header.end) == (admission.cached_tokens, len(req.token_ids))
-        d.import_kv(payload.header, payload.k, payload.v)
+        pieces = sender.payloads[sent_before:]  # streamed per prefill chunk, tiling [cached, n)
+        ranges = [(x.header.begin, x.header.end) for x in pieces]
+        assert ranges[0][0] == admission.cached_tokens and ranges[-1][1] == len(req.token_ids)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        sizes.append(sum(x.header.num_tokens for x in pieces))
+        for x in pieces:
+            d.import_kv(x.header, x.k, x.v)
         run_until(d, lambda rid=req.request_id: rid not in d.seqs)
         got = [out.items[0].token_id] + [e.token_id for e in d.stream(req.request_id)]
         assert got == generate(plain, GenerationRequest(f"r{turn}", req.token_ids, GREEDY))[0]
-    assert len(sender.payloads[1].k[0]) < len(sender.payloads[0].k[0])  # fewer tokens' KV the second time
+    assert sizes[1] < sizes[0]  # fewer tokens' KV the second time
     run_until(p, lambda: not p.jobs)
     assert_no_leaks(p, d, plain)
 
