@@ -20,6 +20,7 @@ Request lifecycle (`DecodeState`):
                   entry, any other is freed with its pages, and the stream gets its terminal item.
 Leases: a reservation whose KV has not come within `kv_lease_s`, and a request whose stream nobody claimed within
 it, are ended and freed (counted in `load().lease_expired`), so no page stays held for a request nobody serves.
+Both run from admission or from the last KV piece imported: a long streamed prompt lives while its pieces come.
 Memory: the engine owns the runtime (one KV cache) and the page pool; streams are handed to the caller.
 """
 
@@ -227,6 +228,9 @@ class DecodeEngine(EngineLoop):
         self.faults.hit(Stage.DECODE_IMPORT)
         import_into(self.runtime, seq.seq_id, header, k, v)  # SHAPE_MISMATCH unless it starts at seq.length
         seq.length, seq.last_piece = header.end, (header.begin, header.end)
+        seq.t_lease = time.monotonic()  # a piece came: the leases (KV, unclaimed stream) run from now
+        if seq.request_id in self._unclaimed:
+            self._unclaimed[seq.request_id] = (seq.out, seq.t_lease)
         if first is None:
             seq.state = DecodeState.RECEIVING
             return
@@ -262,7 +266,7 @@ class DecodeEngine(EngineLoop):
         if now < self._next_lease_check:
             return False
         self._next_lease_check = now + min(1.0, self.kv_lease_s / 4)
-        late = [s for s in self.seqs.values() if s.state in _AWAITING_KV and now - s.t_admit > self.kv_lease_s]
+        late = [s for s in self.seqs.values() if s.state in _AWAITING_KV and now - s.t_lease > self.kv_lease_s]
         for s in late:
             self._end(
                 s,

@@ -51,6 +51,7 @@ class DecodeSequence:
     hit: Hit = MISS  # the cached prefix its sequence was forked from (its first `hit.tokens` tokens)
     last_piece: tuple[int, int] | None = None  # token range of the last KV piece imported
     t_admit: float = field(default_factory=time.monotonic)
+    t_lease: float = field(default_factory=time.monotonic)  # the KV lease runs from here: admission, or the last piece
 
     @property
     def request_id(self) -> str:
