@@ -59,8 +59,10 @@ def decode_reservation(prompt_len: int, max_tokens: int, output_slice: int) -> i
 # ---- prefill --------------------------------------------------------------------------------------------------
 @dataclass
 class PrefillItem:
-    """A queued request's prefill progress: `done` of `prompt_len` tokens are in the cache. No slice crosses
-    `split_at` (when set): the tokens after it get a forward of their own (a streamed prompt's small last piece)."""
+    """A queued request's prefill progress: `done` of `prompt_len` tokens are in the cache. While no other prompt
+    waits, no slice crosses `split_at` (when set): the tokens after it get a small forward of their own (a streamed
+    prompt's last piece). With others waiting the split is ignored: their tokens would fill that forward, and token 1
+    would come a whole forward later."""
 
     request_id: str
     prompt_len: int
@@ -86,13 +88,14 @@ def schedule_prefill(queue: Sequence[PrefillItem], token_budget: int, max_seqs: 
     requests; a prompt that does not fit is split and continues in the next step."""
     slices: list[PrefillSlice] = []
     room = token_budget
+    waiting = sum(item.remaining > 0 for item in queue)
     for item in queue:
         if room == 0 or len(slices) == max_seqs:
             break
         if item.remaining <= 0:
             continue
         take = min(room, item.remaining)
-        if item.done < item.split_at < item.done + take:
+        if waiting == 1 and item.done < item.split_at < item.done + take:
             take = item.split_at - item.done
         slices.append(PrefillSlice(item.request_id, item.done, item.done + take))
         room -= take

@@ -31,6 +31,16 @@ def test_prefill_packs_fcfs_and_splits_long_prompts():
     assert [(s.request_id, s.begin, s.end) for s in plan] == [("r1", 54, 100), ("r2", 0, 5)]
 
 
+def test_a_streamed_prompt_alone_gets_its_tail_in_a_forward_of_its_own_but_not_when_others_wait():
+    alone = [PrefillItem("s", 100, split_at=80)]
+    plan = schedule_prefill(alone, token_budget=512, max_seqs=8)
+    assert [(s.begin, s.end) for s in plan] == [(0, 80)]
+    alone[0].done = 80
+    assert [(s.begin, s.end) for s in schedule_prefill(alone, 512, 8)] == [(80, 100)]
+    busy = [PrefillItem("s", 100, split_at=80), PrefillItem("o", 30)]  # the split would delay token 1 a forward
+    assert [(s.request_id, s.begin, s.end) for s in schedule_prefill(busy, 512, 8)] == [("s", 0, 100), ("o", 0, 30)]
+
+
 def test_prefill_respects_max_seqs_and_empty_queue():
     assert len(schedule_prefill(items(1, 1, 1, 1), 100, max_seqs=2)) == 2
     assert schedule_prefill([], 100, 4) == []
