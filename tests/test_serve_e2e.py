@@ -78,9 +78,10 @@ def test_disaggregated_streams_the_same_greedy_tokens_as_colocated(disagg, coloc
         assert t.kv_wire_s + t.kv_import_s == pytest.approx(t.kv_transfer_s, abs=1e-6)
         # The parts are summed over the KV's pieces. A longer prompt's pieces before the last are sent while its
         # later chunks compute, so only a one-piece hand-off (export, send, import) lies wholly inside the tail
-        # (prefill end -> KV in); every piece lies inside the prefill plus the tail.
+        # (prefill end -> KV in). The sends of the pieces follow one another inside the prefill plus the tail (the
+        # engine thread's share of the export may overlap an earlier piece's send, so it is not in this bound).
         spent = t.kv_export_s + t.kv_transfer_s
-        assert spent <= t.prefill_s + t.kv_tail_s + 1e-3 and 0 < t.kv_tail_s < t.e2e_s
+        assert t.kv_transfer_s <= t.prefill_s + t.kv_tail_s + 1e-3 and 0 < t.kv_tail_s < t.e2e_s
         if len(p) <= TINY_GQA.prefill_chunk_size:
             assert spent <= t.kv_tail_s + 1e-3
     assert disagg.pages_all_free() and colocated.pages_all_free()
