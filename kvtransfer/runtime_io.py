@@ -35,7 +35,6 @@ from kvtransfer.payload import (
     make_payload,
 )
 from kvtransfer.transport import ImportSink, KVReceiver, KVSender
-from llama_relax.arrays import aligned_empty
 from llama_relax.runtime import ModelRuntime
 
 _KDL_CUDA = 2
@@ -53,6 +52,18 @@ def export_payload(
     """K/V of tokens [begin, end) of `seq_id` (default: all) as a payload owning fresh host arrays."""
     end = runtime.sequence_length(seq_id) if end is None else end
     k, v = runtime.read_kv(seq_id, begin, end)  # [L, n, Hkv, d] each
+    return _host_payload(runtime, k, v, begin, request_id, chunk_bytes, meta)
+
+
+def _host_payload(
+    runtime: ModelRuntime,
+    k: np.ndarray,
+    v: np.ndarray,
+    begin: int,
+    request_id: str,
+    chunk_bytes: int | None,
+    meta: bytes,
+) -> KVPayload:
     return make_payload(
         k, v, runtime.kv_fingerprint(), begin, request_id, chunk_bytes, runtime.kv_config.page_size, meta
     )
@@ -134,16 +145,7 @@ def export_later(
         payload = export_for(runtime, sender, target, seq_id, request_id, meta, begin, end)
         return lambda: payload
     positions = runtime.kv_positions(seq_id, begin, end)  # [n]
-
-    def build() -> KVPayload:
-        shape, dtype = runtime.kv_shape(end - begin), runtime.compiled.dtype
-        k, v = aligned_empty(shape, dtype), aligned_empty(shape, dtype)
-        runtime.gather_kv(positions, k, v)
-        return make_payload(
-            k, v, runtime.kv_fingerprint(), begin, request_id, chunk_bytes, runtime.kv_config.page_size, meta
-        )
-
-    return build
+    return lambda: _host_payload(runtime, *runtime.gather_kv(positions), begin, request_id, chunk_bytes, meta)
 
 
 def _cuda_id(runtime: ModelRuntime) -> int | None:

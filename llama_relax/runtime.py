@@ -375,9 +375,7 @@ class ModelRuntime:
         if not self._host_pages:  # a GPU: read on the device, then one copy to host
             kt, vt = self.read_kv_device(seq_id, begin, end)
             return kt.numpy(), vt.numpy()
-        k, v = (aligned_empty(self.kv_shape(end - begin), self.compiled.dtype) for _ in range(2))
-        self.gather_kv(self.kv_positions(seq_id, begin, end), k, v)
-        return k, v
+        return self.gather_kv(self.kv_positions(seq_id, begin, end))
 
     @property
     def host_kv(self) -> bool:
@@ -401,16 +399,18 @@ class ModelRuntime:
         positions, self._recorder.positions = self._recorder.positions, None
         return positions
 
-    def gather_kv(self, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Copy K and V at `positions` (from `kv_positions`) out of the host pages into `k`, `v` ([L, n, Hkv, d]).
+    def gather_kv(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Copy K and V at `positions` (from `kv_positions`) out of the host pages into new arrays [L, n, Hkv, d].
 
         Reads page memory only, so it may run on any thread while the driver thread runs forwards that write
         other positions; the caller keeps the sequence (and so its pages) alive until it returns."""
         ps = self.kv_config.page_size
         page, slot = positions // ps, positions % ps
+        k, v = (aligned_empty(self.kv_shape(len(positions)), self.compiled.dtype) for _ in range(2))
         for layer, pages in enumerate(self._host_pages):  # pages: [P, 2, Hkv, page_size, d]
             k[layer] = pages[page, 0, :, slot, :]  # [n, Hkv, d]
             v[layer] = pages[page, 1, :, slot, :]
+        return k, v
 
     def read_kv_device(self, seq_id: int, begin: int, end: int) -> tuple[tvm.runtime.Tensor, tvm.runtime.Tensor]:
         """K and V of tokens [begin, end) as new tensors [L, n, Hkv, d] on this runtime's device (no host copy;

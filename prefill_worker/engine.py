@@ -84,7 +84,7 @@ class _Job:
     export_s: float = 0.0  # engine-thread time of the hand-off (token positions, or a device export)
     sent: int = 0  # KV of tokens [kv_begin, sent) is queued or sent to the decode worker
     streams: bool = False  # partial pieces are sent while the prompt prefills
-    stream: KVStream | None = None
+    stream: KVStream = field(init=False)  # made right after the job (its callbacks name the job)
     first: FirstToken | None = None
     _reported: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -223,7 +223,7 @@ class PrefillEngine(EngineLoop):
         job = self.jobs.get(request_id)
         if job is None or job.state in _TERMINAL:
             return False
-        if job.stream is not None and job.stream.started:  # abort the stream, then cancel the send in flight
+        if job.stream.started:  # abort the stream, then cancel the send in flight
             job.stream.abort()
             self.sender.cancel(request_id)
         self._fail(job, ErrorKind.CANCELLED, "cancelled")
@@ -276,11 +276,12 @@ class PrefillEngine(EngineLoop):
         build = export_later(self.runtime, self.sender, job.kv_target, job.seq_id, rid, begin, end, meta)
         job.export_s += time.perf_counter() - t0  # before the push: the transfer thread may run at once
         job.sent = end
-        assert job.stream is not None
-        job.stream.push(Piece(begin, end, build, final))
+        job.stream.push(Piece(build, final))
 
     def _send(self, job: _Job, payload: KVPayload, retry: bool = False) -> TransferResult:
         """One send; a planned KV_SEND fault damages a first send (this stream only), never the retry."""
+        if retry:
+            log.warning("KV transfer of %s failed; retrying the piece once", job.req.request_id)
         fault = None if retry else self.faults.hit(Stage.KV_SEND)
         self.faults.arm(job.req.request_id, fault)
         damaged = self.faults.damaged(fault, payload.k)
@@ -338,7 +339,7 @@ class PrefillEngine(EngineLoop):
         prefilled) or freed with its pages; the job forgotten."""
         rid = job.req.request_id
         self.batch.drop(rid)
-        if job.stream is not None and not job.stream.when_idle(lambda: self._post_release(job, final)):
+        if not job.stream.when_idle(lambda: self._post_release(job, final)):
             job.state = final  # a transfer thread still reads its pages: free them when it leaves
             return
         if not job.released:  # once: the cache's references are counted

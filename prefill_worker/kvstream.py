@@ -34,10 +34,9 @@ RETRYABLE = frozenset(
 
 @dataclass(frozen=True)
 class Piece:
-    """Prompt tokens [begin, end) of one request; `build` makes the payload on the transfer thread."""
+    """Some prompt tokens of one request (the range is in the payload's header); `build` makes the payload on the
+    transfer thread."""
 
-    begin: int
-    end: int
     build: Callable[[], KVPayload]
     final: bool  # the last piece: its meta carries the first token, and its ack ends the stream
 
@@ -83,10 +82,6 @@ class KVStream:
     _aborted: bool = False
     _idle_cb: Callable[[], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
 
     @property
     def started(self) -> bool:

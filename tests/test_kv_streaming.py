@@ -109,17 +109,13 @@ def test_streamed_pieces_tile_the_prompt_and_are_bit_identical_to_one_shot(runti
     tokens = [out.items[0].token_id] + [e.token_id for e in drain(d.stream("s"))]
     assert_greedy_matches_reference(params, req.prompt_ids, tokens)
 
-    d2 = DecodeEngine(new_runtime_like(runtimes[1], params), None, max_batch=8)
+    d2 = DecodeEngine(new_runtime(runtimes[1].compiled, params), None, max_batch=8)
     assert d2.reserve(req).ok
     d2.import_kv(whole.header, whole.k, whole.v)
     run_until(d2, lambda: not d2.seqs)
     assert [out.items[0].token_id] + [e.token_id for e in drain(d2.stream("s"))] == tokens
     assert_no_leaks(d, d2)
     d2.runtime.close()
-
-
-def new_runtime_like(rt, params):  # noqa: F811
-    return new_runtime(rt.compiled, params)
 
 
 def test_the_last_tokens_of_a_streamed_prompt_get_their_own_forward(runtimes):
