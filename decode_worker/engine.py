@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 from engine.decode_batch import DecodeBatch, DecodeSequence, DecodeState
 from engine.faults import FaultInjector, FaultPlan, Stage
@@ -63,8 +64,10 @@ class DecodeEngine(EngineLoop):
         faults: FaultInjector | None = None,
         name: str = "decode",
         prefix_cache: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name)
+        self.clock = clock  # the leases' clock (a test steps its own)
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.output_slice = output_slice
@@ -205,6 +208,7 @@ class DecodeEngine(EngineLoop):
         self.pool.reserve(rid, pages_for(tokens, self.pool.page_size) - hit.shared_pages)
         decoder = make_decoder(req, self.tokenizer, self.runtime.config.context_window_size)
         seq = DecodeSequence(req, next(self._seq_ids), decoder, OutputStream(), state, length=hit.tokens, hit=hit)
+        seq.t_admit = seq.t_lease = self.clock()
         self.cache.fork(hit, seq.seq_id, n)
         self.seqs[rid] = seq
         self._unclaimed[rid] = (seq.out, seq.t_admit)
@@ -228,7 +232,7 @@ class DecodeEngine(EngineLoop):
         self.faults.hit(Stage.DECODE_IMPORT)
         import_into(self.runtime, seq.seq_id, header, k, v)  # SHAPE_MISMATCH unless it starts at seq.length
         seq.length, seq.last_piece = header.end, (header.begin, header.end)
-        seq.t_lease = time.monotonic()  # a piece came: the leases (KV, unclaimed stream) run from now
+        seq.t_lease = self.clock()  # a piece came: the leases (KV, unclaimed stream) run from now
         if seq.request_id in self._unclaimed:
             self._unclaimed[seq.request_id] = (seq.out, seq.t_lease)
         if first is None:
@@ -262,7 +266,7 @@ class DecodeEngine(EngineLoop):
 
     def _expire_leases(self) -> bool:
         """Free a reservation whose KV never came, and a request whose stream nobody claimed, after the lease."""
-        now = time.monotonic()
+        now = self.clock()
         if now < self._next_lease_check:
             return False
         self._next_lease_check = now + min(1.0, self.kv_lease_s / 4)

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import psutil
@@ -20,6 +22,12 @@ from ray_cluster import LOOPBACK_ENV
 
 from protos import generate_pb2 as pb
 from protos import generate_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+# `--inject-fault` for a server whose decode steps each pause >= 20 ms, like a real model: faults land mid-stream,
+# and a long request is known to outlast a short deadline on any machine
+SLOW_DECODE = "decode_step:pause:0.02x100000000"
 
 
 class _Auth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -160,3 +168,21 @@ def wait_for(path: Path, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} never appeared")
         time.sleep(0.02)
+
+
+def wait_until(cond: Callable[[], T], timeout_s: float = 60.0, what: str = "condition") -> T:
+    """Poll `cond` until it returns something truthy, and return that: a test waits for the state it expects
+    (another thread's or process's progress) instead of sleeping for a guessed time. The timeout only guards a
+    hang."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+def scrape_metric(port: int, name: str, label: str = "") -> float:
+    """The sum of the samples of Prometheus metric `name` (those whose line contains `label`) at 127.0.0.1:port."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(ln.split()[-1]) for ln in body.splitlines() if ln.startswith(name) and label in ln)

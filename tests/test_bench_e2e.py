@@ -43,7 +43,6 @@ def check_run(run: dict, n: int, target_tokens: int, server_side: bool = True) -
     assert run["ttft_ms"]["count"] == run["e2e_ms"]["count"] == n
     assert run["ttft_ms"]["max"] <= run["e2e_ms"]["max"] and run["ttft_ms"]["mean"] <= run["e2e_ms"]["mean"]
     assert all(t <= e for t, e in zip(run["samples_ms"]["ttft_ms"], run["samples_ms"]["e2e_ms"], strict=True))
-    assert run["e2e_ms"]["max"] < 60_000
     b = run["server_breakdown_s"]
     if not server_side:
         assert b is None
@@ -89,8 +88,9 @@ def test_launch_writes_results_and_plots(model_dir, serve_env, tmp_path, capsys)
     assert run["total_input_tokens"] == doc["workload"]["total_prompt_tokens"]
     b = run["server_breakdown_s"]
     assert b["kv_transfer_s"] > 0  # disaggregated: the KV moved between workers
-    assert b["kv_tail_s"] >= b["kv_export_s"] + b["kv_transfer_s"] - 1e-3 and b["kv_export_s"] > 0
-    assert run["goodput"] == pytest.approx(run["request_throughput"])  # the SLOs are loose
+    assert b["kv_tail_s"] > 0 and b["kv_export_s"] > 0  # parts timed on other threads are never compared
+    # SLOs 3 orders of magnitude above what the tiny model takes (ms): every request meets them on any machine
+    assert run["goodput"] == pytest.approx(run["request_throughput"])
     for png in ("latency_cdf.png",):
         assert (out / png).stat().st_size > 1000
     assert (out / "server-A.log").exists()

@@ -407,11 +407,12 @@ def test_client_follows_the_arrival_schedule_and_the_deadline(fake_server):
         t0 = time.perf_counter()
         result = client.run([BenchRequest(1, 2, (1,))] * 3, [0.0, 0.15, 0.3])
         assert time.perf_counter() - t0 >= 0.3
-        sends = [r.sent - result.records[0].sent for r in result.records]
-        assert sends[1] == pytest.approx(0.15, abs=0.05) and sends[2] == pytest.approx(0.3, abs=0.05)
+        sends = [r.sent - t0 for r in result.records]
+        # never early (a late send is the machine's scheduling, not the schedule's): order and lower bounds only
+        assert 0 <= sends[0] <= sends[1] <= sends[2] and sends[1] >= 0.15 - 1e-3 and sends[2] >= 0.3 - 1e-3
     with BenchClient(addr, ClientOptions(request_timeout_s=0.05, progress=False)) as client:
-        result = client.run([BenchRequest(1, 200, (1,))], [0.0])  # 200 tokens x 2 ms > 50 ms
-    assert result.records[0].error == "DEADLINE_EXCEEDED" and result.duration_s < 5
+        result = client.run([BenchRequest(1, 200, (1,))], [0.0])  # 200 tokens x >= 2 ms of sleep > 50 ms
+    assert result.records[0].error == "DEADLINE_EXCEEDED" and result.records[0].output_tokens < 200
 
 
 def test_multiturn_conversations_share_the_system_prompt_and_are_reproducible():

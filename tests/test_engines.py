@@ -31,6 +31,16 @@ LENGTHS = [5, 40, 17, 3, 33]  # 40 and 33 exceed the 32-token prefill chunk
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
 
+class FakeClock:
+    """A lease clock the test moves by hand (`clock.now += s`): lease expiry then never depends on machine speed."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture(scope="module")
 def params():
     return random_params(TINY_GQA, seed=17)
@@ -326,16 +336,17 @@ def test_the_prefill_engine_resumes_too_and_the_kv_covers_prompt_plus_produced(r
 
 
 def test_a_reservation_whose_kv_never_comes_is_freed_by_its_lease(second_runtime):
-    d = DecodeEngine(second_runtime, None, max_batch=8, kv_lease_s=0.2)
+    clock = FakeClock()
+    d = DecodeEngine(second_runtime, None, max_batch=8, kv_lease_s=0.2, clock=clock)
     assert d.reserve(GenerationRequest("lost", prompts()[0], GREEDY)).ok
     stream = d.stream("lost")
-    time.sleep(0.3)
+    clock.now += 0.3
     d.tick()
     assert "lost" not in d.seqs and d.load().lease_expired == 1
     error = stream.get(timeout=0)
     assert error.kind is ErrorKind.TRANSFER_FAILED and "lease" in error.message
     assert d.reserve(GenerationRequest("unclaimed", prompts()[0], GREEDY)).ok  # nobody ever claims its stream
-    time.sleep(0.3)
+    clock.now += 0.3
     d.tick()
     assert not d.seqs and d.load().lease_expired == 2
     assert_no_leaks(d)

@@ -16,6 +16,7 @@ import pytest
 from test_engines import (
     GREEDY,
     Collect,
+    FakeClock,
     assert_greedy_matches_reference,
     assert_no_leaks,
     drain,
@@ -250,21 +251,22 @@ def test_host_kv_gather_equals_the_cache_s_own_kernel(runtimes):
 
 def test_each_piece_renews_the_kv_lease_and_a_stalled_stream_expires(runtimes):
     """A long prompt's pieces may take longer than the lease in all: the lease runs from the last piece. A stream
-    that stops coming expires (TRANSFER_FAILED) and frees the pieces it brought."""
-    import time
-
+    that stops coming expires (TRANSFER_FAILED) and frees the pieces it brought. The engine's lease clock is the
+    test's own, so the outcome does not depend on how fast this machine runs."""
     req = GenerationRequest("l", prompt(), GREEDY)
     sender = PieceSender()
     prefill(runtimes[0], sender, req, stream_tail=0)
-    d = DecodeEngine(runtimes[1], None, max_batch=8, kv_lease_s=0.4)
+    clock = FakeClock()
+    d = DecodeEngine(runtimes[1], None, max_batch=8, kv_lease_s=0.4, clock=clock)
     assert d.reserve(req).ok
     stream = d.stream("l")
     for p in sender.payloads[:3]:
-        time.sleep(0.25)
+        clock.now += 0.25
         d.import_kv(p.header, p.k, p.v)
+        clock.now += 0.25  # past the lease from admission, inside it from the last piece
         d.tick()
-        assert d.seqs["l"].state is DecodeState.RECEIVING  # 0.75 s after admission, 0.25 s after a piece
-    time.sleep(0.6)
+        assert d.seqs["l"].state is DecodeState.RECEIVING  # 0.5 s after admission or the piece before
+    clock.now += 0.6
     run_until(d, lambda: not d.seqs)
     (error,) = drain(stream)
     assert error.kind is ErrorKind.TRANSFER_FAILED and d.load().lease_expired == 1

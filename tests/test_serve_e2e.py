@@ -19,12 +19,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from model_files import write_hf_dir
 from ray_cluster import listeners_beyond_loopback
 from reference import random_params
-from serving import Server, assert_clean_exit, collect, request
+from serving import SLOW_DECODE, Server, assert_clean_exit, collect, request
 
 from kvtransfer.net import free_port
 from protos import generate_pb2 as pb
 
 LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]
+KV_BYTES_PER_TOKEN = 2 * TINY_GQA.num_hidden_layers * TINY_GQA.num_key_value_heads * TINY_GQA.head_dim * 4  # fp32
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def disagg(model_dir, cache_dir):
         # every prompt goes through the prefill worker and a KV transfer (none is prefilled by the decode worker)
         [
             *("--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)),
-            *("--local-prefill-max-tokens", "0"),
+            *("--local-prefill-max-tokens", "0", "--inject-fault", SLOW_DECODE),
         ],
         cache_dir,
     )
@@ -74,16 +75,12 @@ def test_disaggregated_streams_the_same_greedy_tokens_as_colocated(disagg, coloc
         assert last.usage.prompt_tokens == len(p)
         assert 0 < last.timings.first_token_s <= last.timings.e2e_s
         t = last.timings
+        # Structure only: which parts ran and what moved. Durations measured on different threads and processes
+        # are never compared (on two shared cores any order of them can occur).
         assert t.kv_transfer_s > 0 and t.kv_export_s > 0 and t.kv_import_s > 0 and t.kv_wire_s >= 0
-        assert t.kv_wire_s + t.kv_import_s == pytest.approx(t.kv_transfer_s, abs=1e-6)
-        # The parts are summed over the KV's pieces. A longer prompt's pieces before the last are sent while its
-        # later chunks compute, so only a one-piece hand-off (export, send, import) lies wholly inside the tail
-        # (prefill end -> KV in). The sends of the pieces follow one another inside the prefill plus the tail (the
-        # engine thread's share of the export may overlap an earlier piece's send, so it is not in this bound).
-        spent = t.kv_export_s + t.kv_transfer_s
-        assert t.kv_transfer_s <= t.prefill_s + t.kv_tail_s + 1e-3 and 0 < t.kv_tail_s < t.e2e_s
-        if len(p) <= TINY_GQA.prefill_chunk_size:
-            assert spent <= t.kv_tail_s + 1e-3
+        assert t.kv_tail_s > 0 and t.prefill_s > 0 and t.decode_s > 0
+        assert t.kv_wire_s + t.kv_import_s == pytest.approx(t.kv_transfer_s, abs=1e-6)  # one sum, one clock
+        assert t.kv_transfer_bytes == len(p) * KV_BYTES_PER_TOKEN  # the whole prompt's KV, nothing twice
     assert disagg.pages_all_free() and colocated.pages_all_free()
 
 
@@ -125,8 +122,10 @@ def test_cancel_mid_stream_frees_pages_on_both_workers(disagg):
 
 
 def test_deadline_exceeded_frees_pages(disagg):
+    # the server's decode steps each pause >= 20 ms (SLOW_DECODE), so 210 tokens cannot finish within 1 s on any
+    # machine: the deadline passes mid-request, wherever it is then
     with pytest.raises(grpc.RpcError) as e:
-        collect(disagg.stub, request([7] * 40, max_tokens=210), timeout=0.1)
+        collect(disagg.stub, request([7] * 40, max_tokens=210), timeout=1.0)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert disagg.pages_all_free()
 

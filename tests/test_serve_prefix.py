@@ -5,15 +5,12 @@ equal a server with `--no-prefix-cache`. Every test ends with the leak check (fr
 
 from __future__ import annotations
 
-import time
-import urllib.request
-
 import numpy as np
 import pytest
 from conftest import TINY_GQA
 from model_files import write_hf_dir
 from reference import random_params
-from serving import Server, assert_clean_exit, collect, request, tokens_of
+from serving import Server, assert_clean_exit, collect, request, scrape_metric, tokens_of, wait_until
 
 from kvtransfer.net import free_port
 
@@ -47,8 +44,7 @@ def baseline(model_dir, cache_dir):
 
 
 def metric(s: Server, name: str, label: str = "") -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(ln.split()[-1]) for ln in body.splitlines() if ln.startswith(name) and label in ln)
+    return scrape_metric(s.metrics_port, name, label)
 
 
 def ids(n: int, seed: int) -> list[int]:
@@ -81,9 +77,9 @@ def test_later_turns_reuse_the_cache_stay_on_their_decode_worker_and_match_the_b
         # turn 2: 70 new tokens go through the prefill worker; only the KV the decode worker lacks is sent
         assert 0 < t2.timings.kv_transfer_bytes < want[2][1].timings.kv_transfer_bytes / 3
     assert metric(cached, "pdserve_local_prefills_total") == 3  # every turn 1 found its conversation's worker
-    time.sleep(2.0)  # the workers' counters reach the metrics with the next load poll
-    assert metric(cached, "pdserve_prefix_cache_hit_tokens_total", 'role="decode"') > 0
-    assert metric(cached, "pdserve_prefix_cache_hit_tokens_total", 'role="prefill"') > 0
+    # the workers' counters reach the metrics with a later load poll
+    wait_until(lambda: metric(cached, "pdserve_prefix_cache_hit_tokens_total", 'role="decode"') > 0)
+    wait_until(lambda: metric(cached, "pdserve_prefix_cache_hit_tokens_total", 'role="prefill"') > 0)
     queried = metric(cached, "pdserve_prefix_cache_queried_tokens_total")
     assert queried > metric(cached, "pdserve_prefix_cache_hit_tokens_total") > 0
     assert metric(baseline, "pdserve_prefix_cache_queried_tokens_total") == 0

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -19,11 +19,9 @@ import pytest
 from conftest import TINY_GQA
 from model_files import write_hf_dir
 from reference import random_params
-from serving import Server, assert_clean_exit, request
+from serving import SLOW_DECODE, Server, assert_clean_exit, request, wait_until  # noqa: F401 (re-exported to the drills)
 
 T = TypeVar("T")
-
-SLOW_DECODE = "decode_step:pause:0.02x100000000"  # ~20 ms per decode step, like a real model, so faults land mid-stream
 
 
 @pytest.fixture(scope="package")
@@ -99,16 +97,6 @@ def wait_streams(streams: Sequence[Stream], timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     for st in streams:
         assert st.done.wait(max(0.0, deadline - time.monotonic())), "a stream hung"
-
-
-def wait_until(cond: Callable[[], T], timeout_s: float = 60.0, what: str = "condition") -> T:
-    """Poll `cond` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 def run_all(server: Server, ps: Sequence[Sequence[int]], max_tokens: int, **sampling) -> list[Stream]:
