@@ -273,7 +273,7 @@ class LaunchedServer:
 
     def start(self) -> str:
         http = [] if "--http-port" in self.flags else ["--http-port", str(free_port() if self.http else 0)]
-        cmd = [sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", *http, *self.flags]
+        cmd = [sys.executable, "-m", "pdserve", "serve", "--port", "0", *http, *self.flags]
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "w+", encoding="utf-8")  # noqa: SIM115 (closed in stop())

@@ -51,7 +51,7 @@ class Row:
 
 
 def _pdserve(*args: str) -> list[str]:
-    return [sys.executable, "-m", "llama_relax.cli", *args]
+    return [sys.executable, "-m", "pdserve", *args]
 
 
 def bench_kv(model: str, tokens: int) -> dict[str, float]:

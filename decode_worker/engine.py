@@ -1,14 +1,15 @@
 """The decode engine: continuous batching with `batch_decode` over one runtime. Requests enter with their KV
-from a prefill worker (`reserve` -> `import_kv`) or are prefilled here (`submit`: the colocated engine, the
-baseline every disaggregation claim is measured against, is this engine fed only that way).
+from a prefill worker (`reserve` -> `import_kv`) or are prefilled here (`reserve` -> `prefill_local`: the colocated
+engine, the baseline every disaggregation claim is measured against, is this engine fed only that way). `reserve`
+hands the caller the request's stream with the answer: there is no stream to claim later.
 
 Request lifecycle (`DecodeState`):
   1. RESERVED     `reserve(req)`: pages for the prompt + a first slice of output are set aside, less the pages
                   of the longest cached prefix its sequence is forked from (answered as `cached_tokens`: the KV
                   sent must start there); BUSY when full, INVALID for a duplicate id or a request that never fits.
-     PREFILLING   `submit(req)` (or `prefill_local(id)` of a reservation: no prefill worker alive): the same
-                  admission, then the prompt is prefilled here, chunk by chunk, each step before the decode step
-                  (neither starves); its first token is sampled here and streamed.
+     PREFILLING   `prefill_local(id)` of a reservation (colocated, a short uncached part, no prefill worker
+                  alive): the prompt is prefilled here, chunk by chunk, each step before the decode step (neither
+                  starves); its first token is sampled here and streamed.
   2. RECEIVING    the KV arrives over the worker's receiver, in order, in one piece or several (a prefill worker
                   streams each finished prompt chunk while it computes the next); each piece is imported between
                   steps on the engine thread. Only the last piece carries the first token: its import starts the
@@ -18,29 +19,27 @@ Request lifecycle (`DecodeState`):
   4. FINISHED / CANCELLED / FAILED   stop condition, `cancel(request_id)`, eviction or error: in the same step
                   (`_end`, the one release path) a finished sequence (prompt + output) becomes a prefix-cache
                   entry, any other is freed with its pages, and the stream gets its terminal item.
-Leases: a reservation whose KV has not come within `kv_lease_s`, and a request whose stream nobody claimed within
-it, are ended and freed (counted in `load().lease_expired`), so no page stays held for a request nobody serves.
-Both run from admission or from the last KV piece imported: a long streamed prompt lives while its pieces come.
-Memory: the engine owns the runtime (one KV cache) and the page pool; streams are handed to the caller.
+Leases: a reservation whose KV has not come within `kv_lease_s` is ended and freed (TRANSFER_FAILED, counted in
+`load().lease_expired`), so no page stays held for a request nobody serves. The lease runs from admission or from
+the last KV piece imported: a long streamed prompt lives while its pieces come.
+Memory: the engine (`EngineCore`) owns the page pool and prefix cache over the runtime's one KV cache; a stream is
+the caller's from `reserve` on.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import time
 from collections.abc import Callable
 
+from engine.core import EngineCore
 from engine.decode_batch import DecodeBatch, DecodeSequence, DecodeState
-from engine.faults import FaultInjector, FaultPlan, Stage
+from engine.faults import FaultInjector, Stage
 from engine.kvmeta import decode_first_token, is_partial
-from engine.loop import EngineLoop, OutputStream
-from engine.messages import Admission, ErrorKind, GenerationRequest, RequestError, WorkerLoad
-from engine.pages import PagePool, pages_for
-from engine.prefill_batch import FirstToken, PrefillBatch, make_decoder
-from engine.prefix_cache import PrefixCache
-from engine.scheduler import admit, decode_reservation
+from engine.loop import OutputStream
+from engine.messages import ADMITTED, Admission, ErrorKind, GenerationRequest, RequestError, WorkerLoad, WorkerOptions
+from engine.prefill_batch import FirstToken, PrefillBatch
+from engine.scheduler import decode_reservation
 from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
 from kvtransfer.runtime_io import import_into
 from llama_relax.generation import TokenizerLike
@@ -51,89 +50,51 @@ _AWAITING_KV = frozenset({DecodeState.RESERVED, DecodeState.RECEIVING})  # one l
 log = logging.getLogger(__name__)
 
 
-class DecodeEngine(EngineLoop):
+class DecodeEngine(EngineCore):
     def __init__(
         self,
         runtime: ModelRuntime,
         tokenizer: TokenizerLike | None,
+        options: WorkerOptions,
         *,
-        max_batch: int = 16,
-        output_slice: int = 16,
-        token_budget: int = 0,
-        kv_lease_s: float = 30.0,
         faults: FaultInjector | None = None,
         name: str = "decode",
-        prefix_cache: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(name)
-        self.clock = clock  # the leases' clock (a test steps its own)
-        self.runtime = runtime
-        self.tokenizer = tokenizer
-        self.output_slice = output_slice
-        self.kv_lease_s = kv_lease_s  # a reservation without KV, or a stream nobody claims, is freed after it
-        self.faults = faults or FaultInjector(FaultPlan())
-        self.lease_expired = 0
-        self.steps = 0
+        super().__init__(name, runtime, tokenizer, options, faults)
+        self.clock = clock  # the lease's clock (a test steps its own)
         self._next_lease_check = 0.0
         self.max_seqs = runtime.kv_config.max_batch_size  # requests held at once: each needs a cache sequence
-        self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
-        self.prefill = PrefillBatch(runtime, self.max_seqs, token_budget)
-        self.decode = DecodeBatch(runtime, self.pool, max_batch)
-        self.cache = PrefixCache(runtime, self.pool, prefix_cache)  # finished sequences (prompt + output)
+        self.prefill = PrefillBatch(runtime, self.max_seqs)
+        self.decode = DecodeBatch(runtime, self.pool, options.max_batch_size)
         self.seqs: dict[str, DecodeSequence] = {}  # every request held, admission order
-        # streams not yet taken by `stream()`, with their admission time (they may outlive the request)
-        self._unclaimed: dict[str, tuple[OutputStream, float]] = {}
-        self._seq_ids = itertools.count(1)
 
     # ---- control (any thread) -----------------------------------------------------------------------------
-    def reserve(self, req: GenerationRequest) -> Admission:
-        """Set pages aside for a request whose KV (and first token) a prefill worker will push."""
-        return self.call(lambda: self._admit(req, DecodeState.RESERVED))
+    def reserve(self, req: GenerationRequest) -> tuple[Admission, OutputStream | None]:
+        """Set pages aside for a request whose KV (and first token) a prefill worker will push; when admitted, its
+        stream: the events after token 1, or every event once `prefill_local` is called."""
+        return self.call(lambda: self._admit(req))
 
-    def submit(self, req: GenerationRequest) -> tuple[Admission, OutputStream | None]:
-        """Prefill and decode `req` here; its stream (every event) when admitted."""
+    def prefill_local(self, request_id: str) -> Admission:
+        """Prefill a reserved request here instead of waiting for its KV: its stream gets every event, token 1 too.
+        Refused (UNAVAILABLE) when there is no reservation waiting for KV (its stream has its outcome already)."""
 
-        def work() -> tuple[Admission, OutputStream | None]:
-            decision = self._admit(req, DecodeState.PREFILLING)
-            return decision, (self._unclaimed.pop(req.request_id)[0] if decision.ok else None)
-
-        return self.call(work)
-
-    def prefill_local(self, request_id: str) -> OutputStream:
-        """Prefill a reserved request here instead of waiting for its KV; its stream (every event, token 1 too)."""
-
-        def work() -> OutputStream:
+        def work() -> Admission:
             seq = self.seqs.get(request_id)
             if seq is None or seq.state not in _AWAITING_KV:
-                stream = OutputStream()
                 why = "no reservation" if seq is None else f"it is {seq.state.value}"
-                stream.put(RequestError(request_id, ErrorKind.UNAVAILABLE, f"cannot prefill {request_id!r}: {why}"))
-                return stream
+                return Admission.refuse(ErrorKind.UNAVAILABLE, f"cannot prefill {request_id!r}: {why}")
             if seq.length > seq.hit.tokens:  # streamed pieces of an abandoned transfer: start clean
                 self.runtime.popn(seq.seq_id, seq.length - seq.hit.tokens)
                 seq.length, seq.last_piece = seq.hit.tokens, None
             seq.state = DecodeState.PREFILLING
             self.prefill.add(seq.req, seq.seq_id, seq.decoder, done=seq.length)  # after its cached prefix
-            return self._unclaimed.pop(request_id, (seq.out, 0.0))[0]
+            return ADMITTED
 
         return self.call(work)
 
-    def stream(self, request_id: str) -> OutputStream:
-        """Hand the request's stream to the caller (once); it may already hold every event up to the end."""
-
-        def claim() -> OutputStream:
-            if request_id in self._unclaimed:
-                return self._unclaimed.pop(request_id)[0]
-            stream = OutputStream()  # e.g. a restarted worker: the request is gone, and the router migrates it
-            stream.put(RequestError(request_id, ErrorKind.UNAVAILABLE, f"no request {request_id!r} on this worker"))
-            return stream
-
-        return self.call(claim)
-
     def cancel(self, request_id: str) -> bool:
         def work() -> bool:
-            self._unclaimed.pop(request_id, None)  # whoever cancels does not want the events
             seq = self.seqs.get(request_id)
             if seq is None:
                 return False
@@ -145,29 +106,16 @@ class DecodeEngine(EngineLoop):
     def load(self, incarnation: str = "") -> WorkerLoad:
         def read() -> WorkerLoad:
             states = [s.state for s in self.seqs.values()]
-            return WorkerLoad(
+            return self.core_load(
                 incarnation,
                 queued=len(self.prefill.queue),
                 queued_tokens=self.prefill.queued_tokens,
                 reserved=states.count(DecodeState.RESERVED) + states.count(DecodeState.RECEIVING),
                 running=states.count(DecodeState.DECODING),
-                sequences=len(self.runtime.sequence_ids()) - len(self.cache.entries),
-                free_pages=self.pool.free,
-                total_pages=self.pool.total,
                 max_batch_seen=max(self.decode.batch_sizes, default=0),
-                lease_expired=self.lease_expired,
-                steps=self.steps,
-                cached_pages=self.cache.cached_pages,
-                cached_prefixes=self.cache.prefixes(),
-                prefix_hit_tokens=self.cache.hit_tokens,
-                prefix_queried_tokens=self.cache.queried_tokens,
             )
 
         return self.call(read)
-
-    def flush_cache(self) -> int:
-        """Drop every prefix-cache entry no request uses; how many were dropped."""
-        return self.call(self.cache.flush)
 
     def close(self) -> None:
         self.stop()
@@ -184,37 +132,28 @@ class DecodeEngine(EngineLoop):
         self.post(lambda: self._end_id(header.request_id, ErrorKind.TRANSFER_FAILED, "KV transfer abandoned"))
 
     # ---- engine thread ------------------------------------------------------------------------------------
-    def _admit(self, req: GenerationRequest, state: DecodeState) -> Admission:
-        """Admission for both ways in: pages for the prompt and a first output slice, less the pages of the
-        longest cached prefix, which the request's sequence is forked from (its KV is neither computed nor
-        received again: the answer's `cached_tokens`)."""
-        rid, n = req.request_id, len(req.token_ids)
-        tokens = decode_reservation(n, req.params.max_tokens - len(req.resume_ids), self.output_slice)
-        hit = self.cache.claim(req.token_ids, tokens)
-        decision = admit(
-            self.pool,
-            rid,
+    def _admit(self, req: GenerationRequest) -> tuple[Admission, OutputStream | None]:
+        """Admission: pages for the prompt and a first output slice, less the pages of the longest cached prefix,
+        which the request's sequence is forked from (its KV is neither computed nor received again: the answer's
+        `cached_tokens`). The reservation then waits for its KV, or for `prefill_local`."""
+        n, o = len(req.token_ids), self.options
+        a = self.admit_request(
+            req,
             self.seqs,
-            tokens=tokens,
+            tokens=decode_reservation(n, req.params.max_tokens - len(req.resume_ids), o.output_slice),
             active=len(self.seqs),
             max_active=self.max_seqs,
             what=f"{self.name} engine",
             peak_tokens=len(req.prompt_ids) + req.params.max_tokens,
-            shared_pages=hit.shared_pages,
         )
-        if not decision.ok:
-            self.cache.unpin(hit)
-            return decision
-        self.pool.reserve(rid, pages_for(tokens, self.pool.page_size) - hit.shared_pages)
-        decoder = make_decoder(req, self.tokenizer, self.runtime.config.context_window_size)
-        seq = DecodeSequence(req, next(self._seq_ids), decoder, OutputStream(), state, length=hit.tokens, hit=hit)
-        seq.t_admit = seq.t_lease = self.clock()
-        self.cache.fork(hit, seq.seq_id, n)
-        self.seqs[rid] = seq
-        self._unclaimed[rid] = (seq.out, seq.t_admit)
-        if state is DecodeState.PREFILLING:
-            self.prefill.add(req, seq.seq_id, decoder, done=hit.tokens)
-        return dataclasses.replace(decision, cached_tokens=hit.tokens)
+        if not a.ok:
+            return a.admission, None
+        seq = DecodeSequence(
+            req, a.seq_id, self.decoder(req), OutputStream(), DecodeState.RESERVED, length=a.hit.tokens, hit=a.hit
+        )
+        seq.t_lease = self.clock()
+        self.seqs[req.request_id] = seq
+        return a.admission, seq.out
 
     def _import(self, header: KVHeader, k, v) -> None:
         seq = self.seqs.get(header.request_id)
@@ -232,9 +171,7 @@ class DecodeEngine(EngineLoop):
         self.faults.hit(Stage.DECODE_IMPORT)
         import_into(self.runtime, seq.seq_id, header, k, v)  # SHAPE_MISMATCH unless it starts at seq.length
         seq.length, seq.last_piece = header.end, (header.begin, header.end)
-        seq.t_lease = self.clock()  # a piece came: the leases (KV, unclaimed stream) run from now
-        if seq.request_id in self._unclaimed:
-            self._unclaimed[seq.request_id] = (seq.out, seq.t_lease)
+        seq.t_lease = self.clock()  # a piece came: the lease runs from now
         if first is None:
             seq.state = DecodeState.RECEIVING
             return
@@ -265,25 +202,15 @@ class DecodeEngine(EngineLoop):
         return did
 
     def _expire_leases(self) -> bool:
-        """Free a reservation whose KV never came, and a request whose stream nobody claimed, after the lease."""
-        now = self.clock()
+        """Free a reservation whose KV never came (or stopped coming) within the lease."""
+        now, lease = self.clock(), self.options.kv_lease_s
         if now < self._next_lease_check:
             return False
-        self._next_lease_check = now + min(1.0, self.kv_lease_s / 4)
-        late = [s for s in self.seqs.values() if s.state in _AWAITING_KV and now - s.t_lease > self.kv_lease_s]
-        for s in late:
-            self._end(
-                s,
-                RequestError(s.request_id, ErrorKind.TRANSFER_FAILED, f"no KV within the {self.kv_lease_s:g} s lease"),
-            )
-        stale = [rid for rid, (_, t) in self._unclaimed.items() if now - t > self.kv_lease_s]
-        for rid in stale:
-            del self._unclaimed[rid]
-            if rid in self.seqs:
-                late.append(self.seqs[rid])
-                self._end(self.seqs[rid], RequestError(rid, ErrorKind.CANCELLED, "nobody claimed the stream"))
+        self._next_lease_check = now + min(1.0, lease / 4)
+        late = [s for s in self.seqs.values() if s.state in _AWAITING_KV and now - s.t_lease > lease]
         for s in late:
             log.warning("%s: KV lease of %s expired (%s)", self.name, s.request_id, s.state.value)
+            self._end(s, RequestError(s.request_id, ErrorKind.TRANSFER_FAILED, f"no KV within the {lease:g} s lease"))
         self.lease_expired += len(late)
         return bool(late)
 

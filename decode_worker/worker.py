@@ -1,12 +1,12 @@
 """`DecodeWorker` and `ColocatedWorker`: decode engines in a process of their own (Ray actors under the router).
 
 DecodeWorker lifecycle: `DecodeWorker(options)` opens the model, starts the engine and the KV receiver (its
-address is in `describe()`) -> per request `reserve(req)` -> a prefill worker pushes the KV with the first token
-in its header; the engine starts the sequence on import -> `stream(request_id)` yields the token events after the
-first until the terminal one -> `cancel(request_id)` at any time. `prefill_local(request_id)` prefills a
-reservation here instead (the decode-only fallback when no prefill worker is alive).
-ColocatedWorker: `generate(req)` yields every event of a request (prefill and decode on one runtime).
-They implement `engine.protocols.DecodeAPI` / `ColocatedAPI`, with the frozen dataclasses of `engine.messages`."""
+address is in `describe()`) -> per request `reserve(req)` streams the `Admission`, then (admitted) the request's
+events: a prefill worker pushes the KV with the first token in its header, the engine starts the sequence on
+import, and the events after token 1 follow until the terminal one. `prefill_local(request_id)` prefills the
+reservation here instead (a short uncached part, or no prefill worker alive): the same stream then carries every
+event. `cancel(request_id)` at any time. ColocatedWorker: the same without a KV receiver (always `prefill_local`).
+They implement `engine.protocols.DecodeAPI`, with the frozen dataclasses of `engine.messages`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from decode_worker.engine import DecodeEngine
 from engine.faults import FaultInjector
 from engine.hosting import HostedEngine, open_worker_model
-from engine.loop import Output
-from engine.messages import Admission, GenerationRequest, Role, WorkerOptions
+from engine.messages import Admission, GenerationRequest, Output, Role, WorkerOptions
 from kvtransfer.runtime_io import make_receiver
 from kvtransfer.transport import KVReceiver
 
@@ -31,12 +30,9 @@ class DecodeWorker(HostedEngine):
         self.engine = DecodeEngine(
             self.model.runtime,
             self.model.tokenizer,
-            max_batch=options.max_batch_size,
-            output_slice=options.output_slice,
-            kv_lease_s=options.kv_lease_s,
+            options,
             faults=FaultInjector(options.faults),
             name=self.role.value,
-            prefix_cache=options.prefix_cache,
         )
         self.receiver: KVReceiver | None = None
         self._kv_address = ""
@@ -49,14 +45,14 @@ class DecodeWorker(HostedEngine):
     def kv_address(self) -> str:
         return self._kv_address
 
-    def reserve(self, req: GenerationRequest) -> Admission:
-        return self.engine.reserve(req)
+    def reserve(self, req: GenerationRequest) -> Iterator[Admission | Output]:
+        admission, stream = self.engine.reserve(req)
+        yield admission
+        if stream is not None:
+            yield from stream
 
-    def stream(self, request_id: str) -> Iterator[Output]:
-        yield from self.engine.stream(request_id)
-
-    def prefill_local(self, request_id: str) -> Iterator[Output]:
-        yield from self.engine.prefill_local(request_id)
+    def prefill_local(self, request_id: str) -> Admission:
+        return self.engine.prefill_local(request_id)
 
     def shutdown(self) -> None:
         if self.receiver is not None:
@@ -65,14 +61,6 @@ class DecodeWorker(HostedEngine):
 
 
 class ColocatedWorker(DecodeWorker):
-    """A decode worker without a KV receiver: everything is prefilled here (`prefill_local` after `reserve`, or
-    `generate` in one call)."""
+    """A decode worker without a KV receiver: the router reserves, then calls `prefill_local`."""
 
     role = Role.COLOCATED
-
-    def generate(self, req: GenerationRequest) -> Iterator[Output]:
-        admission, stream = self.engine.submit(req)
-        if stream is None:
-            yield admission.error(req.request_id)
-            return
-        yield from stream

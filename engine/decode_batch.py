@@ -10,10 +10,9 @@ evicted sequence's reservation and its sequence in the runtime, so the pages it 
 from __future__ import annotations
 
 import enum
-import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.loop import OutputStream
 from engine.messages import ErrorKind, GenerationRequest, RequestError
@@ -50,8 +49,7 @@ class DecodeSequence:
     last_token: int | None = None
     hit: Hit = MISS  # the cached prefix its sequence was forked from (its first `hit.tokens` tokens)
     last_piece: tuple[int, int] | None = None  # token range of the last KV piece imported
-    t_admit: float = field(default_factory=time.monotonic)
-    t_lease: float = field(default_factory=time.monotonic)  # the KV lease runs from here: admission, or the last piece
+    t_lease: float = 0.0  # the KV lease runs from here: admission, or the last piece (the engine's clock)
 
     @property
     def request_id(self) -> str:

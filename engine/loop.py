@@ -14,11 +14,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from engine.messages import RequestError
-from llama_relax.generation import TokenEvent
+from engine.messages import Output, is_terminal
 
 T = TypeVar("T")
-Output = TokenEvent | RequestError
 
 
 class EngineLoop:
@@ -140,7 +138,3 @@ class OutputStream:
             yield item
             if is_terminal(item):
                 return
-
-
-def is_terminal(item: Output) -> bool:
-    return isinstance(item, RequestError) or item.finish_reason is not None

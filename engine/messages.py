@@ -5,7 +5,6 @@ place (`router.convert`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -47,6 +46,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     resume_ids: tuple[int, ...] = ()
+    traceparent: str = ""  # W3C trace context of the router's span for this request ("": not traced)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -59,9 +59,6 @@ class GenerationRequest:
         """What the KV cache holds before the next output token: the prompt plus the tokens already produced."""
         return self.prompt_ids + self.resume_ids
 
-    def resumed(self, produced: tuple[int, ...]) -> GenerationRequest:
-        return dataclasses.replace(self, resume_ids=produced)
-
 
 @dataclass(frozen=True)
 class RequestError:
@@ -70,6 +67,14 @@ class RequestError:
     request_id: str
     kind: ErrorKind
     message: str
+
+
+Output = TokenEvent | RequestError  # one item of a request's stream
+
+
+def is_terminal(item: Output) -> bool:
+    """The last item of a stream: an error, or a token with a finish reason."""
+    return isinstance(item, RequestError) or item.finish_reason is not None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,17 @@ ADMITTED = Admission()
 
 
 @dataclass(frozen=True)
+class ChunkTiming:
+    """One prefill forward that computed tokens [begin, end) of a request: its wall-clock span (epoch ns, for
+    traces: the router makes a `prefill_chunk` span of it)."""
+
+    start_ns: int
+    end_ns: int
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
 class PrefillResult:
     """What the prefill worker reports once the KV reached the decode worker (or failed to).
 
@@ -116,6 +132,8 @@ class PrefillResult:
     export_s: float = 0.0  # KV read out of the cache into the payload
     import_s: float = 0.0  # the decode worker's import (reported in its ack); `transfer_s` includes it
     tail_s: float = 0.0  # the end of prefill until the ack: what the decode side waited for after the first token
+    kv_pieces: int = 0  # KV pieces sent (one per prefill chunk when streamed)
+    chunks: tuple[ChunkTiming, ...] = ()  # the forwards that computed the prompt, in order
 
     @property
     def ok(self) -> bool:
@@ -124,7 +142,8 @@ class PrefillResult:
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """How a worker process opens its model and sizes its engine (validated once, where the worker is made)."""
+    """How a worker process opens its model and sizes its engine (`pdserve serve` checks the flags it comes from
+    once, in `router.config.ServeConfig`)."""
 
     model: str  # HF dir or .gguf
     cache_dir: str  # compiled libraries
@@ -142,15 +161,6 @@ class WorkerOptions:
     kv_stream: bool = True  # send each prefill chunk's KV while the next computes (else one piece at the end)
     kv_stream_tail: int = 64  # a streamed prompt's last tokens get their own forward (0: no split)
     faults: FaultPlan = field(default_factory=lambda: FaultPlan())  # fault injection (tests and drills only)
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "max_queue", "output_slice"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.kv_stream_tail < 0:
-            raise ValueError(f"kv_stream_tail must be >= 0, got {self.kv_stream_tail}")
-        if not self.kv_lease_s > 0:
-            raise ValueError(f"kv_lease_s must be > 0, got {self.kv_lease_s}")
 
 
 @dataclass(frozen=True)

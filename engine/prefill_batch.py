@@ -11,11 +11,11 @@ engine made them and releases them; a failed forward's sequences are already gon
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.messages import GenerationRequest
+from engine.messages import ChunkTiming, GenerationRequest
 from engine.scheduler import PrefillItem, completes_prompt, schedule_prefill
-from llama_relax.generation import SequenceDecoder, TokenEvent, TokenizerLike
+from llama_relax.generation import SequenceDecoder, TokenEvent
 from llama_relax.runtime import ModelRuntime
 
 
@@ -27,6 +27,7 @@ class PrefillEntry:
     decoder: SequenceDecoder  # the request's sampling/stop state, made by the engine at admission
     t_admit: float
     t_start: float = 0.0
+    chunks: list[ChunkTiming] = field(default_factory=list)  # its forwards so far (traces)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class FirstToken:
     decoder: SequenceDecoder
     queue_s: float
     prefill_s: float
+    chunks: tuple[ChunkTiming, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,15 +51,6 @@ class PrefillFailure:
     request_id: str
     seq_id: int
     message: str
-
-
-def make_decoder(req: GenerationRequest, tokenizer: TokenizerLike | None, context_window: int) -> SequenceDecoder:
-    """The request's sampling/stop/detokenizer state, with the tokens it already produced replayed (their text was
-    streamed before; replaying emits nothing, it only brings the state to where it was)."""
-    decoder = SequenceDecoder(req.params, tokenizer, len(req.prompt_ids), context_window)
-    for token in req.resume_ids:
-        decoder.append(token)
-    return decoder
 
 
 class PrefillBatch:
@@ -94,7 +87,7 @@ class PrefillBatch:
             return [], []
         by_id = {e.req.request_id: e for e in self.queue}
         entries = [by_id[s.request_id] for s in slices]
-        now = time.monotonic()
+        now, start_ns = time.monotonic(), time.time_ns()
         try:
             for e in entries:
                 e.t_start = e.t_start or now
@@ -117,13 +110,14 @@ class PrefillBatch:
             msg = f"prefill failed: {type(e).__name__}: {e}"
             return [], [PrefillFailure(x.req.request_id, x.seq_id, msg) for x in entries]
         out = []
-        t_done = time.monotonic()
+        t_done, end_ns = time.monotonic(), time.time_ns()
+        for e, s in zip(entries, slices, strict=True):
+            e.chunks.append(ChunkTiming(start_ns, end_ns, s.begin, s.end))
         for e, row in zip(done, logits, strict=True):
             event = e.decoder.sample_and_append(row)
+            queue_s, prefill_s = e.t_start - e.t_admit, t_done - e.t_start
             out.append(
-                FirstToken(
-                    e.req.request_id, e.req, e.seq_id, event, e.decoder, e.t_start - e.t_admit, t_done - e.t_start
-                )
+                FirstToken(e.req.request_id, e.req, e.seq_id, event, e.decoder, queue_s, prefill_s, tuple(e.chunks))
             )
             self.queue.remove(e)
         return out, []

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from engine.loop import Output
-from engine.messages import Admission, GenerationRequest, PrefillResult, WorkerInfo, WorkerLoad
+from engine.messages import Admission, GenerationRequest, Output, PrefillResult, WorkerInfo, WorkerLoad
 from llama_relax.generation import TokenEvent
 
 
@@ -54,25 +53,16 @@ class PrefillAPI(WorkerAPI, Protocol):
 
 
 class DecodeAPI(WorkerAPI, Protocol):
-    def reserve(self, req: GenerationRequest) -> Admission:
-        """Set pages aside for `req`; its KV and first token will come from a prefill worker. The answer's
-        `cached_tokens` says how many leading tokens this worker already holds (its prefix cache): the KV sent
-        must start there."""
+    """A decode worker, or a colocated one (a decode engine that prefills everything itself)."""
+
+    def reserve(self, req: GenerationRequest) -> Iterator[Admission | Output]:
+        """Set pages aside for `req`. The first item is the `Admission` (its `cached_tokens`: leading tokens this
+        worker already holds, so the KV sent must start there); when admitted, the request's events follow, ending
+        with the terminal one: those after token 1 (the KV and token 1 come from a prefill worker), or every event
+        once `prefill_local` was called."""
         ...
 
-    def stream(self, request_id: str) -> Iterator[Output]:
-        """The request's events after its first token, ending with the terminal one (claimable once)."""
-        ...
-
-    def prefill_local(self, request_id: str) -> Iterator[Output]:
-        """Prefill the reserved request here instead of receiving its KV (no prefill worker alive): every event,
-        token 1 included, ending with the terminal one (claims the stream)."""
-        ...
-
-
-class ColocatedAPI(DecodeAPI, Protocol):
-    """A decode engine that prefills everything itself: the router reserves, then calls `prefill_local`."""
-
-    def generate(self, req: GenerationRequest) -> Iterator[Output]:
-        """Prefill and decode `req` here; every event, ending with the terminal one."""
+    def prefill_local(self, request_id: str) -> Admission:
+        """Prefill the reserved request here instead of receiving its KV (short uncached part, no prefill worker
+        alive, the colocated engine): its `reserve` stream then carries every event, token 1 included."""
         ...

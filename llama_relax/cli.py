@@ -1,6 +1,6 @@
-"""The `pdserve` command line. This module holds the model-level commands (generate, tokenize, compile,
-bench-model); packages further up the stack (workers, router, bench) add theirs through the `pdserve.commands`
-entry-point group, so this dispatcher never imports them directly (imports flow one way).
+"""The model-level `pdserve` commands (generate, tokenize, compile, bench-model, fetch-model) and the parser and
+runner every command shares. The command table itself is `pdserve.cli` (the top of the import graph: this
+package never imports the packages above it).
 
 Errors the user can fix (`llama_relax.errors.USER_ERRORS`) print one line on stderr and exit with status 2; any
 other exception is a bug and shows its traceback. Process setup (TVM's thread count, the cache dir's default) happens
@@ -13,11 +13,9 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from llama_relax.errors import USER_ERRORS, UserError
-from llama_relax.process import use_all_cores
 from llama_relax.quantization import Quantization
 
 # (name, help, add_arguments, run)
@@ -220,21 +218,14 @@ def _target(args: argparse.Namespace):
     return resolve_target(args.target)
 
 
-BUILTIN_COMMANDS: list[Command] = [
-    ("generate", "generate text locally with a compiled model", _generate_args, _run_generate),
-    ("tokenize", "print the token ids of a text", _tokenize_args, _run_tokenize),
-    ("compile", "compile the model ahead of time into the cache", _compile_args, _run_compile),
-    ("bench-model", "prefill/decode speed vs a NumPy matmul baseline", _bench_model_args, _run_bench_model),
-    ("fetch-model", "download the bundled default model and print its path", _fetch_args, _run_fetch),
-]
-
-
-def _plugin_commands() -> list[Command]:
-    """Commands other pdserve packages register under the `pdserve.commands` entry-point group."""
-    out: list[Command] = []
-    for ep in entry_points(group="pdserve.commands"):
-        out.extend(ep.load()())
-    return out
+def commands() -> list[Command]:
+    return [
+        ("generate", "generate text locally with a compiled model", _generate_args, _run_generate),
+        ("tokenize", "print the token ids of a text", _tokenize_args, _run_tokenize),
+        ("compile", "compile the model ahead of time into the cache", _compile_args, _run_compile),
+        ("bench-model", "prefill/decode speed vs a NumPy matmul baseline", _bench_model_args, _run_bench_model),
+        ("fetch-model", "download the bundled default model and print its path", _fetch_args, _run_fetch),
+    ]
 
 
 def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
@@ -245,13 +236,6 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
         add_args(p)
         p.set_defaults(_run=run)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    use_all_cores()
-    by_name = {c[0]: c for c in BUILTIN_COMMANDS}
-    by_name.update({c[0]: c for c in _plugin_commands()})  # a package further up may extend a command (generate)
-    return run_command(build_parser(list(by_name.values())).parse_args(argv))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -269,11 +253,3 @@ def run_command(args: argparse.Namespace) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"pdserve: error: {msg}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    # run the importable module's main: plugins import `llama_relax.cli`, and its exception classes must be the
-    # ones `main` catches (under `python -m` this file is also loaded as `__main__`, with copies of them)
-    from llama_relax.cli import main as _main
-
-    sys.exit(_main())

@@ -306,7 +306,7 @@ def compile_model(
 
 
 def default_cache_dir() -> Path:
-    """`$PDSERVE_CACHE_DIR`, else `~/.cache/pdserve`. Read once, at a command's entry point (`llama_relax.cli`);
+    """`$PDSERVE_CACHE_DIR`, else `~/.cache/pdserve`. Read once, at a command's entry point (`llama_relax.cli.run_command`);
     everything below takes the directory as an argument."""
     env = os.environ.get("PDSERVE_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "pdserve"

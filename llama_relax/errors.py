@@ -1,6 +1,6 @@
 """Errors a user can fix (a bad flag, a missing file, a server that answered with an error status).
 
-Commands print these as one line and exit 2 (`llama_relax.cli.main`); every other exception is a bug and is
+Commands print these as one line and exit 2 (`llama_relax.cli.run_command`); every other exception is a bug and is
 shown with its traceback."""
 
 from __future__ import annotations

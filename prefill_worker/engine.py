@@ -32,21 +32,26 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import enum
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.faults import FaultInjector, FaultPlan, Stage
+from engine.core import EngineCore
+from engine.faults import FaultInjector, Stage
 from engine.kvmeta import PARTIAL, encode_first_token
-from engine.loop import EngineLoop
-from engine.messages import Admission, ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerLoad
-from engine.pages import PagePool, pages_for
-from engine.prefill_batch import FirstToken, PrefillBatch, make_decoder
-from engine.prefix_cache import MISS, Hit, PrefixCache
-from engine.scheduler import admit
+from engine.messages import (
+    Admission,
+    ErrorKind,
+    GenerationRequest,
+    PrefillResult,
+    RequestError,
+    WorkerLoad,
+    WorkerOptions,
+)
+from engine.prefill_batch import FirstToken, PrefillBatch
+from engine.prefix_cache import MISS, Hit
 from kvtransfer.payload import ErrorCode, KVPayload
 from kvtransfer.runtime_io import export_later, streams_to
 from kvtransfer.transport import KVSender, TransferResult
@@ -105,39 +110,21 @@ class _Job:
             return not self._reported
 
 
-class PrefillEngine(EngineLoop):
+class PrefillEngine(EngineCore):
     def __init__(
         self,
         runtime: ModelRuntime,
         tokenizer: TokenizerLike | None,
         sender: KVSender,
+        options: WorkerOptions,
         *,
-        max_queue: int = 64,
-        max_seqs: int = 16,
-        token_budget: int = 0,
-        kv_lease_s: float = 30.0,
-        transfer_threads: int = 2,
         faults: FaultInjector | None = None,
-        prefix_cache: bool = True,
-        stream_kv: bool = True,
-        stream_tail: int = 64,
+        transfer_threads: int = 2,
     ) -> None:
-        super().__init__("prefill")
-        self.runtime = runtime
-        self.tokenizer = tokenizer
+        super().__init__("prefill", runtime, tokenizer, options, faults)
         self.sender = sender
-        self.max_queue = max_queue
-        self.kv_lease_s = kv_lease_s  # a send not acked within it fails, and the exported KV is freed
-        self.faults = faults or FaultInjector(FaultPlan())
-        self.lease_expired = 0
-        self.steps = 0
-        self.pool = PagePool(runtime.free_pages(), runtime.kv_config.page_size)
-        self.batch = PrefillBatch(runtime, max_seqs, token_budget)
-        self.cache = PrefixCache(runtime, self.pool, prefix_cache)  # prefilled prompts
-        self.stream_kv = stream_kv  # send each prefill chunk's KV while the next computes
-        self.stream_tail = stream_tail  # tokens of the last forward of a streamed prompt (0: no split)
+        self.batch = PrefillBatch(runtime, options.max_batch_size)
         self.jobs: dict[str, _Job] = {}
-        self._seq_ids = itertools.count(1)
         self._transfers = cf.ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-send")
 
     # ---- control (any thread) -----------------------------------------------------------------------------
@@ -148,10 +135,6 @@ class PrefillEngine(EngineLoop):
         The decode worker already holds the first `kv_begin` tokens (its prefix cache): only the rest is sent."""
         return self.call(lambda: self._submit(req, kv_target, on_event, kv_begin))
 
-    def flush_cache(self) -> int:
-        """Drop every prefix-cache entry no request uses; how many were dropped."""
-        return self.call(self.cache.flush)
-
     def cancel(self, request_id: str) -> bool:
         return self.call(lambda: self._cancel(request_id))
 
@@ -161,20 +144,11 @@ class PrefillEngine(EngineLoop):
                 j.state is not PrefillState.QUEUED and j.state is not PrefillState.PREFILLING
                 for j in self.jobs.values()
             )
-            return WorkerLoad(
+            return self.core_load(
                 incarnation,
                 queued=len(self.batch.queue),
                 queued_tokens=self.batch.queued_tokens,
                 transferring=transferring,
-                sequences=len(self.runtime.sequence_ids()) - len(self.cache.entries),
-                free_pages=self.pool.free,
-                total_pages=self.pool.total,
-                lease_expired=self.lease_expired,
-                steps=self.steps,
-                cached_pages=self.cache.cached_pages,
-                cached_prefixes=self.cache.prefixes(),
-                prefix_hit_tokens=self.cache.hit_tokens,
-                prefix_queried_tokens=self.cache.queried_tokens,
             )
 
         return self.call(read)
@@ -189,35 +163,23 @@ class PrefillEngine(EngineLoop):
     def _submit(
         self, req: GenerationRequest, kv_target: str, on_event: Callable[[PrefillEvent], None], kv_begin: int
     ) -> Admission:
-        rid, n = req.request_id, len(req.token_ids)
+        rid, n, o = req.request_id, len(req.token_ids), self.options
         if not 0 <= kv_begin < n:
             return Admission.refuse(ErrorKind.INVALID, f"kv_begin must be in [0, {n}) for a {n}-token prompt")
-        hit = self.cache.claim(req.token_ids, n)
-        decision = admit(
-            self.pool,
-            rid,
-            self.jobs,
-            tokens=n,
-            active=len(self.batch.queue),
-            max_active=self.max_queue,
-            what="prefill queue",
-            shared_pages=hit.shared_pages,
+        a = self.admit_request(
+            req, self.jobs, tokens=n, active=len(self.batch.queue), max_active=o.max_queue, what="prefill queue"
         )
-        if not decision.ok:
-            self.cache.unpin(hit)
-            return decision
-        self.pool.reserve(rid, pages_for(n, self.pool.page_size) - hit.shared_pages)
-        job = _Job(req, kv_target, on_event, next(self._seq_ids), hit, kv_begin, sent=kv_begin)
+        if not a.ok:
+            return a.admission
+        job = _Job(req, kv_target, on_event, a.seq_id, a.hit, kv_begin, sent=kv_begin)
         job.stream = KVStream(
             lambda p, retry: self._send(job, p, retry), self._transfers, lambda e: self._ended(job, e)
         )
-        job.streams = self.stream_kv and streams_to(self.runtime, self.sender, kv_target)
-        self.cache.fork(hit, job.seq_id, n)
+        job.streams = o.kv_stream and streams_to(self.runtime, self.sender, kv_target)
         self.jobs[rid] = job
-        decoder = make_decoder(req, self.tokenizer, self.runtime.config.context_window_size)
-        tail = self.stream_tail if job.streams and n - max(hit.tokens, kv_begin) > 2 * self.stream_tail else 0
-        self.batch.add(req, job.seq_id, decoder, done=hit.tokens, split_at=n - tail if tail else 0)
-        return dataclasses.replace(decision, cached_tokens=hit.tokens)
+        tail = o.kv_stream_tail if job.streams and n - max(a.hit.tokens, kv_begin) > 2 * o.kv_stream_tail else 0
+        self.batch.add(req, job.seq_id, self.decoder(req), done=a.hit.tokens, split_at=n - tail if tail else 0)
+        return a.admission
 
     def _cancel(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
@@ -260,7 +222,7 @@ class PrefillEngine(EngineLoop):
         if ft.event.finish_reason is not None:  # the request ended with its first token: no KV to ship
             self._release(job, PrefillState.DONE)
             result = PrefillResult(job.req.request_id, ft.event, None, ft.queue_s, ft.prefill_s)
-            job.report(dataclasses.replace(result, cached_tokens=job.hit.tokens))
+            job.report(dataclasses.replace(result, cached_tokens=job.hit.tokens, chunks=ft.chunks))
             return
         job.state = PrefillState.TRANSFERRING
         self.faults.hit(Stage.KV_EXPORT)
@@ -286,7 +248,7 @@ class PrefillEngine(EngineLoop):
         self.faults.arm(job.req.request_id, fault)
         damaged = self.faults.damaged(fault, payload.k)
         sent = payload if damaged is payload.k else KVPayload(payload.header, damaged, payload.v)
-        return self.sender.send(sent, job.kv_target, self.kv_lease_s)
+        return self.sender.send(sent, job.kv_target, self.options.kv_lease_s)
 
     def _ended(self, job: _Job, end: StreamEnd) -> None:  # transfer thread
         """The stream ended: the final piece is in, or a piece failed for good. Report at once: the decode worker
@@ -301,7 +263,7 @@ class PrefillEngine(EngineLoop):
         elif not result.ok:
             if result.error is ErrorCode.TIMEOUT:
                 self.lease_expired += 1  # a counter read by load(); one writer at a time is enough for it
-                log.warning("KV lease of %s expired after %.0f s without an ack", rid, self.kv_lease_s)
+                log.warning("KV lease of %s expired after %.0f s without an ack", rid, self.options.kv_lease_s)
             msg = f"KV transfer to {job.kv_target} failed: {result.error.value}: {result.message}"
             error = RequestError(rid, ErrorKind.TRANSFER_FAILED, msg)
         st = end.stats
@@ -319,6 +281,8 @@ class PrefillEngine(EngineLoop):
                 export_s=job.export_s + st.export_s,
                 import_s=st.import_s,
                 tail_s=end.acked_at - job.prefill_end if ft is not None else 0.0,
+                kv_pieces=st.pieces,
+                chunks=ft.chunks if ft is not None else (),
             )
         )
         final = PrefillState.DONE if error is None else (PrefillState.CANCELLED if cancelled else PrefillState.FAILED)

@@ -32,23 +32,8 @@ class PrefillWorker(HostedEngine):
         faults = FaultInjector(options.faults)
         if options.faults.faults:
             self.sender.grpc.on_chunk = faults.chunk_hook(self.sender.cancel)
-        self.engine = PrefillEngine(
-            self.model.runtime,
-            self.model.tokenizer,
-            self.sender,
-            max_queue=options.max_queue,
-            max_seqs=options.max_batch_size,
-            kv_lease_s=options.kv_lease_s,
-            faults=faults,
-            prefix_cache=options.prefix_cache,
-            stream_kv=options.kv_stream,
-            stream_tail=options.kv_stream_tail,
-        )
+        self.engine = PrefillEngine(self.model.runtime, self.model.tokenizer, self.sender, options, faults=faults)
         self._host(self.engine)
-
-    def prefill(self, req: GenerationRequest, kv_target: str, kv_begin: int = 0) -> PrefillResult:
-        *_, last = self.prefill_stream(req, kv_target, kv_begin)
-        return last
 
     def prefill_stream(
         self, req: GenerationRequest, kv_target: str, kv_begin: int = 0

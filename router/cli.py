@@ -21,6 +21,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0: off)")
     p.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        metavar="URL",
+        help="export one OpenTelemetry trace per request over OTLP/HTTP to URL, e.g. http://127.0.0.1:4318/v1/traces "
+        "(default: off)",
+    )
+    p.add_argument(
         "--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port, on --host (default 8000; 0: off)"
     )
     p.add_argument(

@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from engine.loop import Output
-from engine.messages import Admission, GenerationRequest, PrefillResult, WorkerInfo, WorkerLoad
+from engine.messages import Admission, GenerationRequest, Output, PrefillResult, WorkerInfo, WorkerLoad
 from engine.protocols import WorkerFault, WorkerGone
 from llama_relax.generation import TokenEvent
 
@@ -96,20 +95,10 @@ class RayPrefillClient(RayWorkerClient):
 
 
 class RayDecodeClient(RayWorkerClient):
-    """`engine.protocols.DecodeAPI` over a `DecodeWorker` actor."""
+    """`engine.protocols.DecodeAPI` over a `DecodeWorker` or `ColocatedWorker` actor."""
 
-    def reserve(self, req: GenerationRequest) -> Admission:
-        return self._get(self.handle.reserve.remote(req), self.call_timeout_s)
+    def reserve(self, req: GenerationRequest) -> Iterator[Admission | Output]:
+        return self._iter(self.handle.reserve.remote(req))
 
-    def stream(self, request_id: str) -> Iterator[Output]:
-        return self._iter(self.handle.stream.remote(request_id))
-
-    def prefill_local(self, request_id: str) -> Iterator[Output]:
-        return self._iter(self.handle.prefill_local.remote(request_id))
-
-
-class RayColocatedClient(RayDecodeClient):
-    """`engine.protocols.ColocatedAPI` over a `ColocatedWorker` actor."""
-
-    def generate(self, req: GenerationRequest) -> Iterator[Output]:
-        return self._iter(self.handle.generate.remote(req))
+    def prefill_local(self, request_id: str) -> Admission:
+        return self._get(self.handle.prefill_local.remote(request_id), self.call_timeout_s)

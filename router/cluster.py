@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.messages import Role, WorkerOptions
-from router.clients import RayColocatedClient, RayDecodeClient, RayPrefillClient
+from router.clients import RayDecodeClient, RayPrefillClient
 from router.pools import Pools, WorkerSlot
 from router.router import ServeMode
 
@@ -35,12 +35,6 @@ class ClusterSpec:
     colocated: int = 0
     address: str | None = None  # None: start a local cluster on 127.0.0.1
     threads_per_worker: int = 0  # 0: the local cores divided among the workers
-
-    def __post_init__(self) -> None:
-        if self.colocated < 0 or self.prefill_workers < 0 or self.decode_workers < 0:
-            raise ValueError("worker counts must be >= 0")
-        if self.colocated == 0 and (self.prefill_workers < 1 or self.decode_workers < 1):
-            raise ValueError("need at least one prefill and one decode worker (or --colocated N)")
 
     @property
     def mode(self) -> ServeMode:
@@ -105,7 +99,7 @@ def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions, stall_timeo
     plan: list[tuple[Role, type, type, list[WorkerSlot]]] = []
     pools = Pools()
     if spec.colocated:
-        plan += [(Role.COLOCATED, ColocatedWorker, RayColocatedClient, pools.colocated)] * spec.colocated
+        plan += [(Role.COLOCATED, ColocatedWorker, RayDecodeClient, pools.colocated)] * spec.colocated
     else:
         plan += [(Role.PREFILL, PrefillWorker, RayPrefillClient, pools.prefill)] * spec.prefill_workers
         plan += [(Role.DECODE, DecodeWorker, RayDecodeClient, pools.decode)] * spec.decode_workers

@@ -4,6 +4,7 @@ and validates client input on the way in (errors name the offending field)."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from llama_relax.generation import TokenEvent
 from llama_relax.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams, resolve_seed
 from protos import generate_pb2 as pb
 from router.openai_schema import ChatCompletionRequest, CompletionRequest
+from router.record import RequestRecord
 
 DEFAULT_MAX_TOKENS = 64
 MAX_REQUEST_ID_CHARS = 128  # the KV header allows 256; attempts add a short "~n" suffix
@@ -145,6 +147,37 @@ def event_to_pb(request_id: str, event: TokenEvent) -> pb.GenerateResponse:
     return out
 
 
+def final_to_pb(msg: pb.GenerateResponse, rec: RequestRecord) -> pb.GenerateResponse:
+    """The last message: the last token (and its finish reason) plus the request's usage and timings."""
+    end = rec.ended_at or time.monotonic()
+    first_at, p = rec.first_token_at or end, rec.prefill
+    msg.usage.CopyFrom(
+        pb.Usage(
+            prompt_tokens=rec.prompt_tokens,
+            completion_tokens=rec.completion_tokens,
+            cached_prompt_tokens=min(rec.cached_tokens, rec.prompt_tokens),
+        )
+    )
+    msg.timings.CopyFrom(
+        pb.Timings(
+            queue_s=p.queue_s if p else 0.0,
+            prefill_s=p.prefill_s if p else 0.0,
+            kv_transfer_s=p.transfer_s if p else 0.0,
+            first_token_s=first_at - rec.arrival,
+            decode_s=end - first_at,
+            e2e_s=end - rec.arrival,
+            migrations=rec.migrations,
+            admission_wait_s=rec.queue_wait_s,
+            kv_transfer_bytes=p.kv_bytes if p else 0,
+            kv_export_s=p.export_s if p else 0.0,
+            kv_wire_s=max(0.0, p.transfer_s - p.import_s) if p else 0.0,
+            kv_import_s=p.import_s if p else 0.0,
+            kv_tail_s=p.tail_s if p else 0.0,
+        )
+    )
+    return msg
+
+
 # ---- the OpenAI HTTP API (router.http_api) ---------------------------------------------------------------------
 # a field named by the shared validation (the gRPC names) -> the OpenAI parameter it came from
 _OPENAI_PARAM = {
@@ -229,3 +262,94 @@ def _openai_prompt(body: CompletionRequest | ChatCompletionRequest, tokenizer) -
     if not prompt:
         raise InvalidArgument("prompt", "the prompt is empty")
     return list(prompt)
+
+
+class OpenAIShape:
+    """OpenAI response bodies for one request (completions or chat, whole or chunked)."""
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer,
+        body: CompletionRequest | ChatCompletionRequest,
+        req: GenerationRequest,
+        created: float,
+    ) -> None:
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.rid = req.request_id
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + req.request_id
+        self.created = int(created)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.want_logprobs = bool(body.logprobs)
+        self.top_n = (body.top_logprobs or 0) if self.chat else (body.logprobs or 0)
+        self.offset = 0  # completions: text offset of the next token
+
+    def _head(self, chunk: bool) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.token_to_str(token_id) if self.tokenizer is not None else f"token_id:{token_id}"
+
+    def _logprobs(self, events: list[TokenEvent]) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        if self.chat:
+            content = []
+            for e in events:
+                tok = self._token(e.token_id)
+                top = [
+                    {"token": (t := self._token(lp.token_id)), "logprob": lp.logprob, "bytes": list(t.encode())}
+                    for lp in e.logprobs[: self.top_n]
+                ]
+                content.append({"token": tok, "logprob": e.logprob, "bytes": list(tok.encode()), "top_logprobs": top})
+            return {"content": content}
+        tokens = [self._token(e.token_id) for e in events]
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [{self._token(lp.token_id): lp.logprob for lp in e.logprobs} for e in events],
+            "text_offset": offsets,
+        }
+
+    def _usage(self, rec: RequestRecord) -> dict:
+        return {
+            "prompt_tokens": rec.prompt_tokens,
+            "completion_tokens": rec.completion_tokens,
+            "total_tokens": rec.prompt_tokens + rec.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": min(rec.cached_tokens, rec.prompt_tokens)},
+        }
+
+    def _choice(self, events: list[TokenEvent], text: str, finish: str | None, delta: bool) -> dict:
+        choice: dict = {"index": 0}
+        if self.chat:
+            choice["delta" if delta else "message"] = (
+                {"content": text} if delta else {"role": "assistant", "content": text}
+            )
+        else:
+            choice["text"] = text
+        choice["logprobs"] = self._logprobs(events)
+        choice["finish_reason"] = finish
+        return choice
+
+    def whole(self, events: list[TokenEvent], rec: RequestRecord) -> dict:
+        finish = events[-1].finish_reason.value if events and events[-1].finish_reason else None
+        text = "".join(e.text for e in events)
+        return {**self._head(False), "choices": [self._choice(events, text, finish, False)], "usage": self._usage(rec)}
+
+    def first_chunk(self) -> dict:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return {**self._head(True), "choices": [choice]}
+
+    def chunk(self, e: TokenEvent) -> dict:
+        finish = e.finish_reason.value if e.finish_reason is not None else None
+        return {**self._head(True), "choices": [self._choice([e], e.text, finish, True)]}
+
+    def usage_chunk(self, rec: RequestRecord) -> dict:
+        return {**self._head(True), "choices": [], "usage": self._usage(rec)}

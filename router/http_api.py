@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -32,10 +30,12 @@ from starlette.exceptions import HTTPException
 
 from engine.messages import ErrorKind, GenerationRequest
 from llama_relax.generation import TokenEvent
-from router.convert import InvalidArgument, request_from_openai
+from router.auth import ApiKey
+from router.convert import InvalidArgument, OpenAIShape, request_from_openai
 from router.metrics import Metrics
 from router.openai_schema import ChatCompletionRequest, CompletionRequest
-from router.router import Done, RequestRecord, Router, RouterError
+from router.record import Outcome, RouterError
+from router.router import Done, Router
 from router.server import ServedModel
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,16 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 def _router_error(e: RouterError) -> ApiError:
-    status = HTTP_STATUS[e.kind]
-    message = e.message
-    if e.kind is ErrorKind.INTERNAL:  # a short message for the client, the details under an id in the log
-        error_id = uuid.uuid4().hex[:12]
-        log.error("request failed (error id %s): %s", error_id, e.message)
-        message = f"{e.message[:200]} (error id {error_id})"
-    return ApiError(status, message, code=e.kind.value)
+    return ApiError(HTTP_STATUS[e.kind], e.client_message, code=e.kind.value)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What a request brought besides its body: arrival (monotonic), its deadline, the client's trace context."""
+
+    arrival: float
+    deadline: float | None
+    traceparent: str
 
 
 @dataclass
@@ -87,10 +90,10 @@ class _Run:
     done: bool = False  # the router reported the end (nothing to cancel)
 
 
-def _pump(router: Router, req: GenerationRequest, deadline: float | None, loop, run: _Run) -> None:
+def _pump(router: Router, req: GenerationRequest, call: _Call, loop, run: _Run) -> None:
     """Drive the blocking router generator on this thread (which alone iterates and closes it)."""
     put = lambda item: loop.call_soon_threadsafe(run.queue.put_nowait, item)  # noqa: E731
-    gen = router.generate(req, deadline)
+    gen = router.generate(req, call.deadline, call.arrival, call.traceparent)
     try:
         for item in gen:
             put(item)
@@ -99,9 +102,7 @@ def _pump(router: Router, req: GenerationRequest, deadline: float | None, loop, 
     except RouterError as e:
         put(_router_error(e))
     except Exception:  # a bug on the request path: INTERNAL with an id, never a traceback
-        error_id = uuid.uuid4().hex[:12]
-        log.exception("request %s failed (error id %s)", req.request_id, error_id)
-        put(ApiError(500, f"internal error (error id {error_id})", code="internal"))
+        put(_router_error(RouterError.bug(req.request_id)))
     finally:
         gen.close()
         put(None)
@@ -118,7 +119,8 @@ class OpenAIFront:
         health: Callable[[], bool],
         api_key: str | None = None,
     ) -> None:
-        self.router, self.model, self.metrics, self.health, self.api_key = router, model, metrics, health, api_key
+        self.router, self.model, self.metrics, self.health = router, model, metrics, health
+        self.api_key = ApiKey(api_key) if api_key else None
         self.app = self._build()
 
     # ---- app ----------------------------------------------------------------------------------------------
@@ -174,33 +176,29 @@ class OpenAIFront:
         return app
 
     async def _check_key(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+        if self.api_key is not None and not self.api_key.accepts(request.headers.get("authorization", "")):
+            raise ApiError(401, f"{ApiKey.MISSING} (Authorization: Bearer KEY)", code="invalid_api_key")
 
     # ---- requests -----------------------------------------------------------------------------------------
     async def _serve(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
         try:
             req = request_from_openai(body, self.model.limits, self.model.tokenizer, self.model.name)
         except InvalidArgument as e:
-            self.metrics.requests.labels("invalid").inc()
+            self.metrics.count(Outcome.INVALID)
             raise ApiError(400, str(e), e.field) from None
-        deadline = _deadline(request)
+        call = _Call(arrival, _deadline(request, arrival), request.headers.get("traceparent", ""))
         run = _Run(asyncio.Queue(), threading.Event())
         loop = asyncio.get_running_loop()
         threading.Thread(
-            target=_pump, args=(self.router, req, deadline, loop, run), name="http-request", daemon=True
+            target=_pump, args=(self.router, req, call, loop, run), name="http-request", daemon=True
         ).start()
-        shape = _Shape(self, body, req, time.time())
+        shape = OpenAIShape(self.model.name, self.model.tokenizer, body, req, time.time())
         if body.stream:
-            return StreamingResponse(self._sse(shape, run, request, deadline), media_type="text/event-stream")
+            return StreamingResponse(self._sse(shape, run, request, call.deadline), media_type="text/event-stream")
         items: list[TokenEvent] = []
-        async for item in self._items(run, request, deadline, shape.rid):
+        async for item in self._items(run, request, call.deadline, shape.rid):
             if isinstance(item, Done):
-                self.metrics.requests.labels("finished").inc()
                 return JSONResponse(shape.whole(items, item.record))
             items.append(item)
         raise ApiError(499, "cancelled")  # the client went away
@@ -215,7 +213,6 @@ class OpenAIFront:
                     item = await asyncio.wait_for(run.queue.get(), timeout)
                 except asyncio.TimeoutError:
                     if deadline is not None and time.monotonic() >= deadline:
-                        self.metrics.requests.labels("deadline_exceeded").inc()
                         raise ApiError(504, "deadline exceeded", code="deadline_exceeded") from None
                     if await request.is_disconnected():
                         return
@@ -224,7 +221,6 @@ class OpenAIFront:
                     return
                 if isinstance(item, ApiError):
                     run.done = True
-                    self.metrics.requests.labels(item.code or "error").inc()
                     raise item
                 run.done = run.done or isinstance(item, Done)
                 yield item
@@ -233,7 +229,7 @@ class OpenAIFront:
             if not run.done:  # the client went away, or the deadline passed: every worker drops it
                 self.router.cancel(rid)
 
-    async def _sse(self, shape: _Shape, run: _Run, request: Request, deadline: float | None) -> AsyncIterator[str]:
+    async def _sse(self, shape: OpenAIShape, run: _Run, request: Request, deadline: float | None) -> AsyncIterator[str]:
         """SSE: a role chunk (chat), one chunk per token, the finish chunk, the usage chunk if asked, [DONE].
         An error after the stream started is one `data: {"error": ...}` event."""
         try:
@@ -241,7 +237,6 @@ class OpenAIFront:
                 yield _data(shape.first_chunk())
             async for item in self._items(run, request, deadline, shape.rid):
                 if isinstance(item, Done):
-                    self.metrics.requests.labels("finished").inc()
                     if shape.include_usage:
                         yield _data(shape.usage_chunk(item.record))
                     break
@@ -254,7 +249,7 @@ class OpenAIFront:
         return HttpServer(self.app, host, port)
 
 
-def _deadline(request: Request) -> float | None:
+def _deadline(request: Request, arrival: float) -> float | None:
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
@@ -264,95 +259,11 @@ def _deadline(request: Request) -> float | None:
         raise ApiError(400, f"{TIMEOUT_HEADER}: a number of seconds, got {raw!r}", TIMEOUT_HEADER) from None
     if not seconds > 0:
         raise ApiError(400, f"{TIMEOUT_HEADER}: must be > 0", TIMEOUT_HEADER)
-    return time.monotonic() + seconds
+    return arrival + seconds
 
 
 def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-class _Shape:
-    """OpenAI response bodies for one request (completions or chat, whole or chunked)."""
-
-    def __init__(self, front: OpenAIFront, body, req: GenerationRequest, created: float) -> None:
-        self.chat = isinstance(body, ChatCompletionRequest)
-        self.rid = req.request_id
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + req.request_id
-        self.created = int(created)
-        self.model = front.model.name
-        self.tokenizer = front.model.tokenizer
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.want_logprobs = bool(body.logprobs)
-        self.top_n = (body.top_logprobs or 0) if self.chat else (body.logprobs or 0)
-        self.offset = 0  # completions: text offset of the next token
-
-    def _head(self, chunk: bool) -> dict:
-        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.token_to_str(token_id) if self.tokenizer is not None else f"token_id:{token_id}"
-
-    def _logprobs(self, events: list[TokenEvent]) -> dict | None:
-        if not self.want_logprobs:
-            return None
-        if self.chat:
-            content = []
-            for e in events:
-                tok = self._token(e.token_id)
-                top = [
-                    {"token": (t := self._token(lp.token_id)), "logprob": lp.logprob, "bytes": list(t.encode())}
-                    for lp in e.logprobs[: self.top_n]
-                ]
-                content.append({"token": tok, "logprob": e.logprob, "bytes": list(tok.encode()), "top_logprobs": top})
-            return {"content": content}
-        tokens = [self._token(e.token_id) for e in events]
-        offsets = []
-        for t in tokens:
-            offsets.append(self.offset)
-            self.offset += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [{self._token(lp.token_id): lp.logprob for lp in e.logprobs} for e in events],
-            "text_offset": offsets,
-        }
-
-    def _usage(self, rec: RequestRecord) -> dict:
-        return {
-            "prompt_tokens": rec.prompt_tokens,
-            "completion_tokens": rec.completion_tokens,
-            "total_tokens": rec.prompt_tokens + rec.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": min(rec.cached_tokens, rec.prompt_tokens)},
-        }
-
-    def _choice(self, events: list[TokenEvent], text: str, finish: str | None, delta: bool) -> dict:
-        choice: dict = {"index": 0}
-        if self.chat:
-            choice["delta" if delta else "message"] = (
-                {"content": text} if delta else {"role": "assistant", "content": text}
-            )
-        else:
-            choice["text"] = text
-        choice["logprobs"] = self._logprobs(events)
-        choice["finish_reason"] = finish
-        return choice
-
-    def whole(self, events: list[TokenEvent], rec: RequestRecord) -> dict:
-        finish = events[-1].finish_reason.value if events and events[-1].finish_reason else None
-        text = "".join(e.text for e in events)
-        return {**self._head(False), "choices": [self._choice(events, text, finish, False)], "usage": self._usage(rec)}
-
-    def first_chunk(self) -> dict:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return {**self._head(True), "choices": [choice]}
-
-    def chunk(self, e: TokenEvent) -> dict:
-        finish = e.finish_reason.value if e.finish_reason is not None else None
-        return {**self._head(True), "choices": [self._choice([e], e.text, finish, True)]}
-
-    def usage_chunk(self, rec: RequestRecord) -> dict:
-        return {**self._head(True), "choices": [], "usage": self._usage(rec)}
 
 
 class HttpServer:

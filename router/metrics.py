@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from router.pools import WorkerSlot
+from router.record import Outcome, RequestRecord
 
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -22,6 +23,12 @@ class Metrics:
             "pdserve_inter_token_latency_seconds", "Gap between streamed tokens", buckets=_LAT, registry=r
         )
         self.e2e = Histogram("pdserve_e2e_latency_seconds", "Request latency", buckets=_LAT, registry=r)
+        self.tpot = Histogram(
+            "pdserve_time_per_output_token_seconds",
+            "Per request: (E2E - TTFT) / (output tokens - 1)",
+            buckets=_LAT,
+            registry=r,
+        )
         self.queue = Histogram("pdserve_queue_seconds", "Admission until prefill start", buckets=_LAT, registry=r)
         self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
         self.kv_seconds = Histogram(
@@ -48,14 +55,48 @@ class Metrics:
         self.kv_retries = Counter("pdserve_kv_transfer_retries", "KV sends retried after a failure", registry=r)
         self.lease_expired = Counter("pdserve_kv_lease_expired", "KV exports/reservations freed by lease", registry=r)
         self.restarts = Counter("pdserve_worker_restarts", "Worker processes restarted", ["role"], registry=r)
+        self.pool_workers = Gauge("pdserve_pool_workers", "Workers in each pool", ["role"], registry=r)
+        self.pool_alive = Gauge("pdserve_pool_workers_alive", "Live workers in each pool", ["role"], registry=r)
         self.queued = Gauge(
             "pdserve_admission_queue_requests", "Requests waiting for room on the decode pool", registry=r
         )
         self._seen: dict[tuple[str, str], int] = {}  # (worker, counter) -> value already counted
 
+    def count(self, outcome: Outcome) -> None:
+        """A request that ended before it reached the router (refused by a front: bad input, bad key)."""
+        self.requests.labels(outcome.value).inc()
+
+    def observe_token(self, rec: RequestRecord, now: float) -> None:
+        """A token leaves for the client: TTFT for the first, the inter-token gap for the others."""
+        gap = rec.on_token(now)
+        if gap is None:
+            self.ttft.observe(now - rec.arrival)
+        else:
+            self.itl.observe(gap)
+
+    def observe_request(self, rec: RequestRecord) -> None:
+        """Once per request, at its end: the outcome, E2E (finished requests), queue and KV hand-off."""
+        outcome = rec.outcome or Outcome.CANCELLED
+        self.requests.labels(outcome.value).inc()
+        if outcome is Outcome.TRANSFER_FAILED:
+            self.kv_failures.inc()
+        if outcome is Outcome.FINISHED:
+            self.e2e.observe(rec.e2e_s)
+            if rec.completion_tokens > 1 and rec.ttft_s is not None:
+                self.tpot.observe((rec.e2e_s - rec.ttft_s) / (rec.completion_tokens - 1))
+        p = rec.prefill
+        if p is not None and p.ok:
+            self.queue.observe(p.queue_s)
+            self.kv_seconds.observe(p.transfer_s)
+            self.kv_bytes.inc(p.kv_bytes)
+
     def observe_pools(self, workers: Iterable[WorkerSlot]) -> None:
         """Per-worker gauges, and the counters that workers keep (restarts, lease expiries, prefix-cache tokens)
         turned into deltas."""
+        workers = list(workers)
+        for role in {w.role.value for w in workers}:
+            self.pool_workers.labels(role).set(sum(w.role.value == role for w in workers))
+            self.pool_alive.labels(role).set(sum(w.role.value == role and w.alive for w in workers))
         for w in workers:
             role = w.role.value
             self.kv_free.labels(w.name, role).set(w.load.free_pages)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from engine.messages import Role, WorkerInfo, WorkerLoad
-from engine.protocols import ColocatedAPI, DecodeAPI, PrefillAPI, WorkerAPI
+from engine.protocols import DecodeAPI, PrefillAPI, WorkerAPI
 
 C = TypeVar("C", bound=WorkerAPI)
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def decode_order(
 class Pools:
     prefill: list[WorkerSlot[PrefillAPI]] = field(default_factory=list)
     decode: list[WorkerSlot[DecodeAPI]] = field(default_factory=list)
-    colocated: list[WorkerSlot[ColocatedAPI]] = field(default_factory=list)  # reserve + prefill_local, like decode
+    colocated: list[WorkerSlot[DecodeAPI]] = field(default_factory=list)  # reserve + prefill_local, like decode
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

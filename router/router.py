@@ -5,7 +5,7 @@ Request lifecycle (`RequestState`, each transition time-stamped; the stamps give
                   waits in the bounded FIFO admission queue (`router.admission`).
   2. RESERVED     a decode worker set pages aside for it (the one holding the longest cached prefix of the
                   prompt, within a load threshold; else the least loaded) and answered how many leading tokens
-                  it already holds.
+                  it already holds; its answer is the first item of the request's stream from that worker.
   3. PREFILLING   the prefill worker holding the longest cached prefix (within a load threshold; else the least
                   loaded) runs what its cache lacks; its first token is yielded at once (TTFT). When what the
                   decode worker lacks is at most `local_prefill_max_tokens`, or no prefill worker is alive
@@ -14,7 +14,9 @@ Request lifecycle (`RequestState`, each transition time-stamped; the stamps give
                   its header, straight to the decode worker (never through the router); the decode worker starts
                   the sequence on import.
   5. DECODING     the decode worker streams the remaining tokens; the router forwards them.
-  6. FINISHED / CANCELLED / FAILED   in `finally` the router tells every worker holding the request to drop it.
+  6. FINISHED / CANCELLED / FAILED   in `finally` the router tells every worker holding the request to drop it,
+                  sets the record's `Outcome`, and records every metric and the trace from it (`router.record`):
+                  the fronts (gRPC, HTTP) only convert.
 
 Failures are values the router acts on. Before a token went out, a prefill worker that died or is full is
 replaced by the next one. After that, a decode worker that dies, stalls, loses the request or evicts it, and a
@@ -30,21 +32,23 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import enum
 import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from engine.loop import Output
-from engine.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError, Role
+from engine.messages import Admission, ErrorKind, GenerationRequest, Output, RequestError, Role
 from engine.prefix_cache import page_hashes
 from engine.protocols import DecodeAPI, WorkerFault, WorkerGone
 from llama_relax.generation import TokenEvent
 from router.admission import AdmissionQueue, AdmissionRefused, Busy, NoWorker, QueueLimits
 from router.metrics import Metrics
 from router.pools import Pools, WorkerSlot, decode_order, note_placed, pick_prefill
+from router.record import Migration, Outcome, RequestRecord, RequestState, RouterError
+from router.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +58,8 @@ class ServeMode(enum.Enum):
     COLOCATED = "colocated"
 
 
-class RequestState(enum.Enum):
-    QUEUED = "queued"
-    RESERVED = "reserved"
-    PREFILLING = "prefilling"
-    KV_TRANSFER = "kv_transfer"
-    DECODING = "decoding"
-    FINISHED = "finished"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
 # what a decode-side failure reported in a stream means: the request moves to another attempt
 MIGRATABLE = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.INTERNAL, ErrorKind.EVICTED, ErrorKind.TRANSFER_FAILED})
-
-
-class RouterError(Exception):
-    """A request's explicit outcome when it did not finish; `kind` picks the gRPC status."""
-
-    def __init__(self, kind: ErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 class Migrate(Exception):
@@ -88,6 +72,8 @@ class NoPrefillWorker(Exception):
 
 @dataclass(frozen=True)
 class RouterOptions:
+    """How the router places, queues and retries (checked once, from the flags, by `router.config.ServeConfig`)."""
+
     migration_limit: int = 3  # migrations per request
     recovery_timeout_s: float = 60.0  # how long a request waits for a decode worker to come back
     max_queue_wait_s: float = 30.0  # how long a request waits for room on the decode pool
@@ -96,38 +82,6 @@ class RouterOptions:
     local_prefill_max_tokens: int = 64  # the decode worker prefills an uncached part this short itself (0: off)
     balance_requests: int = 4  # cache-aware decode placement yields to load beyond this many more active requests
     balance_tokens: int = 1024  # ... and prefill placement beyond this many more queued prompt tokens
-
-    def __post_init__(self) -> None:
-        if self.migration_limit < 0 or self.max_queued < 1:
-            raise ValueError("migration_limit must be >= 0 and max_queued >= 1")
-        if min(self.local_prefill_max_tokens, self.balance_requests, self.balance_tokens) < 0:
-            raise ValueError("local_prefill_max_tokens, balance_requests and balance_tokens must be >= 0")
-        if not (self.recovery_timeout_s >= 0 and self.max_queue_wait_s >= 0):
-            raise ValueError("recovery_timeout_s and max_queue_wait_s must be >= 0")
-
-
-@dataclass
-class RequestRecord:
-    """The state and time-stamped transitions of one request (monotonic seconds)."""
-
-    request_id: str
-    prompt_tokens: int
-    state: RequestState = RequestState.QUEUED
-    stamps: dict[RequestState, float] = field(default_factory=dict)
-    completion_tokens: int = 0
-    prefill: PrefillResult | None = None
-    migrations: int = 0
-    queue_wait_s: float = 0.0
-    first_token_at: float | None = None  # when the client's first token was ready (TTFT), across attempts
-    attempt_id: str = ""  # the worker-side id of the current attempt
-    page_hashes: tuple[int, ...] = ()  # of the current attempt's tokens (cache-aware placement)
-    decode_cached: int = 0  # leading tokens the decode worker already held (its reservation's answer)
-    cached_tokens: int = 0  # prompt tokens not prefilled for this request: taken from a prefix cache
-    workers: dict[Role, WorkerSlot] = field(default_factory=dict)  # who holds the current attempt
-
-    def mark(self, state: RequestState) -> None:
-        self.state = state
-        self.stamps[state] = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -139,12 +93,18 @@ class Done:
 
 class Router:
     def __init__(
-        self, pools: Pools, mode: ServeMode, options: RouterOptions | None = None, metrics: Metrics | None = None
+        self,
+        pools: Pools,
+        mode: ServeMode,
+        options: RouterOptions | None = None,
+        metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.pools = pools
         self.mode = mode
         self.options = options or RouterOptions()
         self.metrics = metrics or Metrics()
+        self.tracer = tracer or Tracer()  # off unless given an OTLP endpoint
         o = self.options
         self.admission: AdmissionQueue[WorkerSlot] = AdmissionQueue(
             QueueLimits(o.max_queued, o.max_queue_wait_s, o.recovery_timeout_s)
@@ -155,10 +115,20 @@ class Router:
         self._background = cf.ThreadPoolExecutor(4, thread_name_prefix="router-cancel")
 
     # ---- public -------------------------------------------------------------------------------------------
-    def generate(self, req: GenerationRequest, deadline: float | None = None) -> Iterator[TokenEvent | Done]:
+    def generate(
+        self,
+        req: GenerationRequest,
+        deadline: float | None = None,
+        arrival: float | None = None,
+        traceparent: str = "",
+    ) -> Iterator[TokenEvent | Done]:
         """The request's token events, then `Done`; raises `RouterError` with the outcome when it fails.
-        `deadline` (monotonic) bounds every wait (admission, recovery)."""
-        rec = RequestRecord(req.request_id, len(req.prompt_ids))
+        `deadline` (monotonic) bounds every wait (admission, recovery); `arrival` (monotonic, default now) is when
+        the front received it; `traceparent` is the client's W3C trace context. Every metric of the request and
+        its trace are recorded here, once, whichever front called (the fronts only convert)."""
+        rec = RequestRecord(req.request_id, len(req.prompt_ids), traceparent=traceparent)
+        if arrival is not None:
+            rec.arrival = arrival
         rec.mark(RequestState.QUEUED)
         with self._lock:
             if self._draining:
@@ -166,25 +136,37 @@ class Router:
             if req.request_id in self._inflight:
                 raise RouterError(ErrorKind.INVALID, f"request_id {req.request_id!r} is already in flight")
             self._inflight[req.request_id] = rec
+        span = self.tracer.start(rec)
+        req = self.tracer.propagate(req, span)
         finished = False
         try:
             for event in self._migrating(req, rec, deadline):
-                if rec.first_token_at is None:
-                    rec.first_token_at = time.monotonic()
-                rec.completion_tokens += 1
+                self.metrics.observe_token(rec, time.monotonic())
+                if event.finish_reason is not None:  # the worker ended it: nothing to release, even if the client
+                    finished = True  # leaves before it reads this last token
+                    rec.finish(Outcome.FINISHED, event.finish_reason.value)
                 yield event
-                finished = event.finish_reason is not None
             rec.mark(RequestState.FINISHED if finished else RequestState.CANCELLED)
             yield Done(rec)
-        except RouterError:
+        except RouterError as e:
             rec.mark(RequestState.FAILED)
+            rec.finish(_outcome(e.kind, deadline))
+            if e.kind is ErrorKind.INTERNAL:
+                log.error("request %s failed (error id %s): %s", req.request_id, e.error_id, e.message)
             raise
+        except Exception as e:  # a bug on the request path: INTERNAL with an id, the traceback in the log
+            rec.mark(RequestState.FAILED)
+            rec.finish(Outcome.INTERNAL)
+            raise RouterError.bug(req.request_id) from e
         finally:
             if not finished:
                 self._release(rec)
+            rec.finish(_outcome(ErrorKind.CANCELLED, deadline))  # the client left before the end
             with self._lock:
                 self._inflight.pop(req.request_id, None)
             self.admission.notify()
+            self.metrics.observe_request(rec)
+            self.tracer.end(span, rec)
 
     def cancel(self, request_id: str) -> None:
         """Tell every worker holding the request to drop it (in the background; safe to repeat)."""
@@ -210,12 +192,8 @@ class Router:
         """Attempts until the request finishes: each one resumes after the tokens the client already has."""
         produced: list[int] = []
         while True:
-            attempt = GenerationRequest(
-                req.request_id if rec.migrations == 0 else f"{req.request_id}~{rec.migrations}",
-                req.prompt_ids,
-                req.params,
-                tuple(produced),
-            )
+            rid = req.request_id if rec.migrations == 0 else f"{req.request_id}~{rec.migrations}"
+            attempt = dataclasses.replace(req, request_id=rid, resume_ids=tuple(produced))
             rec.attempt_id = attempt.request_id
             rec.page_hashes = tuple(page_hashes(attempt.token_ids)) if self.options.cache_aware else ()
             flow = self._colocated if self.mode is ServeMode.COLOCATED else self._disaggregated
@@ -226,6 +204,7 @@ class Router:
                 return
             except Migrate as e:
                 self._release(rec)
+                rec.migration_log.append(Migration(time.monotonic(), str(e), len(produced)))
                 if rec.migrations >= self.options.migration_limit:
                     raise RouterError(
                         ErrorKind.UNAVAILABLE, f"gave up after {rec.migrations} migrations; last failure: {e}"
@@ -243,59 +222,68 @@ class Router:
 
     # ---- flows --------------------------------------------------------------------------------------------
     def _disaggregated(self, req: GenerationRequest, rec: RequestRecord, deadline: float | None):
-        d = self._place(self.pools.decode, req, rec, deadline)
+        d, events = self._place(self.pools.decode, req, rec, deadline)
         try:
             if len(req.token_ids) - rec.decode_cached <= self.options.local_prefill_max_tokens:
                 self.metrics.local_prefills.inc()  # little left to compute: no prefill worker, no transfer
-                yield from self._prefill_on(d, req, rec)
+                yield from self._prefill_on(d, events, req, rec)
                 return
             try:
                 first = yield from self._prefill(req, rec, d)
             except NoPrefillWorker:
                 self.metrics.fallbacks.inc()
-                yield from self._prefill_on(d, req, rec)
+                yield from self._prefill_on(d, events, req, rec)
                 return
             if first.finish_reason is not None:  # ended with its first token: free the decode side's reservation
                 self._release(rec)
                 return
             rec.mark(RequestState.DECODING)
             with self._on_decode(d):
-                yield from self._events(d.client.stream(req.request_id), rec)
+                yield from self._events(events, rec)
         finally:
+            events.close()
             with self.pools.lock:
                 d.active -= 1
 
     def _colocated(self, req: GenerationRequest, rec: RequestRecord, deadline: float | None):
         """A colocated worker is a decode engine that prefills everything itself: reserve, then prefill there."""
-        w = self._place(self.pools.colocated, req, rec, deadline)
+        w, events = self._place(self.pools.colocated, req, rec, deadline)
         try:
-            yield from self._prefill_on(w, req, rec)
+            yield from self._prefill_on(w, events, req, rec)
         finally:
+            events.close()
             with self.pools.lock:
                 w.active -= 1
 
-    def _prefill_on(self, w: WorkerSlot[DecodeAPI], req: GenerationRequest, rec: RequestRecord):
-        """The reserved decode-side worker prefills the prompt (after what it holds) and decodes it."""
+    def _prefill_on(
+        self, w: WorkerSlot[DecodeAPI], events: Iterator[Output], req: GenerationRequest, rec: RequestRecord
+    ):
+        """The reserved decode-side worker prefills the prompt (after what it holds) and decodes it: its
+        reservation's stream carries every event."""
         rec.mark(RequestState.PREFILLING)
         rec.cached_tokens = rec.decode_cached
         with self._on_decode(w):
-            yield from self._events(w.client.prefill_local(req.request_id), rec)
+            started = w.client.prefill_local(req.request_id)
+            if not started.ok:  # the reservation ended meanwhile (its lease, a restart): its stream says why
+                log.warning("request %s: %s", req.request_id, started.reason)
+            yield from self._events(events, rec)
 
     def _place(
         self, slots: list[WorkerSlot[DecodeAPI]], req: GenerationRequest, rec: RequestRecord, deadline: float | None
-    ) -> WorkerSlot[DecodeAPI]:
-        """The decode (or colocated) worker for this attempt, through the admission queue: it waits, in order,
-        while every worker is full or none is alive, within the queue's bounds and the client's deadline."""
+    ) -> tuple[WorkerSlot[DecodeAPI], Iterator[Output]]:
+        """The decode (or colocated) worker for this attempt and its reservation's stream, through the admission
+        queue: it waits, in order, while every worker is full or none is alive, within the queue's bounds and the
+        client's deadline."""
         try:
-            w, waited = self.admission.admit(lambda: self._try_place(slots, req, rec), deadline)
+            placed, waited = self.admission.admit(lambda: self._try_place(slots, req, rec), deadline)
         except AdmissionRefused as e:
             raise RouterError(e.kind, e.message) from e
         rec.queue_wait_s += waited
-        return w
+        return placed
 
     def _try_place(
         self, slots: list[WorkerSlot[DecodeAPI]], req: GenerationRequest, rec: RequestRecord
-    ) -> WorkerSlot[DecodeAPI] | Busy | NoWorker:
+    ) -> tuple[WorkerSlot[DecodeAPI], Iterator[Output]] | Busy | NoWorker:
         """One pass over the workers, best first: reserve on the first that has room. A candidate's `active`
         count is raised before asking it (under the pool lock), so concurrent requests spread out instead of all
         picking the same one."""
@@ -311,21 +299,25 @@ class Router:
                 w = order[0]
                 w.active += 1
             tried.add(w.name)
+            events: Iterator[Admission | Output] | None = None
             try:
-                admission = w.client.reserve(req)
+                events = w.client.reserve(req)
+                admission = next(events)  # the stream's first item is the answer
                 self.pools.record(w, ok=True)
-            except (WorkerGone, WorkerFault) as e:
+            except (WorkerGone, WorkerFault, StopIteration) as e:
                 self.pools.record(w, ok=False)
                 if isinstance(e, WorkerGone):
                     self.pools.mark_dead(w)
                 admission = None
-                reasons.append(f"{w.name}: {e}")
+                reasons.append(f"{w.name}: {e or 'no answer'}")
             if admission is not None and admission.ok:
                 rec.workers[role] = w
                 rec.decode_cached = admission.cached_tokens
                 note_placed(w, rec.page_hashes)
                 rec.mark(RequestState.RESERVED)
-                return w
+                return w, events
+            if events is not None:
+                events.close()
             with self.pools.lock:
                 w.active -= 1
             if admission is not None:
@@ -364,7 +356,7 @@ class Router:
                         rec.mark(RequestState.KV_TRANSFER)
                         yield item
                         continue
-                    rec.prefill = item
+                    rec.prefill, rec.prefill_done_at = item, time.monotonic()
                     self.metrics.kv_retries.inc(item.transfer_retries)
                     self.pools.record(p, ok=True)
                     if item.error is None:
@@ -423,6 +415,15 @@ class Router:
         except WorkerFault as e:
             self.pools.record(w, ok=False)
             raise RouterError(ErrorKind.INTERNAL, f"worker {w.name} failed: {e.message}") from e
+
+
+def _outcome(kind: ErrorKind, deadline: float | None) -> Outcome:
+    """A request that was cancelled, refused or left waiting once the client's deadline had passed ended by the
+    deadline; any other failure keeps its kind."""
+    past = deadline is not None and time.monotonic() >= deadline
+    if past and kind in (ErrorKind.CANCELLED, ErrorKind.UNAVAILABLE, ErrorKind.BUSY):
+        return Outcome.DEADLINE_EXCEEDED
+    return Outcome.of(kind)
 
 
 def _quiet_cancel(w: WorkerSlot, request_id: str) -> None:

@@ -7,10 +7,8 @@ both workers drop the request and free its pages."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
-import uuid
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -18,16 +16,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.messages import ErrorKind
 from kvtransfer.net import host_port, message_limits
 from protos import generate_pb2 as pb
 from protos import generate_pb2_grpc as pb_grpc
-from router.convert import STATUS_FOR_ERROR, InvalidArgument, ModelLimits, event_to_pb, request_from_pb
+from router.auth import ApiKey
+from router.convert import STATUS_FOR_ERROR, InvalidArgument, ModelLimits, event_to_pb, final_to_pb, request_from_pb
 from router.metrics import Metrics
-from router.router import Done, RequestRecord, RequestState, Router, RouterError
+from router.record import Outcome, RouterError
+from router.router import Done, Router
 
 log = logging.getLogger(__name__)
-MAX_INTERNAL_CHARS = 200
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
@@ -48,90 +46,39 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.metrics = metrics
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
-        t0 = time.monotonic()
+        """Validate, then one response per token; the last carries usage and timings. The router records every
+        metric and the trace; this only converts."""
+        arrival = time.monotonic()
         try:
             req = request_from_pb(request, self.model.limits, self.model.tokenizer)
         except InvalidArgument as e:
-            self.metrics.requests.labels("invalid").inc()
+            self.metrics.count(Outcome.INVALID)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         context.add_callback(lambda: self.router.cancel(req.request_id))  # cancel / disconnect / deadline
-        first_sent, last, final = False, t0, None
         remaining = context.time_remaining()
-        deadline = t0 + remaining if remaining is not None else None
+        deadline = arrival + remaining if remaining is not None else None
+        traceparent = dict(context.invocation_metadata() or ()).get("traceparent", "")
+        final, first = None, True
         try:
-            for item in self.router.generate(req, deadline):
+            for item in self.router.generate(req, deadline, arrival, str(traceparent)):
                 if isinstance(item, Done):
-                    yield self._final(final or pb.GenerateResponse(request_id=req.request_id), item.record, t0)
+                    yield final_to_pb(final or pb.GenerateResponse(request_id=req.request_id), item.record)
                     continue
-                now = time.monotonic()
                 msg = event_to_pb(req.request_id, item)
-                if not first_sent:
+                if first:
                     msg.prompt_token_ids.extend(req.prompt_ids)
-                    self.metrics.ttft.observe(now - t0)
-                    first_sent = True
-                else:
-                    self.metrics.itl.observe(now - last)
-                last = now
+                    first = False
                 if not context.is_active():
-                    self.metrics.requests.labels("cancelled").inc()
                     return
                 if item.finish_reason is None:
                     yield msg
                 else:
                     final = msg  # sent together with usage and timings once the router is done
         except RouterError as e:
-            self.metrics.requests.labels(e.kind.value).inc()
-            if e.kind is ErrorKind.TRANSFER_FAILED:
-                self.metrics.kv_failures.inc()
-            status, message = STATUS_FOR_ERROR[e.kind], e.message
-            if e.kind is ErrorKind.INTERNAL:  # a short message for the client, the details under an id in the log
-                error_id = uuid.uuid4().hex[:12]
-                log.error("request %s failed (error id %s): %s", req.request_id, error_id, e.message)
-                message = f"{e.message[:MAX_INTERNAL_CHARS]} (error id {error_id})"
-        except Exception:  # a bug on the request path: INTERNAL with an id to find it in the log, never a traceback
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("request %s failed (error id %s)", req.request_id, error_id)
-            self.metrics.requests.labels(ErrorKind.INTERNAL.value).inc()
-            status, message = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})"
-        else:
-            return
-        context.abort(status, message)
-
-    def _final(self, msg: pb.GenerateResponse, rec: RequestRecord, t0: float) -> pb.GenerateResponse:
-        """The last message: the last token plus finish reason, usage and timings."""
-        first_at = rec.first_token_at
-        end = rec.stamps.get(RequestState.FINISHED, time.monotonic())
-        p = rec.prefill
-        usage = pb.Usage(
-            prompt_tokens=rec.prompt_tokens,
-            completion_tokens=rec.completion_tokens,
-            cached_prompt_tokens=min(rec.cached_tokens, rec.prompt_tokens),
-        )
-        msg.usage.CopyFrom(usage)
-        msg.timings.CopyFrom(
-            pb.Timings(
-                queue_s=p.queue_s if p else 0.0,
-                prefill_s=p.prefill_s if p else 0.0,
-                kv_transfer_s=p.transfer_s if p else 0.0,
-                first_token_s=(first_at or end) - t0,
-                decode_s=end - (first_at or end),
-                e2e_s=end - t0,
-                migrations=rec.migrations,
-                admission_wait_s=rec.queue_wait_s,
-                kv_transfer_bytes=p.kv_bytes if p else 0,
-                kv_export_s=p.export_s if p else 0.0,
-                kv_wire_s=max(0.0, p.transfer_s - p.import_s) if p else 0.0,
-                kv_import_s=p.import_s if p else 0.0,
-                kv_tail_s=p.tail_s if p else 0.0,
-            )
-        )
-        self.metrics.e2e.observe(end - t0)
-        if p is not None:
-            self.metrics.queue.observe(p.queue_s)
-            self.metrics.kv_seconds.observe(p.transfer_s)
-            self.metrics.kv_bytes.inc(p.kv_bytes)
-        self.metrics.requests.labels("finished").inc()
-        return msg
+            context.abort(STATUS_FOR_ERROR[e.kind], e.client_message)
+        except Exception:  # a bug in this front: INTERNAL with an id to find it in the log, never a traceback
+            e = RouterError.bug(req.request_id)
+            context.abort(STATUS_FOR_ERROR[e.kind], e.client_message)
 
     def GetModelInfo(self, request, context):
         m = self.model
@@ -170,16 +117,15 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 
 class ApiKeyInterceptor(grpc.ServerInterceptor):
-    """Every call but the health service's needs metadata `authorization: Bearer KEY` (constant-time compare),
-    else UNAUTHENTICATED."""
+    """Every call but the health service's needs metadata `authorization: Bearer KEY`, else UNAUTHENTICATED."""
 
     OPEN = "/grpc.health.v1.Health/"
 
-    def __init__(self, api_key: str) -> None:
-        self.expected = f"Bearer {api_key}".encode()
+    def __init__(self, key: ApiKey) -> None:
+        self.key = key
 
         def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing API key (authorization: Bearer KEY)")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{ApiKey.MISSING} (metadata authorization: Bearer KEY)")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
@@ -188,7 +134,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         if handler_call_details.method.startswith(self.OPEN):
             return continuation(handler_call_details)
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(given).encode(), self.expected):
+        if self.key.accepts(str(given)):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         return self._deny_stream if handler is not None and handler.response_streaming else self._deny
@@ -210,7 +156,7 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-api"),
         options=message_limits(),
         maximum_concurrent_rpcs=max_workers,
-        interceptors=[ApiKeyInterceptor(api_key)] if api_key else [],
+        interceptors=[ApiKeyInterceptor(ApiKey(api_key))] if api_key else [],
     )
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_servicer = health.HealthServicer()

@@ -53,7 +53,7 @@ class Server:
         env = {**os.environ, **LOOPBACK_ENV, "PDSERVE_CACHE_DIR": str(cache_dir)}
         self.proc = subprocess.Popen(
             # no HTTP API unless a test asks for one (servers run side by side; 8000 would be taken)
-            [sys.executable, "-m", "llama_relax.cli", "serve", "--port", "0", "--http-port", "0", *args],
+            [sys.executable, "-m", "pdserve", "serve", "--port", "0", "--http-port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -154,8 +154,9 @@ def request(ids, max_tokens=8, request_id: str = "", **sampling) -> pb.GenerateR
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(ids)), sampling=s, request_id=request_id)
 
 
-def collect(stub, req, **kw) -> list[pb.GenerateResponse]:
-    return list(stub.Generate(req, timeout=kw.pop("timeout", 120)))
+def collect(stub, req, timeout: float = 120, **kw) -> list[pb.GenerateResponse]:
+    """Every response of one Generate call (`kw`: the call's other options, e.g. `metadata`)."""
+    return list(stub.Generate(req, timeout=timeout, **kw))
 
 
 def tokens_of(responses: Sequence[pb.GenerateResponse]) -> list[int]:

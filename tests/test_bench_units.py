@@ -528,7 +528,10 @@ def test_openai_client_records_streams_usage_and_errors(fake_openai, chat):
     assert (m.completed, m.failures_by_code) == (3, {"HTTP_429": 1, "x": 1})
     assert m.total_output_tokens == 12 and m.itl_ms.count == 9 and m.ttft_ms.p50 <= m.e2e_ms.p50
     assert m.cached_token_fraction == pytest.approx(1 / 3)
-    path, body, auth = seen[0]
+    # the five requests run concurrently: find one of the three (1, 2, 3) prompts, whichever came first
+    plain = [x for x in seen if (x[1]["messages"][0]["content"] if chat else x[1]["prompt"]) in ("1 2 3", [1, 2, 3])]
+    assert len(plain) == 3 and len(seen) == 5
+    path, body, auth = plain[0]
     assert path == ("/v1/chat/completions" if chat else "/v1/completions") and auth == "Bearer k"
     assert body["stream"] and body["stream_options"] == {"include_usage": True} and body["ignore_eos"]
     assert (body["messages"][0]["content"] == "1 2 3") if chat else (body["prompt"] == [1, 2, 3])

@@ -20,7 +20,7 @@ from reference import NumpyLlama, random_params
 def pdserve(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PDSERVE_CACHE_DIR": str(cache_dir)}
     return subprocess.run(
-        [sys.executable, "-m", "llama_relax.cli", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "pdserve", *args], capture_output=True, text=True, env=env, timeout=600
     )
 
 

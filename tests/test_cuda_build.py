@@ -167,7 +167,7 @@ def test_arch_is_checked():
 def test_pdserve_compile_for_cuda_without_a_gpu(tmp_path, cache_dir):
     """The command a user runs: an HF directory compiled for sm_80 in fp16, the kernel count reported."""
     model = write_hf_dir(tmp_path / "model", TINY_GQA, random_params(TINY_GQA, seed=3))
-    cmd = [sys.executable, "-m", "llama_relax.cli", "compile", "--model", str(model), "--dtype", "float16"]
+    cmd = [sys.executable, "-m", "pdserve", "compile", "--model", str(model), "--dtype", "float16"]
     cmd += ["--target", "cuda", "--arch", "sm_80", "--cache-dir", str(cache_dir)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -33,7 +33,7 @@ def test_all_problems_are_listed(tmp_path):
     assert any("`decode`" in f for f in findings)
     assert any("pdserve serve --address auto" in f for f in findings)
     r = subprocess.run(
-        [sys.executable, "-m", "llama_relax.cli", "deploy", "check", str(bad)],
+        [sys.executable, "-m", "pdserve", "deploy", "check", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,

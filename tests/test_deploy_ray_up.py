@@ -118,7 +118,7 @@ def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
             grpc_port=grpc_port,
         )
     )
-    check = run([sys.executable, "-m", "llama_relax.cli", "deploy", "check", str(config)])
+    check = run([sys.executable, "-m", "pdserve", "deploy", "check", str(config)])
     assert check.returncode == 0, check.stderr
     env = {**os.environ, **LOOPBACK_ENV}
     ray_cli = str(Path(sys.executable).parent / "ray")

@@ -17,7 +17,7 @@ from decode_worker.engine import DecodeEngine
 from engine.decode_batch import DecodeState
 from engine.kvmeta import decode_first_token
 from engine.loop import OutputStream
-from engine.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError
+from engine.messages import Admission, ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerOptions
 from kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
 from kvtransfer.payload import ErrorCode, PayloadError, make_payload
 from kvtransfer.runtime_io import receiver_checks
@@ -29,6 +29,26 @@ from prefill_worker.engine import PrefillEngine, PrefillState
 
 LENGTHS = [5, 40, 17, 3, 33]  # 40 and 33 exceed the 32-token prefill chunk
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def reserve(d: DecodeEngine, req: GenerationRequest) -> OutputStream:
+    """Reserve on `d` (it must admit) and return the request's stream."""
+    admission, stream = d.reserve(req)
+    assert admission.ok, admission
+    return stream
+
+
+def submit(d: DecodeEngine, req: GenerationRequest) -> tuple[Admission, OutputStream | None]:
+    """A colocated request, the way the router makes one: reserve, then prefill it there."""
+    admission, stream = d.reserve(req)
+    if admission.ok:
+        assert d.prefill_local(req.request_id).ok
+    return admission, stream
+
+
+def engine_options(**kw) -> WorkerOptions:
+    """Engine options for a runtime the test opened itself (no model path or cache dir is read)."""
+    return WorkerOptions(model="", cache_dir="", **kw)
 
 
 class FakeClock:
@@ -113,10 +133,10 @@ def run_until(engine, done, timeout_s: float = 30.0) -> None:
 
 
 def test_colocated_engine_streams_reference_tokens_with_continuous_batching(runtime, params):
-    eng = DecodeEngine(runtime, None, max_batch=8, name="colocated")
+    eng = DecodeEngine(runtime, None, engine_options(max_batch_size=8), name="colocated")
     streams = []
     for i, p in enumerate(prompts()):
-        admission, stream = eng.submit(GenerationRequest(f"c{i}", p, GREEDY))
+        admission, stream = submit(eng, GenerationRequest(f"c{i}", p, GREEDY))
         assert admission.ok
         streams.append(stream)
         eng.tick()  # requests arrive while others decode
@@ -146,17 +166,17 @@ class Collect:
 def test_prefill_engine_sends_kv_with_the_first_token_and_the_decode_engine_continues(runtime, second_runtime, params):
     """P is stepped here; D's engine thread runs, fed by a real gRPC receiver. D starts each sequence on import
     (the first token came in the header) and the tokens equal the reference."""
-    d = DecodeEngine(second_runtime, None, max_batch=8)
+    d = DecodeEngine(second_runtime, None, engine_options(max_batch_size=8))
     rx = GrpcKVReceiver(d.import_kv, on_orphaned=d.orphaned, **receiver_checks(second_runtime))
     address = rx.start()
     d.start()
     sender = GrpcKVSender()
-    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
+    p = PrefillEngine(runtime, None, sender, engine_options(max_batch_size=8), transfer_threads=1)
     try:
         reqs = [GenerationRequest(f"p{i}", pr, GREEDY) for i, pr in enumerate(prompts())]
-        outs = []
+        outs, streams = [], {}
         for r in reqs:
-            assert d.reserve(r).ok
+            streams[r.request_id] = reserve(d, r)
             outs.append(Collect())
             assert p.submit(r, address, outs[-1]).ok
         assert p.load().queued == len(reqs)
@@ -165,7 +185,7 @@ def test_prefill_engine_sends_kv_with_the_first_token_and_the_decode_engine_cont
         for r, o in zip(reqs, outs, strict=True):
             first, result = o.items
             assert isinstance(first, TokenEvent) and result.ok and result.first == first and result.kv_bytes > 0
-            events = list(d.stream(r.request_id))
+            events = list(streams[r.request_id])
             tokens = [first.token_id] + [e.token_id for e in events]
             assert len(tokens) == 6
             assert_greedy_matches_reference(params, r.prompt_ids, tokens)
@@ -197,8 +217,10 @@ class RecordingSender(KVSender):
 
 def test_decode_engine_imports_kv_then_decodes_and_rejects_bad_imports(runtime, second_runtime, params):
     sender = RecordingSender()
-    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1, stream_kv=False)  # one piece
-    d = DecodeEngine(second_runtime, None, max_batch=8)
+    p = PrefillEngine(
+        runtime, None, sender, engine_options(max_batch_size=8, kv_stream=False), transfer_threads=1
+    )  # one piece
+    d = DecodeEngine(second_runtime, None, engine_options(max_batch_size=8))
     r = GenerationRequest("dx", prompts()[1], GREEDY)
     out = Collect()
     assert p.submit(r, "unused:1", out).ok
@@ -209,7 +231,7 @@ def test_decode_engine_imports_kv_then_decodes_and_rejects_bad_imports(runtime, 
     with pytest.raises(PayloadError) as e:  # not reserved
         d.import_kv(payload.header, payload.k, payload.v)
     assert e.value.code is ErrorCode.IMPORT_FAILED
-    assert d.reserve(r).ok
+    stream = reserve(d, r)
     no_meta = make_payload(payload.k, payload.v, payload.header.layout_fingerprint, 0, "dx")
     with pytest.raises(PayloadError) as e:
         d.import_kv(no_meta.header, no_meta.k, no_meta.v)
@@ -219,14 +241,14 @@ def test_decode_engine_imports_kv_then_decodes_and_rejects_bad_imports(runtime, 
     d.import_kv(payload.header, payload.k, payload.v)
     assert d.seqs["dx"].state is DecodeState.DECODING
     run_until(d, lambda: not d.seqs)
-    tokens = [first.token_id] + [e.token_id for e in d.stream("dx")]
+    tokens = [first.token_id] + [e.token_id for e in stream]
     assert_greedy_matches_reference(params, r.prompt_ids, tokens)
     run_until(p, lambda: not p.jobs)
     assert_no_leaks(p, d)
 
 
 def test_a_failed_prefill_forward_fails_only_its_requests(runtime, monkeypatch):
-    p = PrefillEngine(runtime, None, RecordingSender(), max_seqs=1, transfer_threads=1)
+    p = PrefillEngine(runtime, None, RecordingSender(), engine_options(max_batch_size=1), transfer_threads=1)
     outs = {f"f{i}": Collect() for i in range(3)}
     for i, (rid, o) in enumerate(outs.items()):
         assert p.submit(GenerationRequest(rid, prompts()[i], GREEDY), "unused:1", o).ok
@@ -250,30 +272,30 @@ def test_a_failed_prefill_forward_fails_only_its_requests(runtime, monkeypatch):
 
 
 def test_a_failed_decode_step_fails_its_batch_and_the_engine_goes_on(runtime, monkeypatch):
-    eng = DecodeEngine(runtime, None, max_batch=8, name="colocated")
-    _, s1 = eng.submit(GenerationRequest("a", prompts()[0], GREEDY))
+    eng = DecodeEngine(runtime, None, engine_options(max_batch_size=8), name="colocated")
+    _, s1 = submit(eng, GenerationRequest("a", prompts()[0], GREEDY))
     real = runtime.decode
     monkeypatch.setattr(runtime, "decode", lambda *a: (_ for _ in ()).throw(RuntimeError("injected decode failure")))
     run_until(eng, lambda: not eng.seqs)
     events = drain(s1)
     assert isinstance(events[-1], RequestError) and events[-1].kind is ErrorKind.INTERNAL
     monkeypatch.setattr(runtime, "decode", real)
-    _, s2 = eng.submit(GenerationRequest("b", prompts()[0], GREEDY))
+    _, s2 = submit(eng, GenerationRequest("b", prompts()[0], GREEDY))
     run_until(eng, lambda: not eng.seqs)
     assert [e.token_id for e in drain(s2)] and eng.error is None
     assert_no_leaks(eng)
 
 
 def test_admission_kinds_and_cancel_release_everything(runtime, second_runtime):
-    d = DecodeEngine(second_runtime, None, max_batch=8, output_slice=4)
-    p = PrefillEngine(runtime, None, RecordingSender(), max_seqs=8, max_queue=2)
+    d = DecodeEngine(second_runtime, None, engine_options(max_batch_size=8, output_slice=4))
+    p = PrefillEngine(runtime, None, RecordingSender(), engine_options(max_batch_size=8, max_queue=2))
     r = GenerationRequest("x", prompts()[1], GREEDY)
-    assert d.reserve(r).ok
-    assert d.reserve(r).kind is ErrorKind.INVALID  # duplicate id
+    assert d.reserve(r)[0].ok
+    assert d.reserve(r) == (Admission.refuse(ErrorKind.INVALID, "request 'x' is already on this worker"), None)
     huge = GenerationRequest("huge", tuple([1] * 200), SamplingParams(max_tokens=50))
-    small_pool = DecodeEngine(second_runtime, None, max_batch=8)
+    small_pool = DecodeEngine(second_runtime, None, engine_options(max_batch_size=8))
     small_pool.pool.total = 4
-    assert small_pool.reserve(huge).kind is ErrorKind.INVALID  # can never fit
+    assert small_pool.reserve(huge)[0].kind is ErrorKind.INVALID  # can never fit
     assert d.cancel("x") and not d.cancel("x")
     out = [Collect() for _ in range(3)]
     assert p.submit(GenerationRequest("q0", prompts()[0], GREEDY), "t:1", out[0]).ok
@@ -287,7 +309,7 @@ def test_admission_kinds_and_cancel_release_everything(runtime, second_runtime):
 
 
 def run_colocated(eng: DecodeEngine, req: GenerationRequest) -> list[int]:
-    admission, stream = eng.submit(req)
+    admission, stream = submit(eng, req)
     assert admission.ok, admission
     run_until(eng, lambda: req.request_id not in eng.seqs)
     events = drain(stream)
@@ -306,7 +328,7 @@ def run_colocated(eng: DecodeEngine, req: GenerationRequest) -> list[int]:
 def test_a_resumed_request_continues_exactly_where_the_unfailed_run_went(runtime, sampling):
     """Migration's contract: prefilling prompt + the first k output tokens and sampling step k gives the same
     continuation as the unfailed run (sampling is keyed by (seed, step))."""
-    eng = DecodeEngine(runtime, None, max_batch=8, name="colocated")
+    eng = DecodeEngine(runtime, None, engine_options(max_batch_size=8), name="colocated")
     prompt = prompts()[1]
     full = run_colocated(eng, GenerationRequest("full", prompt, sampling))
     for k in (1, 3, 7):
@@ -316,36 +338,36 @@ def test_a_resumed_request_continues_exactly_where_the_unfailed_run_went(runtime
 
 def test_the_prefill_engine_resumes_too_and_the_kv_covers_prompt_plus_produced(runtime, second_runtime):
     sender = RecordingSender()
-    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
-    d = DecodeEngine(second_runtime, None, max_batch=8)
+    p = PrefillEngine(runtime, None, sender, engine_options(max_batch_size=8), transfer_threads=1)
+    d = DecodeEngine(second_runtime, None, engine_options(max_batch_size=8))
     prompt, params = prompts()[2], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    colocated = DecodeEngine(second_runtime, None, name="colocated")
+    colocated = DecodeEngine(second_runtime, None, engine_options(), name="colocated")
     full = run_colocated(colocated, GenerationRequest("f", prompt, params))
     assert_no_leaks(colocated)  # and flushed: `d` below shares its runtime
     req = GenerationRequest("m~1", prompt, params, tuple(full[:2]))
     out = Collect()
-    assert d.reserve(req).ok and p.submit(req, "unused:1", out).ok
+    stream = reserve(d, req)
+    assert p.submit(req, "unused:1", out).ok
     run_until(p, lambda: out.done.is_set())
     payload = sender.payloads[0]
     assert payload.header.end == len(prompt) + 2 and out.items[0].token_id == full[2]
     d.import_kv(payload.header, payload.k, payload.v)
     run_until(d, lambda: not d.seqs)
-    assert [out.items[0].token_id] + [e.token_id for e in d.stream("m~1")] == full[2:]
+    assert [out.items[0].token_id] + [e.token_id for e in stream] == full[2:]
     run_until(p, lambda: not p.jobs)
     assert_no_leaks(p, d)
 
 
 def test_a_reservation_whose_kv_never_comes_is_freed_by_its_lease(second_runtime):
     clock = FakeClock()
-    d = DecodeEngine(second_runtime, None, max_batch=8, kv_lease_s=0.2, clock=clock)
-    assert d.reserve(GenerationRequest("lost", prompts()[0], GREEDY)).ok
-    stream = d.stream("lost")
+    d = DecodeEngine(second_runtime, None, engine_options(max_batch_size=8, kv_lease_s=0.2), clock=clock)
+    stream = reserve(d, GenerationRequest("lost", prompts()[0], GREEDY))
     clock.now += 0.3
     d.tick()
     assert "lost" not in d.seqs and d.load().lease_expired == 1
     error = stream.get(timeout=0)
     assert error.kind is ErrorKind.TRANSFER_FAILED and "lease" in error.message
-    assert d.reserve(GenerationRequest("unclaimed", prompts()[0], GREEDY)).ok  # nobody ever claims its stream
+    reserve(d, GenerationRequest("late", prompts()[0], GREEDY))  # its KV never comes either
     clock.now += 0.3
     d.tick()
     assert not d.seqs and d.load().lease_expired == 2
@@ -353,16 +375,16 @@ def test_a_reservation_whose_kv_never_comes_is_freed_by_its_lease(second_runtime
 
 
 def test_prefill_local_turns_a_reservation_into_a_local_prefill(second_runtime, params):
-    d = DecodeEngine(second_runtime, None, max_batch=8)
+    d = DecodeEngine(second_runtime, None, engine_options(max_batch_size=8))
     req = GenerationRequest("local", prompts()[3], GREEDY)
-    assert d.reserve(req).ok
-    stream = d.prefill_local("local")
+    stream = reserve(d, req)
+    assert d.prefill_local("local").ok
     run_until(d, lambda: not d.seqs)
     tokens = [e.token_id for e in drain(stream)]
     assert len(tokens) == 6
     assert_greedy_matches_reference(params, req.prompt_ids, tokens)
-    missing = drain(d.prefill_local("nobody"))
-    assert missing[-1].kind is ErrorKind.UNAVAILABLE
+    missing = d.prefill_local("nobody")
+    assert missing.kind is ErrorKind.UNAVAILABLE and "no reservation" in missing.reason
     assert_no_leaks(d)
 
 
@@ -393,7 +415,7 @@ def test_a_failed_send_is_retried_once_and_a_lease_that_runs_out_is_counted(
     runtime, failures, error, ok, attempts, expired
 ):
     sender = FlakySender(failures, error)
-    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1)
+    p = PrefillEngine(runtime, None, sender, engine_options(max_batch_size=8), transfer_threads=1)
     out = Collect()
     assert p.submit(GenerationRequest("s", prompts()[0], GREEDY), "unused:1", out).ok
     run_until(p, lambda: out.done.is_set())

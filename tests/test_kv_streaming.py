@@ -20,8 +20,10 @@ from test_engines import (
     assert_greedy_matches_reference,
     assert_no_leaks,
     drain,
+    engine_options,
     new_runtime,
     params,  # noqa: F401 (fixture)
+    reserve,
     run_until,
 )
 
@@ -76,7 +78,7 @@ class PieceSender(KVSender):
 
 
 def prefill(runtime, sender, req, **kw) -> Collect:
-    p = PrefillEngine(runtime, None, sender, max_seqs=8, transfer_threads=1, **kw)
+    p = PrefillEngine(runtime, None, sender, engine_options(max_batch_size=8, **kw), transfer_threads=1)
     out = Collect()
     assert p.submit(req, "unused:1", out).ok
     run_until(p, lambda: out.done.is_set() and not p.jobs)
@@ -87,8 +89,8 @@ def prefill(runtime, sender, req, **kw) -> Collect:
 def test_streamed_pieces_tile_the_prompt_and_are_bit_identical_to_one_shot(runtimes, params):  # noqa: F811
     req = GenerationRequest("s", prompt(), GREEDY)
     streamed, one = PieceSender(), PieceSender()
-    out = prefill(runtimes[0], streamed, req, stream_tail=0)  # the same forwards as the one-shot run below
-    prefill(runtimes[0], one, req, stream_kv=False, prefix_cache=False)
+    out = prefill(runtimes[0], streamed, req, kv_stream_tail=0)  # the same forwards as the one-shot run below
+    prefill(runtimes[0], one, req, kv_stream=False, prefix_cache=False)
     ranges = [(p.header.begin, p.header.end) for p in streamed.payloads]
     assert ranges == [(0, 32), (32, 64), (64, 96), (96, 128), (128, PROMPT_LEN)]
     assert all(is_partial(p.header.meta) for p in streamed.payloads[:-1])
@@ -99,29 +101,29 @@ def test_streamed_pieces_tile_the_prompt_and_are_bit_identical_to_one_shot(runti
         assert joined.tobytes() == getattr(whole, name).tobytes()
     assert out.items[-1].ok and out.items[-1].kv_bytes == whole.header.total_bytes
 
-    d = DecodeEngine(runtimes[1], None, max_batch=8)
-    assert d.reserve(req).ok
+    d = DecodeEngine(runtimes[1], None, engine_options(max_batch_size=8))
+    stream = reserve(d, req)
     for p in streamed.payloads[:-1]:
         d.import_kv(p.header, p.k, p.v)
         assert d.seqs["s"].state is DecodeState.RECEIVING and d.seqs["s"].length == p.header.end
     last = streamed.payloads[-1]
     d.import_kv(last.header, last.k, last.v)
     run_until(d, lambda: not d.seqs)
-    tokens = [out.items[0].token_id] + [e.token_id for e in drain(d.stream("s"))]
+    tokens = [out.items[0].token_id] + [e.token_id for e in drain(stream)]
     assert_greedy_matches_reference(params, req.prompt_ids, tokens)
 
-    d2 = DecodeEngine(new_runtime(runtimes[1].compiled, params), None, max_batch=8)
-    assert d2.reserve(req).ok
+    d2 = DecodeEngine(new_runtime(runtimes[1].compiled, params), None, engine_options(max_batch_size=8))
+    stream = reserve(d2, req)
     d2.import_kv(whole.header, whole.k, whole.v)
     run_until(d2, lambda: not d2.seqs)
-    assert [out.items[0].token_id] + [e.token_id for e in drain(d2.stream("s"))] == tokens
+    assert [out.items[0].token_id] + [e.token_id for e in drain(stream)] == tokens
     assert_no_leaks(d, d2)
     d2.runtime.close()
 
 
 def test_the_last_tokens_of_a_streamed_prompt_get_their_own_forward(runtimes):
     sender = PieceSender()
-    prefill(runtimes[0], sender, GenerationRequest("t", prompt(), GREEDY), stream_tail=20)
+    prefill(runtimes[0], sender, GenerationRequest("t", prompt(), GREEDY), kv_stream_tail=20)
     ranges = [(p.header.begin, p.header.end) for p in sender.payloads]
     assert ranges == [(0, 32), (32, 64), (64, 96), (96, 128), (128, 130), (130, PROMPT_LEN)]
 
@@ -129,10 +131,10 @@ def test_the_last_tokens_of_a_streamed_prompt_get_their_own_forward(runtimes):
 def test_pieces_out_of_order_are_rejected_and_a_repeated_piece_is_imported_once(runtimes):
     req = GenerationRequest("o", prompt(), GREEDY)
     sender = PieceSender()
-    prefill(runtimes[0], sender, req, stream_tail=0)
+    prefill(runtimes[0], sender, req, kv_stream_tail=0)
     pieces = sender.payloads
-    d = DecodeEngine(runtimes[1], None, max_batch=8)
-    assert d.reserve(req).ok
+    d = DecodeEngine(runtimes[1], None, engine_options(max_batch_size=8))
+    reserve(d, req)
     free = runtimes[1].free_pages()
     with pytest.raises(PayloadError) as e:  # piece 2 before piece 1: nothing changes
         d.import_kv(pieces[1].header, pieces[1].k, pieces[1].v)
@@ -157,10 +159,10 @@ def test_a_stream_cut_after_k_pieces_fails_cleanly_and_a_retry_succeeds(runtimes
     token 1; the decode side, holding pieces 0..cut-1, frees them when the router cancels; a new attempt then
     streams everything again and decodes the reference tokens; so does a local recompute of a cut stream."""
     req = GenerationRequest("c", prompt(), GREEDY)
-    d = DecodeEngine(runtimes[1], None, max_batch=8, prefix_cache=False)
-    assert d.reserve(req).ok
+    d = DecodeEngine(runtimes[1], None, engine_options(max_batch_size=8, prefix_cache=False))
+    reserve(d, req)
     cut_sender = PieceSender(fail_at=frozenset({cut, cut + 1}))  # the piece, then its one retry
-    out = prefill(runtimes[0], cut_sender, req, stream_tail=0)
+    out = prefill(runtimes[0], cut_sender, req, kv_stream_tail=0)
     result = out.items[-1]
     assert result.error is not None and result.error.kind is ErrorKind.TRANSFER_FAILED
     assert result.transfer_retries == 1 and len(cut_sender.payloads) == cut
@@ -170,19 +172,19 @@ def test_a_stream_cut_after_k_pieces_fails_cleanly_and_a_retry_succeeds(runtimes
     assert d.cancel("c") and not d.seqs  # the router's cancel of the failed attempt frees the pieces
     assert_no_leaks(d)
 
-    assert d.reserve(req).ok  # the retry: a new attempt streams from the start
+    stream = reserve(d, req)  # the retry: a new attempt streams from the start
     sender = PieceSender()
-    out = prefill(runtimes[0], sender, req, stream_tail=0, prefix_cache=False)
+    out = prefill(runtimes[0], sender, req, kv_stream_tail=0, prefix_cache=False)
     for p in sender.payloads:
         d.import_kv(p.header, p.k, p.v)
     run_until(d, lambda: not d.seqs)
-    tokens = [out.items[0].token_id] + [e.token_id for e in drain(d.stream("c"))]
+    tokens = [out.items[0].token_id] + [e.token_id for e in drain(stream)]
     assert_greedy_matches_reference(params, req.prompt_ids, tokens)
 
-    assert d.reserve(GenerationRequest("r", req.token_ids, GREEDY)).ok  # a recompute after a cut stream
+    stream = reserve(d, GenerationRequest("r", req.token_ids, GREEDY))  # a recompute after a cut stream
     for p in cut_sender.payloads:
         d.import_kv(_renamed(p, "r").header, p.k, p.v)
-    stream = d.prefill_local("r")
+    assert d.prefill_local("r").ok
     run_until(d, lambda: not d.seqs)
     events = drain(stream)
     assert not any(isinstance(e, RequestError) for e in events)
@@ -210,7 +212,7 @@ def test_a_cancel_mid_stream_waits_for_the_transfer_thread_before_freeing_pages(
             return super().send(payload, target, timeout_s)
 
     sender = SlowSender()
-    p = PrefillEngine(runtimes[0], None, sender, max_seqs=8, transfer_threads=1, stream_tail=0)
+    p = PrefillEngine(runtimes[0], None, sender, engine_options(max_batch_size=8, kv_stream_tail=0), transfer_threads=1)
     out = Collect()
     assert p.submit(GenerationRequest("x", prompt(), GREEDY), "unused:1", out).ok
     run_until(p, lambda: entered.is_set())
@@ -255,11 +257,10 @@ def test_each_piece_renews_the_kv_lease_and_a_stalled_stream_expires(runtimes):
     test's own, so the outcome does not depend on how fast this machine runs."""
     req = GenerationRequest("l", prompt(), GREEDY)
     sender = PieceSender()
-    prefill(runtimes[0], sender, req, stream_tail=0)
+    prefill(runtimes[0], sender, req, kv_stream_tail=0)
     clock = FakeClock()
-    d = DecodeEngine(runtimes[1], None, max_batch=8, kv_lease_s=0.4, clock=clock)
-    assert d.reserve(req).ok
-    stream = d.stream("l")
+    d = DecodeEngine(runtimes[1], None, engine_options(max_batch_size=8, kv_lease_s=0.4), clock=clock)
+    stream = reserve(d, req)
     for p in sender.payloads[:3]:
         clock.now += 0.25
         d.import_kv(p.header, p.k, p.v)

@@ -242,7 +242,7 @@ def test_bench_kv_cli_reports_warm_repeats(model_dir, cache_dir):
         [
             sys.executable,
             "-m",
-            "llama_relax.cli",
+            "pdserve",
             "bench-kv",
             "--model",
             str(model_dir),

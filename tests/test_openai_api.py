@@ -303,7 +303,7 @@ def test_too_many_requests_is_429_and_no_decode_worker_is_503(server, client):
 
 def test_no_api_key_on_a_non_loopback_host_warns(gguf, cache_dir, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "llama_relax.cli", "serve", "--host", "0.0.0.0", "--model", str(tmp_path / "missing")],
+        [sys.executable, "-m", "pdserve", "serve", "--host", "0.0.0.0", "--model", str(tmp_path / "missing")],
         capture_output=True,
         text=True,
         timeout=60,

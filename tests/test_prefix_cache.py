@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 from conftest import TINY_GQA
 from reference import random_params
-from test_engines import Collect, RecordingSender, assert_no_leaks, drain, new_runtime, run_until
+from test_engines import (
+    Collect,
+    RecordingSender,
+    assert_no_leaks,
+    drain,
+    engine_options,
+    new_runtime,
+    reserve,
+    run_until,
+    submit,
+)
 
 from decode_worker.engine import DecodeEngine
 from engine.messages import GenerationRequest
@@ -45,7 +55,7 @@ def ids(n: int, seed: int) -> tuple[int, ...]:
 
 def generate(eng: DecodeEngine, req: GenerationRequest) -> tuple[list[int], int]:
     """(tokens, cached_tokens) of one request run to the end on a colocated engine."""
-    admission, stream = eng.submit(req)
+    admission, stream = submit(eng, req)
     assert admission.ok, admission
     run_until(eng, lambda: req.request_id not in eng.seqs)
     events = drain(stream)
@@ -55,8 +65,8 @@ def generate(eng: DecodeEngine, req: GenerationRequest) -> tuple[list[int], int]
 
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_a_conversation_reuses_its_cached_turns_and_the_tokens_do_not_change(runtimes, sampling):
-    cached = DecodeEngine(runtimes[0], None, max_batch=8, name="colocated")
-    plain = DecodeEngine(runtimes[1], None, max_batch=8, name="colocated", prefix_cache=False)
+    cached = DecodeEngine(runtimes[0], None, engine_options(max_batch_size=8), name="colocated")
+    plain = DecodeEngine(runtimes[1], None, engine_options(max_batch_size=8, prefix_cache=False), name="colocated")
     system = ids(40, 1)  # 2.5 pages: the third page is shared in part (copied on fork)
     history: tuple[int, ...] = system
     for turn in range(3):
@@ -76,8 +86,8 @@ def test_a_conversation_reuses_its_cached_turns_and_the_tokens_do_not_change(run
 
 @pytest.mark.parametrize("shared", [32, 37, 1], ids=["page-boundary", "in-page", "one-token"])
 def test_prompts_that_share_a_prefix_get_the_uncached_tokens(runtimes, shared):
-    cached = DecodeEngine(runtimes[0], None, max_batch=8, name="colocated")
-    plain = DecodeEngine(runtimes[1], None, max_batch=8, name="colocated", prefix_cache=False)
+    cached = DecodeEngine(runtimes[0], None, engine_options(max_batch_size=8), name="colocated")
+    plain = DecodeEngine(runtimes[1], None, engine_options(max_batch_size=8, prefix_cache=False), name="colocated")
     base = ids(60, 3)
     generate(cached, GenerationRequest("warm", base, GREEDY))
     prompt = base[:shared] + ids(20, 4)
@@ -93,15 +103,15 @@ def test_the_decode_side_holds_a_prefix_and_only_the_rest_of_the_kv_is_sent(runt
     """P and D both cached: D's reservation answers M cached tokens, P prefills only what its own cache lacks and
     sends tokens [M, n); the tokens equal an uncached colocated run."""
     sender = RecordingSender()
-    p = PrefillEngine(runtimes[0], None, sender, max_seqs=8, transfer_threads=1)
-    d = DecodeEngine(runtimes[1], None, max_batch=8)
-    plain = DecodeEngine(runtimes[2], None, max_batch=8, name="colocated", prefix_cache=False)
+    p = PrefillEngine(runtimes[0], None, sender, engine_options(max_batch_size=8), transfer_threads=1)
+    d = DecodeEngine(runtimes[1], None, engine_options(max_batch_size=8))
+    plain = DecodeEngine(runtimes[2], None, engine_options(max_batch_size=8, prefix_cache=False), name="colocated")
     system = ids(48, 5)
     sizes = []
     for turn, user in enumerate([ids(20, 6), ids(25, 7)]):
         req = GenerationRequest(f"r{turn}", system + user, GREEDY)
         sent_before = len(sender.payloads)
-        admission = d.reserve(req)
+        admission, stream = d.reserve(req)
         assert admission.ok and admission.cached_tokens == (0 if turn == 0 else 48)
         out = Collect()
         assert p.submit(req, "unused:1", out, kv_begin=admission.cached_tokens).ok
@@ -116,7 +126,7 @@ def test_the_decode_side_holds_a_prefix_and_only_the_rest_of_the_kv_is_sent(runt
         for x in pieces:
             d.import_kv(x.header, x.k, x.v)
         run_until(d, lambda rid=req.request_id: rid not in d.seqs)
-        got = [out.items[0].token_id] + [e.token_id for e in d.stream(req.request_id)]
+        got = [out.items[0].token_id] + [e.token_id for e in stream]
         assert got == generate(plain, GenerationRequest(f"r{turn}", req.token_ids, GREEDY))[0]
     assert sizes[1] < sizes[0]  # fewer tokens' KV the second time
     run_until(p, lambda: not p.jobs)
@@ -124,21 +134,21 @@ def test_the_decode_side_holds_a_prefix_and_only_the_rest_of_the_kv_is_sent(runt
 
 
 def test_local_prefill_and_a_migrated_request_start_from_the_cached_prefix(runtimes):
-    d = DecodeEngine(runtimes[0], None, max_batch=8)
-    plain = DecodeEngine(runtimes[1], None, max_batch=8, name="colocated", prefix_cache=False)
+    d = DecodeEngine(runtimes[0], None, engine_options(max_batch_size=8))
+    plain = DecodeEngine(runtimes[1], None, engine_options(max_batch_size=8, prefix_cache=False), name="colocated")
     prompt = ids(50, 8)
     want, _ = generate(plain, GenerationRequest("full", prompt, GREEDY))
     # a reservation prefilled here (as the router does for a short uncached part) fills the cache
     first = GenerationRequest("a", prompt, GREEDY)
-    assert d.reserve(first).ok
-    stream = d.prefill_local("a")
+    stream = reserve(d, first)
+    assert d.prefill_local("a").ok
     run_until(d, lambda: "a" not in d.seqs)
     assert [e.token_id for e in drain(stream)] == want
     # the migrated attempt (prompt + 3 tokens already streamed) finds the prompt and those tokens cached
     resumed = GenerationRequest("a~1", prompt, GREEDY, tuple(want[:3]))
-    admission = d.reserve(resumed)
+    admission, stream = d.reserve(resumed)
     assert admission.cached_tokens == len(resumed.token_ids) - 1
-    stream = d.prefill_local("a~1")
+    assert d.prefill_local("a~1").ok
     run_until(d, lambda: "a~1" not in d.seqs)
     assert [e.token_id for e in drain(stream)] == want[3:]
     assert_no_leaks(d, plain)
@@ -152,8 +162,8 @@ def test_eviction_frees_idle_entries_lru_and_never_a_page_a_running_sequence_use
     )
     plain_rt = new_runtime(compiled_gqa, params)
     try:
-        eng = DecodeEngine(rt, None, max_batch=4, output_slice=8, name="colocated")
-        plain = DecodeEngine(plain_rt, None, max_batch=4, name="colocated", prefix_cache=False)
+        eng = DecodeEngine(rt, None, engine_options(max_batch_size=4, output_slice=8), name="colocated")
+        plain = DecodeEngine(plain_rt, None, engine_options(max_batch_size=4, prefix_cache=False), name="colocated")
         short = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         warm = [ids(40, 20 + i) for i in range(3)]  # 3 pages each once finished
         for i, w in enumerate(warm):
@@ -168,7 +178,7 @@ def test_eviction_frees_idle_entries_lru_and_never_a_page_a_running_sequence_use
         assert eng.runtime.free_pages() == eng.pool.free
         # a running request holds its entry: a flush takes every other one, never that one
         base = next(iter(eng.cache.entries.values()))
-        admission, stream = eng.submit(GenerationRequest("run", base.tokens + ids(5, 32), short))
+        admission, stream = submit(eng, GenerationRequest("run", base.tokens + ids(5, 32), short))
         assert admission.cached_tokens == len(base.tokens)
         eng.flush_cache()
         assert list(eng.cache.entries.values()) == [base] and base.refs == 1
@@ -183,7 +193,7 @@ def test_eviction_frees_idle_entries_lru_and_never_a_page_a_running_sequence_use
 
 
 def test_a_cache_that_is_off_keeps_nothing_and_answers_no_hits(runtimes):
-    eng = DecodeEngine(runtimes[0], None, max_batch=8, name="colocated", prefix_cache=False)
+    eng = DecodeEngine(runtimes[0], None, engine_options(max_batch_size=8, prefix_cache=False), name="colocated")
     prompt = ids(40, 9)
     generate(eng, GenerationRequest("a", prompt, GREEDY))
     _, hit = generate(eng, GenerationRequest("b", prompt, GREEDY))

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import pytest
 from serving import wait_until
 
-from engine.loop import Output
 from engine.messages import (
     ADMITTED,
     Admission,
     ErrorKind,
     GenerationRequest,
+    Output,
     PrefillResult,
     RequestError,
     Role,
@@ -120,12 +120,22 @@ class FakeDecode(FakeWorker):
     reserved: list[GenerationRequest] = field(default_factory=list)
     local: list[str] = field(default_factory=list)
     dead: bool = False
+    _prefilling: set[str] = field(default_factory=set)  # reservations told to prefill here, not yet streaming
 
-    def reserve(self, req: GenerationRequest) -> Admission:
+    def reserve(self, req: GenerationRequest) -> Iterator[Admission | Output]:
         if self.dead:
             raise WorkerGone("actor died")
         self.reserved.append(req)
-        return self.admission
+        return self._reservation(req)
+
+    def _reservation(self, req: GenerationRequest) -> Iterator[Admission | Output]:
+        """The answer, then (admitted) the events: every one after `prefill_local`, else those after token 1 (the
+        stream is lazy, so it starts after the router chose)."""
+        yield self.admission
+        if self.admission.ok:
+            local = req.request_id in self._prefilling
+            self._prefilling.discard(req.request_id)
+            yield from self._events(req.request_id, len(req.resume_ids) + (0 if local else 1))
 
     def _events(self, request_id: str, start: int) -> Iterator[Output]:
         req = next(r for r in self.reserved if r.request_id == request_id)
@@ -138,14 +148,10 @@ class FakeDecode(FakeWorker):
                 return
             yield tok(10 + pos, last=pos == req.params.max_tokens - 1)
 
-    def stream(self, request_id: str) -> Iterator[Output]:
-        req = next(r for r in self.reserved if r.request_id == request_id)
-        return self._events(request_id, len(req.resume_ids) + 1)
-
-    def prefill_local(self, request_id: str) -> Iterator[Output]:
+    def prefill_local(self, request_id: str) -> Admission:
         self.local.append(request_id)
-        req = next(r for r in self.reserved if r.request_id == request_id)
-        return self._events(request_id, len(req.resume_ids))
+        self._prefilling.add(request_id)
+        return ADMITTED
 
 
 def make_router(prefill: list[FakePrefill], decode: list[FakeDecode], **options) -> Router:
@@ -252,10 +258,11 @@ def test_migrations_stop_at_the_limit_with_an_explicit_unavailable():
     router = make_router([FakePrefill()], [d], migration_limit=2)
     d.fail, d.fail_after = WorkerGone("died"), 0
 
-    def always_fail(request_id: str) -> Iterator[Output]:
+    def always_fail(request_id: str, start: int) -> Iterator[Output]:
         raise WorkerGone("died again")
+        yield  # a generator: it fails where the events would start
 
-    d.stream = always_fail
+    d._events = always_fail
     router.pools.record = lambda w, ok: None  # keep the worker in rotation for this test
     router.pools.mark_dead = lambda w: None
     with pytest.raises(RouterError) as e:

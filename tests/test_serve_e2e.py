@@ -157,14 +157,14 @@ def test_cli_client_matches_local_generation(disagg, model_dir, cache_dir):
     env = {**os.environ, "PDSERVE_CACHE_DIR": str(cache_dir)}
     args = ["--prompt-ids", "3,1,4,1,5,9,2,6", "--max-tokens", "6", "--ignore-eos", "--json"]
     remote = subprocess.run(
-        [sys.executable, "-m", "llama_relax.cli", "generate", "--addr", disagg.address, *args],
+        [sys.executable, "-m", "pdserve", "generate", "--addr", disagg.address, *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
     )
     local = subprocess.run(
-        [sys.executable, "-m", "llama_relax.cli", "generate", "--model", str(model_dir), *args],
+        [sys.executable, "-m", "pdserve", "generate", "--model", str(model_dir), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -179,7 +179,7 @@ def test_cli_client_matches_local_generation(disagg, model_dir, cache_dir):
         [
             sys.executable,
             "-m",
-            "llama_relax.cli",
+            "pdserve",
             "generate",
             "--addr",
             disagg.address,

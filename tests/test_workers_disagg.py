@@ -1,6 +1,8 @@
 """Prefill worker + decode worker as Ray actors on a loopback cluster (KV over real gRPC) against the colocated
-engine, with the real tiny compiled model: identical greedy and seeded outputs, continuous batching, and clean
-outcomes with no leaked pages for cancels, transfer failures and exhausted pages."""
+worker, with the real tiny compiled model, driven by the serving `Router` over the same Ray clients `pdserve serve`
+uses: identical greedy and seeded outputs, continuous batching, and clean outcomes with no leaked pages for
+cancels, transfer failures and exhausted pages. Protocol-level races (a cancel before the KV push, pages taken)
+are driven through the Ray clients directly."""
 
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ from model_files import write_hf_dir
 from ray_cluster import listeners_beyond_loopback, local_ray
 from reference import random_params
 
-from engine.messages import ErrorKind, GenerationRequest, PrefillResult, RequestError, WorkerOptions
+from engine.messages import ErrorKind, GenerationRequest, RequestError, Role, WorkerOptions
 from llama_relax.generation import TokenEvent
 from llama_relax.sampling import SamplingParams
+from router.clients import RayDecodeClient, RayPrefillClient
+from router.pools import Pools, WorkerSlot
+from router.router import Done, Router, RouterError, RouterOptions, ServeMode
 
 LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]  # 40 and 33 exceed the 32-token prefill chunk
 
@@ -52,32 +57,41 @@ def cluster(tmp_path_factory, compiled_gqa, cache_dir):
             ray.get(h.shutdown.remote())
 
 
-def disagg(ray, prefill, decode, req: GenerationRequest, on_event=None) -> list[TokenEvent | RequestError]:
-    """What the router does for one request: reserve on D, prefill on P (first token, sent to D with the KV),
-    stream the rest from D."""
-    admission = ray.get(decode.reserve.remote(req))
-    if not admission.ok:
-        return [admission.error(req.request_id)]
-    kv_address = ray.get(decode.describe.remote()).kv_address
-    items = [ray.get(ref) for ref in prefill.prefill_stream.remote(req, kv_address, admission.cached_tokens)]
-    result: PrefillResult = items[-1]
-    if not result.ok:
-        ray.get(decode.cancel.remote(req.request_id))
-        return [result.error]
-    first = result.first
-    if first.finish_reason is not None:
-        ray.get(decode.cancel.remote(req.request_id))
-        return [first]
-    out: list[TokenEvent | RequestError] = [first]
-    for ref in decode.stream.remote(req.request_id):
-        out.append(ray.get(ref))
-        if on_event is not None:
-            on_event(out[-1])
-    return out
+def router_over(ray, mode: ServeMode, **slots) -> Router:
+    """The serving router over these actors, through the same Ray clients `pdserve serve` uses."""
+    pools = Pools()
+    clients = {"prefill": RayPrefillClient, "decode": RayDecodeClient, "colocated": RayDecodeClient}
+    for role, (name, handle) in slots.items():
+        pool = getattr(pools, role)
+        pool.append(WorkerSlot(name, Role(role), clients[role](ray, handle, name)))
+    pools.refresh()
+    return Router(pools, mode, RouterOptions(local_prefill_max_tokens=0, migration_limit=0, max_queue_wait_s=1.0))
 
 
-def colocated(ray, worker, req: GenerationRequest) -> list[TokenEvent | RequestError]:
-    return [ray.get(ref) for ref in worker.generate.remote(req)]
+def run(router: Router, req: GenerationRequest, on_event=None) -> list[TokenEvent] | RouterError:
+    """One request through `Router.generate`: its token events, or its failure."""
+    out: list[TokenEvent] = []
+    try:
+        for item in router.generate(req):
+            if isinstance(item, Done):
+                return out
+            out.append(item)
+            if on_event is not None:
+                on_event(item)
+    except RouterError as e:
+        return e
+    raise AssertionError("the router ended without Done")
+
+
+@pytest.fixture(scope="module")
+def routers(cluster):
+    ray, h = cluster
+    disagg = router_over(ray, ServeMode.DISAGGREGATED, prefill=("p", h["prefill"]), decode=("d", h["decode"]))
+    colocated = router_over(ray, ServeMode.COLOCATED, colocated=("c", h["colocated"]))
+    small = router_over(ray, ServeMode.DISAGGREGATED, prefill=("p", h["prefill"]), decode=("s", h["small_decode"]))
+    yield {"disagg": disagg, "colocated": colocated, "small": small}
+    for r in (disagg, colocated, small):
+        r.close()
 
 
 def make_requests(tag: str, params_for) -> list[GenerationRequest]:
@@ -95,14 +109,14 @@ def assert_no_leaks(ray, handles) -> None:
         assert load.sequences == 0, (name, load)
 
 
-def tokens(events) -> list[int]:
+def tokens(events: list[TokenEvent] | RouterError) -> list[int]:
     assert all(isinstance(e, TokenEvent) for e in events), events
     assert events[-1].finish_reason is not None
     return [e.token_id for e in events]
 
 
 @pytest.mark.parametrize("mode", ["greedy", "seeded"])
-def test_disaggregated_matches_colocated(cluster, mode):
+def test_disaggregated_matches_colocated(cluster, routers, mode):
     ray, h = cluster
     sampled = {"temperature": 0.9, "top_p": 0.95, "top_k": 50} if mode == "seeded" else {"temperature": 0}
 
@@ -111,8 +125,8 @@ def test_disaggregated_matches_colocated(cluster, mode):
 
     reqs_d, reqs_c = make_requests(f"d-{mode}-", params), make_requests(f"c-{mode}-", params)
     with cf.ThreadPoolExecutor(8) as ex:
-        got_d = list(ex.map(lambda r: disagg(ray, h["prefill"], h["decode"], r), reqs_d))
-        got_c = list(ex.map(lambda r: colocated(ray, h["colocated"], r), reqs_c))
+        got_d = list(ex.map(lambda r: run(routers["disagg"], r), reqs_d))
+        got_c = list(ex.map(lambda r: run(routers["colocated"], r), reqs_c))
     assert [tokens(e) for e in got_d] == [tokens(e) for e in got_c]
     assert all(len(tokens(e)) == 8 for e in got_d)
     # continuous batching: requests arriving while others decode joined the running batch
@@ -121,8 +135,9 @@ def test_disaggregated_matches_colocated(cluster, mode):
     assert_no_leaks(ray, h)
 
 
-def test_cancel_mid_decode(cluster):
+def test_cancel_mid_decode(cluster, routers):
     ray, h = cluster
+    router = routers["disagg"]
     req = GenerationRequest(
         "cancel-mid", (1, 2, 3, 4, 5), SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     )
@@ -135,21 +150,26 @@ def test_cancel_mid_decode(cluster):
             seen.set()
 
     with cf.ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(disagg, ray, h["prefill"], h["decode"], req, on_event)
+        fut = ex.submit(run, router, req, on_event)
         assert seen.wait(60)
-        assert ray.get(h["decode"].cancel.remote(req.request_id))
-        events = fut.result(60)
-    assert isinstance(events[-1], RequestError) and events[-1].kind is ErrorKind.CANCELLED
-    assert 3 < len(events) < 200
+        router.cancel(req.request_id)  # what a front does when its client goes away
+        outcome = fut.result(60)
+    assert isinstance(outcome, RouterError) and outcome.kind is ErrorKind.CANCELLED
+    assert 3 <= count[0] < 200
     assert_no_leaks(ray, h)
 
 
 def test_cancel_before_kv_arrives(cluster):
+    """The decode worker's reservation is cancelled before the prefill worker pushes: the push is refused (the
+    protocol-level race a router cancel can produce), and nothing leaks on either worker."""
     ray, h = cluster
+    decode, prefill = RayDecodeClient(ray, h["decode"], "d"), RayPrefillClient(ray, h["prefill"], "p")
     req = GenerationRequest("cancel-early", tuple(range(1, 30)), SamplingParams(max_tokens=5, temperature=0))
-    assert ray.get(h["decode"].reserve.remote(req)).ok
-    assert ray.get(h["decode"].cancel.remote(req.request_id))
-    result = ray.get(h["prefill"].prefill.remote(req, ray.get(h["decode"].describe.remote()).kv_address))
+    events = decode.reserve(req)
+    assert next(events).ok
+    assert decode.cancel(req.request_id)
+    assert isinstance(end := next(events), RequestError) and end.kind is ErrorKind.CANCELLED
+    *_, result = prefill.prefill_stream(req, decode.describe().kv_address)
     assert not result.ok and result.error.kind is ErrorKind.TRANSFER_FAILED
     assert "no reservation" in result.error.message
     assert_no_leaks(ray, h)
@@ -157,52 +177,52 @@ def test_cancel_before_kv_arrives(cluster):
 
 def test_transfer_failure_is_reported(cluster):
     ray, h = cluster
+    prefill = RayPrefillClient(ray, h["prefill"], "p")
     req = GenerationRequest("no-receiver", (7, 8, 9), SamplingParams(max_tokens=5, temperature=0))
-    result = ray.get(h["prefill"].prefill.remote(req, "127.0.0.1:9"))  # nothing listens there
+    *_, result = prefill.prefill_stream(req, "127.0.0.1:9")  # nothing listens there
     assert not result.ok and result.error.kind is ErrorKind.TRANSFER_FAILED
     assert result.first is not None  # the first token was still sampled (and reported) before the transfer
     assert_no_leaks(ray, h)
 
 
-def test_request_that_never_fits_is_invalid_and_others_finish(cluster):
+def test_request_that_never_fits_is_invalid_and_others_finish(cluster, routers):
     ray, h = cluster
-    small = h["small_decode"]
     big = GenerationRequest("too-big", tuple(range(1, 81)), SamplingParams(max_tokens=8, temperature=0))
-    events = disagg(ray, h["prefill"], small, big)
-    assert isinstance(events[0], RequestError) and events[0].kind is ErrorKind.INVALID, events
+    failed = run(routers["small"], big)
+    assert isinstance(failed, RouterError) and failed.kind is ErrorKind.INVALID, failed
     ok = GenerationRequest("fits", (1, 2, 3), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    assert len(tokens(disagg(ray, h["prefill"], small, ok))) == 4
+    assert len(tokens(run(routers["small"], ok))) == 4
     assert_no_leaks(ray, h)
 
 
 def test_pages_taken_gives_busy_until_they_are_free(cluster):
     ray, h = cluster
-    small = h["small_decode"]
+    small = RayDecodeClient(ray, h["small_decode"], "s")
     params = SamplingParams(max_tokens=8, temperature=0)
     hog = GenerationRequest("hog", tuple(range(1, 41)), params)  # 48 tokens reserved: 3 of the 4 pages
-    assert ray.get(small.reserve.remote(hog)).ok
-    second = ray.get(small.reserve.remote(GenerationRequest("second", tuple(range(1, 30)), params)))
+    assert next(small.reserve(hog)).ok
+    second = next(small.reserve(GenerationRequest("second", tuple(range(1, 30)), params)))
     assert second.kind is ErrorKind.BUSY and "exhausted" in second.reason
-    duplicate = ray.get(small.reserve.remote(hog))
+    duplicate = next(small.reserve(hog))
     assert duplicate.kind is ErrorKind.INVALID and "already" in duplicate.reason
-    assert ray.get(small.cancel.remote("hog"))
-    assert ray.get(small.reserve.remote(GenerationRequest("second", tuple(range(1, 30)), params))).ok
-    assert ray.get(small.cancel.remote("second"))
+    assert small.cancel("hog")
+    assert next(small.reserve(GenerationRequest("second", tuple(range(1, 30)), params))).ok
+    assert small.cancel("second")
     assert_no_leaks(ray, h)
 
 
-def test_pages_run_out_mid_generation_evicts_with_an_explicit_error(cluster):
+def test_pages_run_out_mid_generation_evicts_with_an_explicit_error(cluster, routers):
     """Two sequences fit at admission (prompt + 4-token slice) but not as they grow: the later one is evicted
-    with EVICTED, the earlier one finishes, and every page comes back."""
+    with EVICTED (this router does not migrate: the outcome names it), the earlier one finishes, and every page
+    comes back."""
     ray, h = cluster
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     reqs = [GenerationRequest(f"grow{i}", tuple(range(1 + i, 21 + i)), params) for i in range(2)]
     with cf.ThreadPoolExecutor(2) as ex:
-        results = list(ex.map(lambda r: disagg(ray, h["prefill"], h["small_decode"], r), reqs))
-    ends = [r[-1] for r in results]
-    kinds = [e.kind if isinstance(e, RequestError) else e.finish_reason for e in ends]
-    assert ErrorKind.EVICTED in kinds, ends
-    assert any(isinstance(e, TokenEvent) and len(r) == 40 for e, r in zip(ends, results, strict=True)), ends
+        results = list(ex.map(lambda r: run(routers["small"], r), reqs))
+    failed = [r for r in results if isinstance(r, RouterError)]
+    assert len(failed) == 1 and "evicted" in failed[0].message, results
+    assert any(isinstance(r, list) and len(tokens(r)) == 40 for r in results), results
     assert_no_leaks(ray, h)
 
 

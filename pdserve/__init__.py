@@ -1,0 +1,1 @@
+"""The `pdserve` command: the one table of every subcommand (`pdserve.cli`)."""
