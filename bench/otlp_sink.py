@@ -27,6 +27,20 @@ class Span:
     status_code: int
 
 
+def _spans(req: ExportTraceServiceRequest) -> list[Span]:
+    out = []
+    for rs in req.resource_spans:
+        service = next((_value(a.value) for a in rs.resource.attributes if a.key == "service.name"), "")
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                attrs = {a.key: _value(a.value) for a in s.attributes}
+                ids = (s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex())
+                out.append(
+                    Span(s.name, *ids, s.start_time_unix_nano, s.end_time_unix_nano, attrs, service, s.status.code)
+                )
+    return out
+
+
 def _value(v):
     kind = v.WhichOneof("value")
     return getattr(v, kind) if kind else None
@@ -34,7 +48,8 @@ def _value(v):
 
 class OtlpReceiver:
     def __init__(self) -> None:
-        self.spans: list[Span] = []
+        self._raw: list[bytes] = []
+        self._spans: list[Span] = []
         self.requests = 0
         self._lock = threading.Lock()
         receiver = self
@@ -46,8 +61,7 @@ class OtlpReceiver:
                     self.send_response(404)
                     self.end_headers()
                     return
-                req = ExportTraceServiceRequest.FromString(body)
-                receiver._take(req)
+                receiver._take(body)
                 out = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -63,33 +77,25 @@ class OtlpReceiver:
         self._thread = threading.Thread(target=self.server.serve_forever, name="otlp-receiver", daemon=True)
         self._thread.start()
 
-    def _take(self, req: ExportTraceServiceRequest) -> None:
-        spans = []
-        for rs in req.resource_spans:
-            service = next((_value(a.value) for a in rs.resource.attributes if a.key == "service.name"), "")
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    spans.append(
-                        Span(
-                            s.name,
-                            s.trace_id.hex(),
-                            s.span_id.hex(),
-                            s.parent_span_id.hex(),
-                            s.start_time_unix_nano,
-                            s.end_time_unix_nano,
-                            {a.key: _value(a.value) for a in s.attributes},
-                            service,
-                            s.status.code,
-                        )
-                    )
+    def _take(self, body: bytes) -> None:
         with self._lock:
             self.requests += 1
-            self.spans.extend(spans)
+            self._raw.append(body)  # decoded when read: the receiving thread does no more than it must
+
+    @property
+    def spans(self) -> list[Span]:
+        """Every span received so far, in arrival order."""
+        with self._lock:
+            raw, self._raw = self._raw, []
+        decoded = [_spans(ExportTraceServiceRequest.FromString(body)) for body in raw]
+        with self._lock:
+            for spans in decoded:
+                self._spans.extend(spans)
+            return list(self._spans)
 
     def trace_of(self, request_id: str) -> list[Span]:
         """Every span of the trace whose root carries `pdserve.request_id == request_id` ([] until it came)."""
-        with self._lock:
-            spans = list(self.spans)
+        spans = self.spans
         roots = [s for s in spans if s.name == "request" and s.attributes.get("pdserve.request_id") == request_id]
         if not roots:
             return []
