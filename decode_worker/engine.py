@@ -66,7 +66,9 @@ class DecodeEngine(EngineCore):
         self._next_lease_check = 0.0
         self.max_seqs = runtime.kv_config.max_batch_size  # requests held at once: each needs a cache sequence
         self.prefill = PrefillBatch(runtime, self.max_seqs)
-        self.decode = DecodeBatch(runtime, self.pool, options.max_batch_size)
+        self.decode = DecodeBatch(
+            runtime, self.pool, options.max_batch_size, options.speculative, options.num_speculative_tokens
+        )
         self.seqs: dict[str, DecodeSequence] = {}  # every request held, admission order
 
     # ---- control (any thread) -----------------------------------------------------------------------------
@@ -113,6 +115,8 @@ class DecodeEngine(EngineCore):
                 reserved=states.count(DecodeState.RESERVED) + states.count(DecodeState.RECEIVING),
                 running=states.count(DecodeState.DECODING),
                 max_batch_seen=max(self.decode.batch_sizes, default=0),
+                spec_draft_tokens=self.decode.draft_tokens,
+                spec_accepted_tokens=self.decode.accepted_tokens,
             )
 
         return self.call(read)

@@ -1,5 +1,7 @@
-"""`DecodeBatch`: the decode half of an engine over one runtime: one `batch_decode` per step over the running
-sequences, per-request sampling and stop checks, streaming.
+"""`DecodeBatch`: the decode half of an engine over one runtime: one forward per step over the running
+sequences, per-request sampling and stop checks, streaming. A step is one `batch_decode` (a token each), or, when
+speculation is on and some sequence has a draft (`engine.speculation`), one `batch_verify` over every running
+sequence (a sequence without a draft rides along with its one token) that accepts several tokens per sequence.
 
 Call order (engine thread only): the engine passes its DECODING sequences (admission order) to `step(running)`
 each iteration -> the batch grows their page reservations, decodes one token each and streams it to the
@@ -18,7 +20,8 @@ from engine.loop import OutputStream
 from engine.messages import ErrorKind, GenerationRequest, RequestError
 from engine.pages import PagePool
 from engine.prefix_cache import MISS, Hit
-from engine.scheduler import DecodeSeq, schedule_decode
+from engine.scheduler import DecodePlan, DecodeSeq, schedule_decode
+from engine.speculation import NgramDrafter, SpecMode, accept
 from llama_relax.generation import SequenceDecoder
 from llama_relax.runtime import ModelRuntime
 
@@ -50,6 +53,7 @@ class DecodeSequence:
     hit: Hit = MISS  # the cached prefix its sequence was forked from (its first `hit.tokens` tokens)
     last_piece: tuple[int, int] | None = None  # token range of the last KV piece imported
     t_lease: float = 0.0  # the KV lease runs from here: admission, or the last piece (the engine's clock)
+    drafter: NgramDrafter | None = None  # its prompt-lookup index (made at its first speculative step)
 
     @property
     def request_id(self) -> str:
@@ -65,20 +69,27 @@ class Ended:
 
 
 class DecodeBatch:
-    def __init__(self, runtime: ModelRuntime, pool: PagePool, max_batch: int) -> None:
+    def __init__(
+        self, runtime: ModelRuntime, pool: PagePool, max_batch: int, spec: SpecMode = SpecMode.OFF, max_draft: int = 8
+    ) -> None:
         self.runtime = runtime
         self.pool = pool
         self.max_batch = max_batch
+        self.spec = spec
+        self.max_draft = max_draft  # draft tokens per sequence and step, at most
         self.batch_sizes: Counter[int] = Counter()  # decode batch size -> steps (observability, tests)
+        self.draft_tokens = 0  # counters read by load(): draft tokens verified, and those accepted
+        self.accepted_tokens = 0
 
     def step(self, running: Sequence[DecodeSequence]) -> tuple[bool, list[Ended]]:
-        """schedule -> execute -> update for one token of each running sequence (up to `max_batch`).
-
-        Returns (did work, the sequences that ended)."""
+        """schedule -> execute -> update for each running sequence (up to `max_batch`): one token, or a verified
+        draft. Returns (did work, the sequences that ended)."""
         by_id = {s.request_id: s for s in running}
-        plan = schedule_decode(
-            [DecodeSeq(s.request_id, s.length, s.hit.shared_pages) for s in running], self.pool, self.max_batch
-        )
+        drafts = self._drafts(running[: self.max_batch]) if self.spec is not SpecMode.OFF else {}
+        plan = self._plan(running, drafts)
+        if plan.evict and drafts:  # pages are short: speculate another time rather than evict for it
+            drafts = {}
+            plan = self._plan(running, drafts)
         ended = [
             Ended(by_id[rid], RequestError(rid, ErrorKind.EVICTED, "KV pages exhausted on the decode worker"))
             for rid in plan.evict
@@ -92,11 +103,12 @@ class DecodeBatch:
         if not plan.batch:
             return bool(ended), ended
         batch = [by_id[rid] for rid in plan.batch]
+        if any(drafts.get(s.request_id) for s in batch):
+            return True, ended + self._verify(batch, drafts)
         try:
             logits = self.runtime.decode([s.seq_id for s in batch], [s.last_token for s in batch])  # [b, V]
         except Exception as e:  # the forward failed: the runtime dropped these sequences; they fail alone
-            msg = f"decode failed: {type(e).__name__}: {e}"
-            return True, ended + [Ended(s, RequestError(s.request_id, ErrorKind.INTERNAL, msg)) for s in batch]
+            return True, ended + _failed(batch, f"decode failed: {type(e).__name__}: {e}")
         self.batch_sizes[len(batch)] += 1
         for s, row in zip(batch, logits, strict=True):
             s.length += 1
@@ -106,3 +118,57 @@ class DecodeBatch:
             if event.finish_reason is not None:
                 ended.append(Ended(s, None))
         return True, ended
+
+    def _plan(self, running: Sequence[DecodeSequence], drafts: dict[str, list[int]]) -> DecodePlan:
+        seqs = [
+            DecodeSeq(s.request_id, s.length, s.hit.shared_pages, 1 + len(drafts.get(s.request_id, ())))
+            for s in running
+        ]
+        return schedule_decode(seqs, self.pool, self.max_batch)
+
+    def _drafts(self, running: Sequence[DecodeSequence]) -> dict[str, list[int]]:
+        """Each sequence's draft for this step: at most `max_draft` tokens, fewer where its `max_tokens`, the
+        context window or the forward's token budget (the prefill chunk) would be passed."""
+        budget = self.runtime.prefill_chunk_size - len(running)  # every sequence feeds its last token
+        ctx = self.runtime.config.context_window_size
+        out: dict[str, list[int]] = {}
+        for s in running:
+            d = s.decoder
+            room = min(self.max_draft, d.params.max_tokens - len(d.output_ids) - 1, ctx - s.length - 2, budget)
+            if room <= 0:
+                continue
+            if s.drafter is None:
+                s.drafter = NgramDrafter()
+            s.drafter.sync(s.req.prompt_ids, d.output_ids)
+            draft = s.drafter.propose(room)
+            if draft:
+                out[s.request_id] = draft
+                budget -= len(draft)
+        return out
+
+    def _verify(self, batch: list[DecodeSequence], drafts: dict[str, list[int]]) -> list[Ended]:
+        """One `batch_verify` over the batch; each sequence keeps its accepted run and rolls the rest back."""
+        inputs = [[s.last_token, *drafts.get(s.request_id, ())] for s in batch]
+        try:
+            rows = self.runtime.verify([s.seq_id for s in batch], inputs)  # per sequence: [len(inputs), V]
+        except Exception as e:  # the forward failed: the runtime dropped these sequences; they fail alone
+            return _failed(batch, f"verify failed: {type(e).__name__}: {e}")
+        self.batch_sizes[len(batch)] += 1
+        ended = []
+        for s, fed, r in zip(batch, inputs, rows, strict=True):
+            v = accept(s.decoder, r, fed[1:])
+            if len(fed) > v.kept:  # the rejected draft tokens leave the cache
+                self.runtime.popn(s.seq_id, len(fed) - v.kept)
+            s.length += v.kept
+            s.last_token = v.events[-1].token_id
+            self.draft_tokens += len(fed) - 1
+            self.accepted_tokens += v.accepted
+            for event in v.events:
+                s.out.put(event)
+            if v.events[-1].finish_reason is not None:
+                ended.append(Ended(s, None))
+        return ended
+
+
+def _failed(batch: Sequence[DecodeSequence], message: str) -> list[Ended]:
+    return [Ended(s, RequestError(s.request_id, ErrorKind.INTERNAL, message)) for s in batch]

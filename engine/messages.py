@@ -9,6 +9,7 @@ import enum
 from dataclasses import dataclass, field
 
 from engine.faults import FaultPlan
+from engine.speculation import SpecMode
 from llama_relax.generation import TokenEvent
 from llama_relax.sampling import SamplingParams
 
@@ -160,6 +161,8 @@ class WorkerOptions:
     prefix_cache: bool = True  # keep finished sequences' KV and reuse it for prompts that start the same way
     kv_stream: bool = True  # send each prefill chunk's KV while the next computes (else one piece at the end)
     kv_stream_tail: int = 64  # a streamed prompt's last tokens get their own forward (0: no split)
+    speculative: SpecMode = SpecMode.OFF  # decode: draft tokens by prompt lookup and verify them in one forward
+    num_speculative_tokens: int = 8  # the largest draft per sequence and step
     faults: FaultPlan = field(default_factory=lambda: FaultPlan())  # fault injection (tests and drills only)
 
 
@@ -193,3 +196,5 @@ class WorkerLoad:
     cached_prefixes: tuple[int, ...] = ()  # page hashes of every cached prefix (`engine.prefix_cache.page_hashes`)
     prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache so far (a counter)
     prefix_queried_tokens: int = 0  # prompt tokens looked up in it so far (a counter)
+    spec_draft_tokens: int = 0  # draft tokens verified so far (a counter)
+    spec_accepted_tokens: int = 0  # of those, accepted (a counter)

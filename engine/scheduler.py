@@ -109,11 +109,12 @@ def completes_prompt(s: PrefillSlice, item: PrefillItem) -> bool:
 # ---- decode ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DecodeSeq:
-    """A decoding sequence: `length` tokens in the cache (it needs room for `length + 1` to take a step)."""
+    """A decoding sequence: `length` tokens in the cache (it needs room for `length + tokens` to take a step)."""
 
     request_id: str
     length: int
     shared_pages: int = 0  # leading pages shared with a cached prefix (not the sequence's to reserve)
+    tokens: int = 1  # tokens this step appends (1 + its draft when it speculates)
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,14 @@ class DecodePlan:
 
 
 def schedule_decode(seqs: Sequence[DecodeSeq], pool: PagePool, max_batch: int) -> DecodePlan:
-    """Every decoding sequence (in admission order, up to `max_batch`) decodes one token. Pages beyond a
+    """Every decoding sequence (in admission order, up to `max_batch`) appends its `tokens`. Pages beyond a
     sequence's reservation are taken from the free pool; if they run out, the latest-admitted sequences are
     evicted until the rest fit."""
     ready = list(seqs[:max_batch])
     need = {
-        s.request_id: max(0, pages_for(s.length + 1, pool.page_size) - s.shared_pages - pool.held_by(s.request_id))
+        s.request_id: max(
+            0, pages_for(s.length + s.tokens, pool.page_size) - s.shared_pages - pool.held_by(s.request_id)
+        )
         for s in ready
     }
     free = pool.free

@@ -10,6 +10,7 @@ import sys
 
 # ---- serve ----------------------------------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    from engine.speculation import SpecMode
     from llama_relax.cli import add_model_args
 
     add_model_args(p)
@@ -71,6 +72,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="a streamed prompt's last N tokens get a forward of their own, so only their KV is left to move "
         "after token 1 (default 64; 0: no split)",
     )
+    sp = p.add_argument_group("speculative decoding")
+    sp.add_argument(
+        "--speculative",
+        default="off",
+        choices=[m.value for m in SpecMode],
+        help="ngram: draft tokens from the sequence's own text (prompt lookup) and verify them in one batch_verify "
+        "per step; off (default): one token per step",
+    )
+    sp.add_argument("--num-speculative-tokens", type=int, default=8, help="the largest draft per step (default 8)")
     g = p.add_argument_group("failures and load")
     g.add_argument("--migration-limit", type=int, default=3, help="migrations per request (default 3)")
     g.add_argument(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine.faults import Fault, FaultPlan
 from engine.messages import WorkerOptions
+from engine.speculation import SpecMode
 from kvtransfer.net import is_loopback
 from llama_relax.errors import UserError
 from router.cluster import ClusterSpec
@@ -22,6 +23,7 @@ from router.router import RouterOptions
 
 MAX_AUTO_BATCH = 32
 TOKENS_PER_SEQUENCE = 256  # the auto batch size gives each sequence at least this much KV on average
+MAX_DRAFT = 32  # --num-speculative-tokens at most
 API_SPARE_CALLS = 16  # gRPC threads beyond running + queued requests: health, status, refusals
 _URL = re.compile(r"https?://[^/\s]+(/\S*)?")
 
@@ -56,6 +58,8 @@ class ServeConfig:
     prefix_cache: bool
     kv_stream: bool
     kv_stream_tail: int
+    speculative: SpecMode
+    num_speculative_tokens: int
     kv_lease_s: float
     stall_timeout_s: float
     drain_timeout_s: float
@@ -84,6 +88,8 @@ class ServeConfig:
         _check(a.local_prefill_max_tokens >= 0, "--local-prefill-max-tokens", "must be >= 0")
         _check(a.kv_stream_tail >= 0, "--kv-stream-tail", f"must be >= 0, got {a.kv_stream_tail}")
         _check(a.migration_limit >= 0, "--migration-limit", f"must be >= 0, got {a.migration_limit}")
+        k = a.num_speculative_tokens
+        _check(1 <= k <= MAX_DRAFT, "--num-speculative-tokens", f"must be in [1, {MAX_DRAFT}], got {k}")
         _check(a.max_queued_requests >= 1, "--max-queued-requests", f"must be >= 1, got {a.max_queued_requests}")
         for flag, seconds, positive in (
             ("--kv-lease-s", a.kv_lease_s, True),
@@ -127,6 +133,8 @@ class ServeConfig:
             prefix_cache=caching,
             kv_stream=not a.no_kv_stream,
             kv_stream_tail=a.kv_stream_tail,
+            speculative=SpecMode(a.speculative),
+            num_speculative_tokens=k,
             kv_lease_s=a.kv_lease_s,
             stall_timeout_s=a.stall_timeout,
             drain_timeout_s=a.drain_timeout,
@@ -167,5 +175,7 @@ class ServeConfig:
             prefix_cache=self.prefix_cache,
             kv_stream=self.kv_stream,
             kv_stream_tail=self.kv_stream_tail,
+            speculative=self.speculative,
+            num_speculative_tokens=self.num_speculative_tokens,
             faults=self.faults,
         )

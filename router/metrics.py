@@ -55,6 +55,12 @@ class Metrics:
         self.kv_retries = Counter("pdserve_kv_transfer_retries", "KV sends retried after a failure", registry=r)
         self.lease_expired = Counter("pdserve_kv_lease_expired", "KV exports/reservations freed by lease", registry=r)
         self.restarts = Counter("pdserve_worker_restarts", "Worker processes restarted", ["role"], registry=r)
+        self.spec_draft = Counter(
+            "pdserve_spec_draft_tokens", "Draft tokens verified (speculative decoding)", registry=r
+        )
+        self.spec_accepted = Counter(
+            "pdserve_spec_accepted_tokens", "Draft tokens accepted (speculative decoding)", registry=r
+        )
         self.pool_workers = Gauge("pdserve_pool_workers", "Workers in each pool", ["role"], registry=r)
         self.pool_alive = Gauge("pdserve_pool_workers_alive", "Live workers in each pool", ["role"], registry=r)
         self.queued = Gauge(
@@ -106,6 +112,8 @@ class Metrics:
             self.lease_expired.inc(self._delta(w.name, "lease_expired", w.load.lease_expired))
             self.cache_hit.labels(role).inc(self._delta(w.name, "hit", w.load.prefix_hit_tokens))
             self.cache_queried.labels(role).inc(self._delta(w.name, "queried", w.load.prefix_queried_tokens))
+            self.spec_draft.inc(self._delta(w.name, "spec_draft", w.load.spec_draft_tokens))
+            self.spec_accepted.inc(self._delta(w.name, "spec_accepted", w.load.spec_accepted_tokens))
 
     def _delta(self, worker: str, counter: str, value: int) -> int:
         """What a worker's counter grew by since the last call; a restarted worker counts from 0 again, so a

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from engine.messages import ErrorKind, PrefillResult, Role
+from router.pools import WorkerSlot
 
 log = logging.getLogger(__name__)
 MAX_INTERNAL_CHARS = 200
@@ -108,7 +109,7 @@ class RequestRecord:
     page_hashes: tuple[int, ...] = ()  # of the current attempt's tokens (cache-aware placement)
     decode_cached: int = 0  # leading tokens the decode worker already held (its reservation's answer)
     cached_tokens: int = 0  # prompt tokens not prefilled for this request: taken from a prefix cache
-    workers: dict[Role, object] = field(default_factory=dict)  # who holds the current attempt (WorkerSlot)
+    workers: dict[Role, WorkerSlot] = field(default_factory=dict)  # who holds the current attempt
     outcome: Outcome | None = None
     ended_at: float | None = None
     finish_reason: str = ""

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from engine.speculation import SpecMode
 from llama_relax.errors import UserError
 from router.cli import _serve_args
 from router.config import ServeConfig, auto_batch_size
@@ -49,6 +50,8 @@ BAD = [
     (("--drain-timeout", "-1"), "--drain-timeout"),
     (("--otlp-traces-endpoint", "127.0.0.1:4318"), "--otlp-traces-endpoint"),
     (("--otlp-traces-endpoint", "ftp://x/v1/traces"), "--otlp-traces-endpoint"),
+    (("--num-speculative-tokens", "0"), "--num-speculative-tokens"),
+    (("--num-speculative-tokens", "33"), "--num-speculative-tokens"),
     (("--inject-fault", "decode_step:explode"), "--inject-fault"),
     (("--inject-fault", "decode_step:corrupt"), "kv_send only"),
 ]
@@ -69,7 +72,9 @@ def test_good_flags_build_every_part_by_keyword():
     )
     w = c.worker_options()
     assert (w.model, w.max_batch_size, w.max_total_seq_len, w.kv_stream_tail) == ("/m/model.gguf", 16, 4096, 32)
-    assert w.prefix_cache is False and w.kv_host == "127.0.0.1"
+    assert w.prefix_cache is False and w.kv_host == "127.0.0.1" and w.speculative is SpecMode.OFF
+    spec = config("--model", "m", "--speculative", "ngram", "--num-speculative-tokens", "4").worker_options()
+    assert (spec.speculative, spec.num_speculative_tokens) == (SpecMode.NGRAM, 4)
     assert c.router.cache_aware is False and c.router.local_prefill_max_tokens == 0  # no cache: no local prefill
     assert (c.cluster.prefill_workers, c.cluster.decode_workers, c.cluster.colocated) == (1, 2, 0)
     assert c.grpc_calls == 16 * 2 + 256 + 16 and not c.open_api

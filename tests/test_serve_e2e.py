@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from model_files import write_hf_dir
 from ray_cluster import listeners_beyond_loopback
 from reference import random_params
-from serving import SLOW_DECODE, Server, assert_clean_exit, collect, request
+from serving import SLOW_DECODE, Server, assert_clean_exit, collect, request, scrape_metric, tokens_of, wait_until
 
 from kvtransfer.net import free_port
 from protos import generate_pb2 as pb
@@ -41,6 +41,22 @@ def disagg(model_dir, cache_dir):
         [
             *("--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)),
             *("--local-prefill-max-tokens", "0", "--inject-fault", SLOW_DECODE),
+        ],
+        cache_dir,
+    )
+    s.metrics_port = metrics_port
+    yield s
+    assert_clean_exit(s)
+
+
+@pytest.fixture(scope="module")
+def speculative(model_dir, cache_dir):
+    """Disaggregated with `--speculative ngram`: the decode worker drafts by prompt lookup and verifies."""
+    metrics_port = free_port()
+    s = Server(
+        [
+            *("--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)),
+            *("--local-prefill-max-tokens", "0", "--speculative", "ngram", "--num-speculative-tokens", "6"),
         ],
         cache_dir,
     )
@@ -82,6 +98,34 @@ def test_disaggregated_streams_the_same_greedy_tokens_as_colocated(disagg, coloc
         assert t.kv_wire_s + t.kv_import_s == pytest.approx(t.kv_transfer_s, abs=1e-6)  # one sum, one clock
         assert t.kv_transfer_bytes == len(p) * KV_BYTES_PER_TOKEN  # the whole prompt's KV, nothing twice
     assert disagg.pages_all_free() and colocated.pages_all_free()
+
+
+def repeating_prompts() -> list[list[int]]:
+    """Prompts whose n-grams recur, so prompt lookup drafts from the first decode step on."""
+    rng = np.random.default_rng(4)
+    out = []
+    for n in (3, 5, 8):
+        motif = [int(t) for t in rng.integers(0, TINY_GQA.vocab_size, n)]
+        out.append(motif * 4 + motif[:2])
+    return out
+
+
+def test_speculative_decoding_streams_the_same_tokens_and_hits_the_prefix_cache(speculative, colocated):
+    """Disaggregated with speculation against colocated without: the same greedy and seeded tokens; the same
+    prompt again hits the prefix cache and still streams the same tokens."""
+    for sampling in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 5}):
+        for p in repeating_prompts():
+            want = tokens_of(collect(colocated.stub, request(p, max_tokens=24, **sampling)))
+            got = collect(speculative.stub, request(p, max_tokens=24, **sampling))
+            assert tokens_of(got) == want and len(want) == 24
+    p = repeating_prompts()[1]
+    again = collect(speculative.stub, request(p, max_tokens=24))
+    assert again[-1].usage.cached_prompt_tokens > 0
+    assert tokens_of(again) == tokens_of(collect(colocated.stub, request(p, max_tokens=24)))
+    wait_until(lambda: scrape_metric(speculative.metrics_port, "pdserve_spec_draft_tokens_total") > 0)
+    drafted = scrape_metric(speculative.metrics_port, "pdserve_spec_draft_tokens_total")
+    assert 0 <= scrape_metric(speculative.metrics_port, "pdserve_spec_accepted_tokens_total") <= drafted
+    assert speculative.pages_all_free() and colocated.pages_all_free()
 
 
 @pytest.mark.parametrize(
