@@ -33,18 +33,19 @@ def model_dir(tmp_path_factory, compiled_gqa):
     return write_hf_dir(tmp_path_factory.mktemp("serve-model"), TINY_GQA, random_params(TINY_GQA, seed=8))
 
 
+def start_disaggregated(model_dir, cache_dir, *flags: str) -> Server:
+    """1 prefill + 1 decode worker with metrics; every prompt goes through the prefill worker and a KV transfer
+    (none is prefilled by the decode worker)."""
+    metrics_port = free_port()
+    args = ["--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)]
+    s = Server([*args, "--local-prefill-max-tokens", "0", *flags], cache_dir)
+    s.metrics_port = metrics_port
+    return s
+
+
 @pytest.fixture(scope="module")
 def disagg(model_dir, cache_dir):
-    metrics_port = free_port()
-    s = Server(
-        # every prompt goes through the prefill worker and a KV transfer (none is prefilled by the decode worker)
-        [
-            *("--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)),
-            *("--local-prefill-max-tokens", "0", "--inject-fault", SLOW_DECODE),
-        ],
-        cache_dir,
-    )
-    s.metrics_port = metrics_port
+    s = start_disaggregated(model_dir, cache_dir, "--inject-fault", SLOW_DECODE)
     yield s
     assert_clean_exit(s)
 
@@ -52,15 +53,7 @@ def disagg(model_dir, cache_dir):
 @pytest.fixture(scope="module")
 def speculative(model_dir, cache_dir):
     """Disaggregated with `--speculative ngram`: the decode worker drafts by prompt lookup and verifies."""
-    metrics_port = free_port()
-    s = Server(
-        [
-            *("--model", str(model_dir), "--max-total-seq-len", "1024", "--metrics-port", str(metrics_port)),
-            *("--local-prefill-max-tokens", "0", "--speculative", "ngram", "--num-speculative-tokens", "6"),
-        ],
-        cache_dir,
-    )
-    s.metrics_port = metrics_port
+    s = start_disaggregated(model_dir, cache_dir, "--speculative", "ngram", "--num-speculative-tokens", "6")
     yield s
     assert_clean_exit(s)
 
