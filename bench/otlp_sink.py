@@ -50,7 +50,6 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self._raw: list[bytes] = []
         self._spans: list[Span] = []
-        self.requests = 0
         self._lock = threading.Lock()
         receiver = self
 
@@ -79,7 +78,6 @@ class OtlpReceiver:
 
     def _take(self, body: bytes) -> None:
         with self._lock:
-            self.requests += 1
             self._raw.append(body)  # decoded when read: the receiving thread does no more than it must
 
     @property

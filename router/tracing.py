@@ -49,10 +49,6 @@ class Tracer:
         self._provider.add_span_processor(processor)
         self._tracer = self._provider.get_tracer("pdserve.router")
 
-    @property
-    def enabled(self) -> bool:
-        return self._tracer is not None
-
     def start(self, rec: RequestRecord) -> Any:
         """The request's root span, open from its arrival (None when off)."""
         if self._tracer is None:
