@@ -147,7 +147,7 @@ class BenchConfig:
         )
         tok_model = (
             None
-            if args.dataset != "sharegpt" and args.backend != "openai-chat"
+            if args.dataset not in ("sharegpt", "grounded") and args.backend != "openai-chat"
             else args.model or next((_model_flag(t.serve_flags) for t in targets if t.serve_flags), None)
         )
         return cls(
@@ -313,9 +313,11 @@ def _make_workload(cfg: BenchConfig, info: ServerInfo) -> Workload:
         convs = build_conversations(cfg.multiturn, info.vocab_size, info.context_window_size)
         return Workload(tuple(_turn_requests(convs)))
     count = None
-    if cfg.workload.dataset == "sharegpt":
+    if cfg.workload.dataset in ("sharegpt", "grounded"):
         if not info.has_tokenizer:
-            raise ValueError("--dataset sharegpt sends text prompts; the server's model has no tokenizer")
+            raise ValueError(
+                f"--dataset {cfg.workload.dataset} sends text prompts; the server's model has no tokenizer"
+            )
         count = tokenizer_counter(cfg.tokenizer_model) if cfg.tokenizer_model else None
     return build_workload(cfg.workload, info.vocab_size, info.context_window_size, count)
 

@@ -220,6 +220,8 @@ class BenchClient:
                 migrations=final.timings.migrations,
                 cached_tokens=final.usage.cached_prompt_tokens,
                 kv_bytes=final.timings.kv_transfer_bytes,
+                spec_drafted=final.timings.spec_draft_tokens,
+                spec_accepted=final.timings.spec_accepted_tokens,
                 output_ids=tuple(ids),
             )
         except grpc.RpcError as e:

@@ -89,6 +89,8 @@ def summary_rows(m: RunMetrics) -> list[Row]:
         Row("Total token throughput (tok/s)", m.total_token_throughput),
         Row("Cached prompt tokens (%)", 100.0 * m.cached_token_fraction, 1),
         Row("KV bytes sent per request (KiB)", m.kv_bytes_per_request / 1024.0, 1),
+        Row("Draft tokens verified", float(m.spec_drafted), 0),
+        Row("Draft tokens accepted (%)", 100.0 * m.spec_accepted / m.spec_drafted if m.spec_drafted else 0.0, 1),
     ]
     if m.goodput is not None:
         rows += [Row("Goodput (req/s)", m.goodput), Row("SLO attainment (%)", 100.0 * (m.slo_attainment or 0.0), 1)]

@@ -65,6 +65,8 @@ class RequestRecord:
     migrations: int = 0  # times the server moved the request to another decode attempt
     cached_tokens: int = 0  # prompt tokens the server took from a prefix cache (usage.cached_prompt_tokens)
     kv_bytes: int = 0  # KV bytes the server moved prefill -> decode for it (timings.kv_transfer_bytes)
+    spec_drafted: int = 0  # speculative decoding: draft tokens the server verified for it, and accepted
+    spec_accepted: int = 0
     output_ids: tuple[int, ...] = ()  # the tokens it streamed (multi-turn histories, same-token checks)
 
     @property
@@ -199,6 +201,8 @@ class RunMetrics:
     server_breakdown_s: ServerBreakdown | None
     cached_token_fraction: float = 0.0  # prompt tokens served from a prefix cache / all prompt tokens
     kv_bytes_per_request: float = 0.0  # mean KV bytes moved prefill -> decode per completed request
+    spec_drafted: int = 0  # draft tokens verified over the completed requests (speculative decoding)
+    spec_accepted: int = 0  # of those, accepted
 
 
 def server_breakdown(records: Sequence[RequestRecord]) -> ServerBreakdown | None:
@@ -245,6 +249,8 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo: SL
         server_breakdown_s=server_breakdown(records),
         cached_token_fraction=sum(r.cached_tokens for r in ok) / in_tokens if in_tokens else 0.0,
         kv_bytes_per_request=sum(r.kv_bytes for r in ok) / len(ok) if ok else 0.0,
+        spec_drafted=sum(r.spec_drafted for r in ok),
+        spec_accepted=sum(r.spec_accepted for r in ok),
     )
 
 

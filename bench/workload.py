@@ -4,6 +4,7 @@
   `--random-range-ratio` convention); `long_fraction` of the requests (exactly round(F * n), at seeded positions)
   take their prompt length from `long_input_len` instead. Prompts are random token ids in [0, vocab).
 - `fixed`: every request has exactly `input_len` prompt tokens (random ids) and `output_len` output tokens.
+- `grounded`: code-edit and quote-back prompts from the standard library's sources (`bench.grounded`), text.
 - `sharegpt`: a ShareGPT JSON file; the first human turn is the prompt (sent as text) and the token length of the
   gpt reply that follows is the target output length. Lengths are counted with the model's tokenizer when one is
   given (`--model`), otherwise approximated as round(1.3 * words). Malformed entries are skipped and counted, so
@@ -22,8 +23,9 @@ from typing import Literal
 
 import numpy as np
 
-Dataset = Literal["random", "fixed", "sharegpt", "multiturn"]
-DATASETS: tuple[Dataset, ...] = ("random", "fixed", "sharegpt", "multiturn")  # multiturn: bench.multiturn
+Dataset = Literal["random", "fixed", "sharegpt", "multiturn", "grounded"]
+# multiturn: bench.multiturn; grounded: bench.grounded
+DATASETS: tuple[Dataset, ...] = ("random", "fixed", "sharegpt", "multiturn", "grounded")
 WORKLOAD_STREAM = 0  # seed stream id, distinct from the arrivals'
 HUMAN_ROLES = ("human", "user")
 GPT_ROLES = ("gpt", "chatgpt", "assistant", "model")
@@ -218,6 +220,10 @@ def build_workload(
 ) -> Workload:
     if spec.dataset == "sharegpt":
         return sharegpt_requests(spec, context_window, count)
+    if spec.dataset == "grounded":
+        from bench.grounded import grounded_requests
+
+        return grounded_requests(spec, context_window, count)
     return random_requests(spec, vocab_size, context_window)
 
 

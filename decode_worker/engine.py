@@ -40,10 +40,12 @@ from engine.loop import OutputStream
 from engine.messages import ADMITTED, Admission, ErrorKind, GenerationRequest, RequestError, WorkerLoad, WorkerOptions
 from engine.prefill_batch import FirstToken, PrefillBatch
 from engine.scheduler import decode_reservation
+from engine.speculation import SpecMode
 from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
 from kvtransfer.runtime_io import import_into
 from llama_relax.generation import TokenizerLike
 from llama_relax.runtime import ModelRuntime
+from llama_relax.spec_cost import StepCost, load_or_measure
 
 _ENDED_BY = {ErrorKind.CANCELLED: DecodeState.CANCELLED}
 _AWAITING_KV = frozenset({DecodeState.RESERVED, DecodeState.RECEIVING})  # one lease covers every piece
@@ -60,14 +62,21 @@ class DecodeEngine(EngineCore):
         faults: FaultInjector | None = None,
         name: str = "decode",
         clock: Callable[[], float] = time.monotonic,
+        step_cost: StepCost | None = None,
     ) -> None:
         super().__init__(name, runtime, tokenizer, options, faults)
         self.clock = clock  # the lease's clock (a test steps its own)
         self._next_lease_check = 0.0
         self.max_seqs = runtime.kv_config.max_batch_size  # requests held at once: each needs a cache sequence
         self.prefill = PrefillBatch(runtime, self.max_seqs)
+        spec = options.speculative
         self.decode = DecodeBatch(
-            runtime, self.pool, options.max_batch_size, options.speculative, options.num_speculative_tokens
+            runtime,
+            self.pool,
+            options.max_batch_size,
+            spec,
+            options.num_speculative_tokens,
+            cost=step_cost or (load_or_measure(runtime, options.max_batch_size) if spec is SpecMode.AUTO else None),
         )
         self.seqs: dict[str, DecodeSequence] = {}  # every request held, admission order
 
@@ -156,6 +165,7 @@ class DecodeEngine(EngineCore):
             req, a.seq_id, self.decoder(req), OutputStream(), DecodeState.RESERVED, length=a.hit.tokens, hit=a.hit
         )
         seq.t_lease = self.clock()
+        self.decode.start(seq)
         self.seqs[req.request_id] = seq
         return a.admission, seq.out
 

@@ -14,16 +14,17 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.loop import OutputStream
 from engine.messages import ErrorKind, GenerationRequest, RequestError
 from engine.pages import PagePool
 from engine.prefix_cache import MISS, Hit
 from engine.scheduler import DecodePlan, DecodeSeq, schedule_decode
-from engine.speculation import NgramDrafter, SpecMode, accept
+from engine.speculation import Acceptance, NgramDrafter, SpecMode, SuffixIndex, choose_drafts, first_rows, verify_rounds
 from llama_relax.generation import SequenceDecoder
 from llama_relax.runtime import ModelRuntime
+from llama_relax.spec_cost import StepCost
 
 
 class DecodeState(enum.Enum):
@@ -53,7 +54,8 @@ class DecodeSequence:
     hit: Hit = MISS  # the cached prefix its sequence was forked from (its first `hit.tokens` tokens)
     last_piece: tuple[int, int] | None = None  # token range of the last KV piece imported
     t_lease: float = 0.0  # the KV lease runs from here: admission, or the last piece (the engine's clock)
-    drafter: NgramDrafter | None = None  # its prompt-lookup index (made at its first speculative step)
+    drafter: NgramDrafter | None = None  # its prompt-lookup index (made at admission when speculation is on)
+    acceptance: Acceptance = field(default_factory=Acceptance)  # its running draft acceptance (`auto`)
 
     @property
     def request_id(self) -> str:
@@ -70,13 +72,23 @@ class Ended:
 
 class DecodeBatch:
     def __init__(
-        self, runtime: ModelRuntime, pool: PagePool, max_batch: int, spec: SpecMode = SpecMode.OFF, max_draft: int = 8
+        self,
+        runtime: ModelRuntime,
+        pool: PagePool,
+        max_batch: int,
+        spec: SpecMode = SpecMode.OFF,
+        max_draft: int = 8,
+        cost: StepCost | None = None,
     ) -> None:
+        if spec is SpecMode.AUTO and cost is None:
+            raise ValueError("--speculative auto needs the measured step cost (llama_relax.spec_cost)")
         self.runtime = runtime
         self.pool = pool
         self.max_batch = max_batch
         self.spec = spec
         self.max_draft = max_draft  # draft tokens per sequence and step, at most
+        self.cost = cost
+        self.index = SuffixIndex() if spec.uses_index else None  # recent outputs of this engine
         self.batch_sizes: Counter[int] = Counter()  # decode batch size -> steps (observability, tests)
         self.draft_tokens = 0  # counters read by load(): draft tokens verified, and those accepted
         self.accepted_tokens = 0
@@ -116,8 +128,20 @@ class DecodeBatch:
             s.last_token = event.token_id
             s.out.put(event)
             if event.finish_reason is not None:
-                ended.append(Ended(s, None))
+                ended.append(self._finished(s))
         return True, ended
+
+    def _finished(self, s: DecodeSequence) -> Ended:
+        if self.index is not None:
+            self.index.add(s.decoder.output_ids)
+        return Ended(s, None)
+
+    def start(self, s: DecodeSequence) -> None:
+        """At admission, with speculation on: index the prompt while its KV is computed or arrives, so the first
+        decode step can already verify a draft."""
+        if self.spec is not SpecMode.OFF:
+            s.drafter = NgramDrafter()
+            s.drafter.extend(s.req.prompt_ids)
 
     def _plan(self, running: Sequence[DecodeSequence], drafts: dict[str, list[int]]) -> DecodePlan:
         seqs = [
@@ -128,7 +152,8 @@ class DecodeBatch:
 
     def _drafts(self, running: Sequence[DecodeSequence]) -> dict[str, list[int]]:
         """Each sequence's draft for this step: at most `max_draft` tokens, fewer where its `max_tokens`, the
-        context window or the forward's token budget (the prefill chunk) would be passed."""
+        context window or the forward's token budget (the prefill chunk) would be passed; under `auto`, only the
+        tokens whose expected gain pays for the verify step (`choose_drafts`)."""
         budget = self.runtime.prefill_chunk_size - len(running)  # every sequence feeds its last token
         ctx = self.runtime.config.context_window_size
         out: dict[str, list[int]] = {}
@@ -138,35 +163,56 @@ class DecodeBatch:
             if room <= 0:
                 continue
             if s.drafter is None:
-                s.drafter = NgramDrafter()
+                self.start(s)
             s.drafter.sync(s.req.prompt_ids, d.output_ids)
             draft = s.drafter.propose(room)
+            if not draft and self.index is not None:
+                draft = self.index.propose(s.drafter.tokens, room)
             if draft:
                 out[s.request_id] = draft
                 budget -= len(draft)
+        if self.spec is SpecMode.AUTO and out:
+            assert self.cost is not None
+            seqs = list(running)
+            keep = choose_drafts(
+                self.cost, [out.get(s.request_id, []) for s in seqs], [s.acceptance.rate for s in seqs]
+            )
+            out = {s.request_id: out[s.request_id][:n] for s, n in zip(seqs, keep, strict=True) if n}
         return out
 
     def _verify(self, batch: list[DecodeSequence], drafts: dict[str, list[int]]) -> list[Ended]:
-        """One `batch_verify` over the batch; each sequence keeps its accepted run and rolls the rest back."""
+        """One forward appends every sequence's inputs (no draft: its one token); `verify_rounds` then computes
+        the logits rows acceptance may need (two LM-head calls at most) and streams each token; each sequence pops
+        its rejected inputs."""
         inputs = [[s.last_token, *drafts.get(s.request_id, ())] for s in batch]
+        starts = [0]
+        for fed in inputs[:-1]:
+            starts.append(starts[-1] + len(fed))
         try:
-            rows = self.runtime.verify([s.seq_id for s in batch], inputs)  # per sequence: [len(inputs), V]
-        except Exception as e:  # the forward failed: the runtime dropped these sequences; they fail alone
+            hidden = self.runtime.forward_hidden([s.seq_id for s in batch], inputs)  # [1, sum(len(fed)), h]
+            verified = verify_rounds(
+                [s.decoder for s in batch],
+                [fed[1:] for fed in inputs],
+                lambda pairs: self.runtime.logits_at(hidden, [starts[i] + j for i, j in pairs]),
+                lambda i, event: batch[i].out.put(event),
+                first=[first_rows(s.acceptance.rate, len(fed) - 1) for s, fed in zip(batch, inputs, strict=True)],
+            )
+        except Exception as e:  # the forward failed: these sequences fail alone (their release removes them)
             return _failed(batch, f"verify failed: {type(e).__name__}: {e}")
         self.batch_sizes[len(batch)] += 1
         ended = []
-        for s, fed, r in zip(batch, inputs, rows, strict=True):
-            v = accept(s.decoder, r, fed[1:])
+        for s, fed, v in zip(batch, inputs, verified, strict=True):
             if len(fed) > v.kept:  # the rejected draft tokens leave the cache
                 self.runtime.popn(s.seq_id, len(fed) - v.kept)
             s.length += v.kept
             s.last_token = v.events[-1].token_id
             self.draft_tokens += len(fed) - 1
             self.accepted_tokens += v.accepted
-            for event in v.events:
-                s.out.put(event)
-            if v.events[-1].finish_reason is not None:
-                ended.append(Ended(s, None))
+            finished = v.events[-1].finish_reason is not None
+            if len(fed) > 1:
+                s.acceptance.update(len(fed) - 1, v.accepted, finished)
+            if finished:
+                ended.append(self._finished(s))
         return ended
 
 

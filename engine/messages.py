@@ -161,7 +161,7 @@ class WorkerOptions:
     prefix_cache: bool = True  # keep finished sequences' KV and reuse it for prompts that start the same way
     kv_stream: bool = True  # send each prefill chunk's KV while the next computes (else one piece at the end)
     kv_stream_tail: int = 64  # a streamed prompt's last tokens get their own forward (0: no split)
-    speculative: SpecMode = SpecMode.OFF  # decode: draft tokens by prompt lookup and verify them in one forward
+    speculative: SpecMode = SpecMode.OFF  # decode: draft tokens (engine.speculation) and verify them in one forward
     num_speculative_tokens: int = 8  # the largest draft per sequence and step
     faults: FaultPlan = field(default_factory=lambda: FaultPlan())  # fault injection (tests and drills only)
 

@@ -42,6 +42,9 @@ class TokenEvent:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     logprob: float | None = None  # the chosen token's own logprob (when logprobs were asked for)
+    # speculative decoding, on the last token of a verified run only: draft tokens verified, and accepted
+    drafted: int = 0
+    accepted: int = 0
 
 
 class SequenceDecoder:

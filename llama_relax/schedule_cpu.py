@@ -46,10 +46,12 @@ from llama_relax.schedule_matmul import (
     _strip_cast,
     _var_indices,
     _written_buffer,
+    branch_by_rows,
     match_matmul,
     schedule_gemm,
     schedule_gemv_nn,
     schedule_gemv_nt,
+    schedule_qgemv_rows,
 )
 
 
@@ -189,17 +191,22 @@ def schedule_prim_func(func: tirx.PrimFunc, tiles: CpuTiles | None = None) -> ti
         return None
     gemv = schedule_gemv_nt if info.nt else schedule_gemv_nn
     gemv_max = GEMV_MAX_M_NT if info.nt else GEMV_MAX_M_NN
+    # a quantized NN weight: one row dequantizes in registers (GEMV); a few rows share a dequantized tile
+    few_rows = schedule_qgemv_rows if _has_dequant(func) and not info.nt else None
     if _has_dequant(func):
         gemv_max = tiles.qgemv_max_m
     try:
         if isinstance(rows, int):
-            new = gemv(func, tiles) if rows <= gemv_max else schedule_gemm(func, tiles)
+            one = gemv if rows == 1 or few_rows is None else few_rows
+            new = one(func, tiles) if rows <= gemv_max else schedule_gemm(func, tiles)
         else:
-            small = gemv(func, tiles)
-            large = schedule_gemm(func, tiles)
+            small, large = gemv(func, tiles), schedule_gemm(func, tiles)
             if not all(a.same_as(b) for a, b in zip(small.params, large.params, strict=True)):
                 return None
-            new = func.with_body(tirx.IfThenElse(rows <= gemv_max, small.body, large.body))
+            small, large = small.body, large.body
+            if few_rows is not None:
+                small = branch_by_rows(rows <= 1, gemv(func, tiles), few_rows(func, tiles))
+            new = func.with_body(tirx.IfThenElse(rows <= gemv_max, small, large))
     except Exception:  # a schedule step did not apply: keep the original function
         return None
     return new.with_attr("tirx.is_scheduled", True)

@@ -75,10 +75,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     sp = p.add_argument_group("speculative decoding")
     sp.add_argument(
         "--speculative",
-        default="off",
+        default="auto",
         choices=[m.value for m in SpecMode],
-        help="ngram: draft tokens from the sequence's own text (prompt lookup) and verify them in one batch_verify "
-        "per step; off (default): one token per step",
+        help="auto (default): draft from the sequence's own text and the worker's recent outputs, verify in one "
+        "forward per step, each draft sized by its expected gain against this machine's measured step cost (plain "
+        "decoding when nothing pays); ngram: prompt lookup, whole drafts; suffix: ngram plus recent outputs; "
+        "off: one token per step",
     )
     sp.add_argument("--num-speculative-tokens", type=int, default=8, help="the largest draft per step (default 8)")
     g = p.add_argument_group("failures and load")

@@ -173,6 +173,8 @@ def final_to_pb(msg: pb.GenerateResponse, rec: RequestRecord) -> pb.GenerateResp
             kv_wire_s=max(0.0, p.transfer_s - p.import_s) if p else 0.0,
             kv_import_s=p.import_s if p else 0.0,
             kv_tail_s=p.tail_s if p else 0.0,
+            spec_draft_tokens=rec.spec_drafted,
+            spec_accepted_tokens=rec.spec_accepted,
         )
     )
     return msg

@@ -61,6 +61,12 @@ class Metrics:
         self.spec_accepted = Counter(
             "pdserve_spec_accepted_tokens", "Draft tokens accepted (speculative decoding)", registry=r
         )
+        self.spec_per_step = Histogram(
+            "pdserve_spec_accepted_tokens_per_step",
+            "Draft tokens accepted per sequence and verify step",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+            registry=r,
+        )
         self.pool_workers = Gauge("pdserve_pool_workers", "Workers in each pool", ["role"], registry=r)
         self.pool_alive = Gauge("pdserve_pool_workers_alive", "Live workers in each pool", ["role"], registry=r)
         self.queued = Gauge(
@@ -72,9 +78,14 @@ class Metrics:
         """A request that ended before it reached the router (refused by a front: bad input, bad key)."""
         self.requests.labels(outcome.value).inc()
 
-    def observe_token(self, rec: RequestRecord, now: float) -> None:
-        """A token leaves for the client: TTFT for the first, the inter-token gap for the others."""
-        gap = rec.on_token(now)
+    def observe_token(self, rec: RequestRecord, now: float, drafted: int = 0, accepted: int = 0) -> None:
+        """A token leaves for the client: TTFT for the first, the inter-token gap for the others; the last token
+        of a verified speculative run counts that step's draft and accepted tokens."""
+        if drafted:
+            self.spec_draft.inc(drafted)
+            self.spec_accepted.inc(accepted)
+            self.spec_per_step.observe(accepted)
+        gap = rec.on_token(now, drafted, accepted)
         if gap is None:
             self.ttft.observe(now - rec.arrival)
         else:
@@ -112,8 +123,6 @@ class Metrics:
             self.lease_expired.inc(self._delta(w.name, "lease_expired", w.load.lease_expired))
             self.cache_hit.labels(role).inc(self._delta(w.name, "hit", w.load.prefix_hit_tokens))
             self.cache_queried.labels(role).inc(self._delta(w.name, "queried", w.load.prefix_queried_tokens))
-            self.spec_draft.inc(self._delta(w.name, "spec_draft", w.load.spec_draft_tokens))
-            self.spec_accepted.inc(self._delta(w.name, "spec_accepted", w.load.spec_accepted_tokens))
 
     def _delta(self, worker: str, counter: str, value: int) -> int:
         """What a worker's counter grew by since the last call; a restarted worker counts from 0 again, so a

@@ -101,6 +101,8 @@ class RequestRecord:
     prefill: PrefillResult | None = None
     prefill_done_at: float | None = None  # when the prefill worker's result arrived (the KV is in)
     migrations: int = 0
+    spec_drafted: int = 0  # speculative decoding: draft tokens verified for this request, and accepted
+    spec_accepted: int = 0
     migration_log: list[Migration] = field(default_factory=list)
     queue_wait_s: float = 0.0
     first_token_at: float | None = None  # when the client's first token was ready (TTFT), across attempts
@@ -122,8 +124,11 @@ class RequestRecord:
         self.state = state
         self.stamps.setdefault(state, time.monotonic())
 
-    def on_token(self, now: float) -> float | None:
-        """A token leaves for the client at `now`; the gap since the previous one (None for the first)."""
+    def on_token(self, now: float, drafted: int = 0, accepted: int = 0) -> float | None:
+        """A token leaves for the client at `now` (the last of a verified run carries that step's draft and
+        accepted counts); the gap since the previous one (None for the first)."""
+        self.spec_drafted += drafted
+        self.spec_accepted += accepted
         gap = None if self.last_token_at is None else now - self.last_token_at
         if self.first_token_at is None:
             self.first_token_at = now

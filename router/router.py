@@ -141,7 +141,7 @@ class Router:
         finished = False
         try:
             for event in self._migrating(req, rec, deadline):
-                self.metrics.observe_token(rec, time.monotonic())
+                self.metrics.observe_token(rec, time.monotonic(), event.drafted, event.accepted)
                 if event.finish_reason is not None:  # the worker ended it: nothing to release, even if the client
                     finished = True  # leaves before it reads this last token
                     rec.finish(Outcome.FINISHED, event.finish_reason.value)

@@ -180,3 +180,52 @@ def test_unrecognised_functions_are_left_alone() -> None:
     out = cpu_schedule_pass(_target())(mod)
     assert out["blockless"].same_as(mod["blockless"])
     assert out["done"].same_as(mod["done"])
+
+
+def _dequant_q4(q: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """float64 [K, N] of a Q4 weight (`llama_relax.quantization`'s layout), written out independently."""
+    k = q.shape[0] * 2
+    w = np.empty((k, q.shape[1]), np.float64)
+    for g in range(k // 32):
+        b = q[16 * g : 16 * g + 16].astype(np.int64)
+        w[32 * g : 32 * g + 16] = b & 15
+        w[32 * g + 16 : 32 * g + 32] = b >> 4
+        w[32 * g : 32 * g + 32] = w[32 * g : 32 * g + 32] * s[g] + z[g]
+    return w
+
+
+@pytest.fixture(scope="module")
+def q4_matmul():
+    from llama_relax.quantization import QuantizedWeight, WeightFormat
+
+    k, n = 128, 96
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            self.w = QuantizedWeight(n, k, WeightFormat.Q4, "float32", "float32")
+
+        def forward(self, x: nn.Tensor) -> nn.Tensor:
+            return self.w.matmul(x)
+
+    target = _target()
+    mod, _ = One().export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, "m", k], "float32")}})
+    with target:
+        mod = tvm.transform.Sequential([*cpu_pipeline.legalize_passes(target), cpu_schedule_pass(target)])(mod)
+    prims = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "tirx.is_scheduled" in f.attrs]
+    assert len(prims) == 1, "the dequantized matmul was not scheduled"
+    return tvm.compile(tvm.IRModule({"main": prims[0].with_attr("global_symbol", "main")}), target=target), k, n
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 10, 11, 17])
+def test_quantized_matmul_matches_numpy_across_the_small_m_crossover(q4_matmul, m: int) -> None:
+    """The small-M kernel (one dequantized tile for all rows) and the GEMM, on both sides of `qgemv_max_m`."""
+    lib, k, n = q4_matmul
+    rng = np.random.default_rng(m)
+    q = rng.integers(0, 256, (k // 2, n), dtype=np.uint8)
+    s = rng.random((k // 32, n), dtype=np.float32) * 0.1
+    z = -rng.random((k // 32, n), dtype=np.float32) * 0.1
+    x = rng.standard_normal((1, m, k), dtype=np.float32)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((1, m, n), np.float32), dev)
+    lib["main"](*(tvm.runtime.tensor(a, dev) for a in (x, q, s, z)), out)
+    np.testing.assert_allclose(out.numpy()[0], x[0].astype(np.float64) @ _dequant_q4(q, s, z), rtol=1e-4, atol=1e-4)

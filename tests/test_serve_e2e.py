@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from model_files import write_hf_dir
 from ray_cluster import listeners_beyond_loopback
 from reference import random_params
-from serving import SLOW_DECODE, Server, assert_clean_exit, collect, request, scrape_metric, tokens_of, wait_until
+from serving import SLOW_DECODE, Server, assert_clean_exit, collect, request, scrape_metric, tokens_of
 
 from kvtransfer.net import free_port
 from protos import generate_pb2 as pb
@@ -52,15 +53,20 @@ def disagg(model_dir, cache_dir):
 
 @pytest.fixture(scope="module")
 def speculative(model_dir, cache_dir):
-    """Disaggregated with `--speculative ngram`: the decode worker drafts by prompt lookup and verifies."""
-    s = start_disaggregated(model_dir, cache_dir, "--speculative", "ngram", "--num-speculative-tokens", "6")
+    """Disaggregated with `--speculative suffix`: the decode worker drafts by prompt lookup (and its recent outputs)
+    and verifies; each decode step pauses >= 20 ms, so a request is still decoding when a test kills the worker."""
+    s = start_disaggregated(
+        model_dir, cache_dir, "--speculative", "suffix", "--num-speculative-tokens", "6", "--inject-fault", SLOW_DECODE
+    )
     yield s
     assert_clean_exit(s)
 
 
 @pytest.fixture(scope="module")
 def colocated(model_dir, cache_dir):
-    s = Server(["--model", str(model_dir), "--colocated", "1", "--max-total-seq-len", "160"], cache_dir)
+    s = Server(
+        ["--model", str(model_dir), "--colocated", "1", "--max-total-seq-len", "160", "--speculative", "off"], cache_dir
+    )
     yield s
     assert_clean_exit(s)
 
@@ -115,9 +121,15 @@ def test_speculative_decoding_streams_the_same_tokens_and_hits_the_prefix_cache(
     again = collect(speculative.stub, request(p, max_tokens=24))
     assert again[-1].usage.cached_prompt_tokens > 0
     assert tokens_of(again) == tokens_of(collect(colocated.stub, request(p, max_tokens=24)))
-    wait_until(lambda: scrape_metric(speculative.metrics_port, "pdserve_spec_draft_tokens_total") > 0)
+    t = again[-1].timings  # the request's own draft and accepted counts
+    assert t.spec_draft_tokens > 0 and 0 < t.spec_accepted_tokens <= t.spec_draft_tokens
     drafted = scrape_metric(speculative.metrics_port, "pdserve_spec_draft_tokens_total")
-    assert 0 <= scrape_metric(speculative.metrics_port, "pdserve_spec_accepted_tokens_total") <= drafted
+    accepted = scrape_metric(speculative.metrics_port, "pdserve_spec_accepted_tokens_total")
+    assert drafted >= t.spec_draft_tokens and t.spec_accepted_tokens <= accepted <= drafted
+    steps = scrape_metric(speculative.metrics_port, "pdserve_spec_accepted_tokens_per_step_count")
+    assert (
+        steps > 0 and scrape_metric(speculative.metrics_port, "pdserve_spec_accepted_tokens_per_step_sum") == accepted
+    )
     assert speculative.pages_all_free() and colocated.pages_all_free()
 
 
@@ -252,3 +264,26 @@ def test_prometheus_metrics(disagg):
         assert name in body, name
     finished = next(line for line in body.splitlines() if line.startswith('pdserve_requests_total{outcome="finished"}'))
     assert float(finished.split()[-1]) >= 1
+
+
+def test_a_decode_worker_killed_mid_speculation_migrates_with_the_same_output(speculative, colocated):
+    """Last for the `speculative` server: its decode worker is killed once the request streams (>= 95 steps of >=
+    20 ms are left then, so it cannot finish first); the request migrates to the restarted worker, resumes with
+    its tokens so far, speculates again, and the client gets exactly the tokens plain decoding gives."""
+    p = repeating_prompts()[2]
+    want = tokens_of(collect(colocated.stub, request(p, max_tokens=100)))
+    call = speculative.stub.Generate(request(p, max_tokens=100), timeout=180)
+    got, last = [], None
+    for r in call:
+        got += r.token_ids
+        if len(got) >= 5:
+            break
+    for pid in speculative.pids("decode"):
+        os.kill(pid, signal.SIGKILL)
+    for r in call:
+        got += r.token_ids
+        last = r
+    assert got == want and len(want) == 100  # none lost, none repeated, none changed
+    assert last is not None and last.timings.migrations == 1 and last.timings.spec_draft_tokens > 0
+    speculative.wait_alive("decode", 1, restarts_at_least=1)
+    assert speculative.pages_all_free(60)

@@ -22,9 +22,19 @@ from test_engines import (
 
 from decode_worker.engine import DecodeEngine
 from engine.messages import GenerationRequest
-from engine.speculation import NgramDrafter, SpecMode, accept
+from engine.speculation import (
+    Acceptance,
+    NgramDrafter,
+    SpecMode,
+    SuffixIndex,
+    accept,
+    choose_drafts,
+    first_rows,
+    verify_rounds,
+)
 from llama_relax.generation import FinishReason, SequenceDecoder, TokenEvent
 from llama_relax.sampling import SamplingParams
+from llama_relax.spec_cost import StepCost
 
 V = 50
 
@@ -101,6 +111,80 @@ def test_a_stop_id_or_max_tokens_inside_an_accepted_run_ends_it_there():
         accept(decoder(), rows_choosing(1, 2), [1, 2])
 
 
+def test_rounds_compute_only_the_rows_acceptance_reads_in_at_most_two_lm_head_calls():
+    drafts = [[7, 8, 9], [3, 4], [5]]
+    chosen = {0: rows_choosing(7, 8, 9, 10), 1: rows_choosing(3, 1, 2), 2: rows_choosing(6, 6)}
+    calls: list[list[tuple[int, int]]] = []
+
+    def logits(pairs):
+        calls.append(pairs)
+        return np.stack([chosen[i][j] for i, j in pairs])
+
+    streamed: list[tuple[int, int]] = []
+    out = verify_rounds(
+        [decoder() for _ in drafts], drafts, logits, lambda i, e: streamed.append((i, e.token_id)), first=[2, 1, 1]
+    )
+    assert [[e.token_id for e in v.events] for v in out] == [[7, 8, 9, 10], [3, 1], [6]]
+    assert [(v.kept, v.accepted) for v in out] == [(4, 3), (2, 1), (1, 0)]
+    # round 2: the rest of the drafts whose first rows all matched (sequence 2 failed at its row 0)
+    assert calls == [[(0, 0), (0, 1), (1, 0), (2, 0)], [(0, 2), (0, 3), (1, 1), (1, 2)]]
+    assert streamed[:4] == [(0, 7), (0, 8), (1, 3), (2, 6)]  # each token streamed as soon as it was sampled
+    # the last token of each run carries the step's counts; the others none
+    assert [(e.drafted, e.accepted) for e in out[0].events] == [(0, 0)] * 3 + [(3, 3)]
+    assert (out[1].events[-1].drafted, out[1].events[-1].accepted) == (2, 1)
+    assert (out[2].events[-1].drafted, out[2].events[-1].accepted) == (1, 0)
+
+
+def test_first_rows_follow_the_acceptance_rate():
+    assert first_rows(0.5, 8) == 2  # row 0, and row 1 (needed with probability 0.5)
+    assert first_rows(0.2, 8) == 1
+    assert first_rows(0.95, 8) == 9  # 0.95 ** 8 = 0.66: every row
+    assert first_rows(0.95, 3) == 4 and first_rows(0.9, 0) == 1
+    a = Acceptance()
+    assert a.rate == 0.5
+    for _ in range(10):
+        a.update(drafted=8, accepted=8, finished=False)
+    assert a.rate > 0.95
+    for _ in range(30):
+        a.update(drafted=4, accepted=0, finished=False)
+    assert a.rate < 0.3  # the prior and the decay keep a floor near 1 / 12
+    b = Acceptance()
+    b.update(drafted=4, accepted=1, finished=True)  # a stop inside the run is not a rejection
+    assert b.rejected == 0 and b.accepted == 1
+
+
+def test_the_suffix_index_drafts_from_recent_outputs_within_its_bound():
+    idx = SuffixIndex(max_tokens=12, max_n=3, min_n=2)
+    idx.add([1, 2, 3, 4, 5, 6])
+    assert idx.propose([9, 9, 2, 3], 3) == [4, 5, 6]
+    assert idx.propose([9, 9, 8, 7], 3) == [] and idx.propose([2, 3], 0) == []
+    idx.add([10, 11, 12, 13, 14, 15])
+    idx.add([20, 2, 3, 30, 31])  # 17 tokens > 12: the first output is dropped, with its n-grams
+    assert idx.tokens <= 12
+    assert idx.propose([2, 3], 4) == [30, 31]  # the newest occurrence
+    assert idx.propose([4, 5], 2) == []  # only in the dropped output
+    assert idx.propose([11, 12], 2) == [13, 14]
+    assert all(doc >= idx._docs[0][0] for doc, _ in idx._next.values())  # nothing points at dropped text
+
+
+def _cost(decode_ms: float, fwd_ms: dict[int, float], head_ms: float) -> StepCost:
+    """A one-batch-size curve: decode, the verify forward by draft length, the LM head per row."""
+    ks = tuple(sorted(fwd_ms))
+    return StepCost("test", 2, (1,), ks, (decode_ms / 1e3,), (tuple(fwd_ms[k] / 1e3 for k in ks),), (head_ms / 1e3,))
+
+
+def test_auto_takes_the_draft_tokens_that_pay_and_none_when_nothing_does():
+    cheap = _cost(10, {1: 10, 2: 11, 4: 12, 8: 14}, 0.5)  # a verify forward costs little more than a decode
+    assert choose_drafts(cheap, [[1] * 8], [0.9]) == [8]
+    assert choose_drafts(cheap, [[1] * 8], [0.05]) == [0]  # 0.05 expected extra tokens do not pay 10 -> 10.5 ms
+    dear = _cost(10, {1: 20, 2: 25, 4: 40, 8: 80}, 0.5)  # a verify forward costs 2x to 8x a decode
+    assert choose_drafts(dear, [[1] * 8], [0.99]) == [4]  # 4.9 tokens for 4.2x beats 8.6 for 8.4x
+    assert choose_drafts(dear, [[1] * 8], [0.6]) == [0]  # at most 2.5 tokens: no length pays for itself
+    assert choose_drafts(cheap, [[], []], [0.9, 0.9]) == [0, 0]
+    assert cheap.verify(1, 5, 5) == pytest.approx(12e-3 + 5 * 0.5e-3)
+    assert StepCost.from_json(cheap.to_json()) == cheap
+
+
 # ---- the model ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runtimes(compiled_gqa, params):  # noqa: F811
@@ -137,9 +221,10 @@ REPEATING = [
 
 
 def run_engine(
-    rt, mode: SpecMode, sampling: SamplingParams, max_batch: int = 8
+    rt, mode: SpecMode, sampling: SamplingParams, max_batch: int = 8, cost: StepCost | None = None
 ) -> tuple[list[list[int]], DecodeEngine]:
-    eng = DecodeEngine(rt, None, engine_options(max_batch_size=max_batch, speculative=mode), name="colocated")
+    opts = engine_options(max_batch_size=max_batch, speculative=mode)
+    eng = DecodeEngine(rt, None, opts, name="colocated", step_cost=cost)
     streams = []
     for i, p in enumerate(REPEATING):
         admission, stream = submit(eng, GenerationRequest(f"s{i}", p, sampling))
@@ -185,3 +270,32 @@ def test_max_tokens_and_a_stop_id_inside_a_speculative_run(runtimes):
         spec, on = run_engine(runtimes[1], SpecMode.NGRAM, sampling, max_batch=2)  # a batch that queues
         assert spec == plain
         assert_no_leaks(off, on)
+
+
+def test_auto_speculates_when_the_cost_curve_says_it_pays_and_decodes_plainly_when_not(runtimes):
+    """`auto` with a given cost curve (a measured one would make the test depend on this machine's timings):
+    cheap verification drafts, verification dearer than any gain decodes one token per step; the output is the
+    same either way."""
+    sampling = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    plain, off = run_engine(runtimes[0], SpecMode.OFF, sampling)
+    cheap = _cost(10, {1: 10.5, 2: 11, 4: 12, 8: 14}, 0.1)
+    spec, on = run_engine(runtimes[1], SpecMode.AUTO, sampling, cost=cheap)
+    assert spec == plain and on.load().spec_draft_tokens > 0
+    assert_no_leaks(off, on)
+    dear = _cost(10, {1: 100, 2: 200, 4: 400, 8: 800}, 5)
+    never, none = run_engine(runtimes[1], SpecMode.AUTO, sampling, cost=dear)
+    assert never == plain and none.load().spec_draft_tokens == 0
+    assert_no_leaks(none)
+
+
+def test_auto_measures_the_cost_curve_once_and_caches_it_beside_the_library(runtimes, tmp_path):
+    from llama_relax import spec_cost
+
+    rt = runtimes[0]
+    path = spec_cost.cost_path(rt)
+    path.unlink(missing_ok=True)
+    first = spec_cost.load_or_measure(rt, max_batch=4, repeats=1)
+    assert path.exists() and first.batches[0] == 1 and all(d > 0 for d in first.decode_s)
+    assert all(len(row) == len(first.drafts) for row in first.verify_s)
+    assert rt.sequence_ids() == []  # the probe sequences are gone
+    assert spec_cost.load_or_measure(rt, max_batch=4) == first  # read back, not measured again
