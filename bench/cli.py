@@ -20,6 +20,7 @@ from pathlib import Path
 from bench.arrivals import arrival_offsets, check_burstiness, check_rate
 from bench.client import BenchClient, ClientOptions, LaunchedServer, ServerInfo
 from bench.faults import FaultSchedule, FaultSpec, fault_impact, is_local
+from bench.margins import mismatch_line, mismatches
 from bench.multiturn import Conversation, MultiturnSpec, build_conversations, run_conversations
 from bench.openai_client import BACKENDS, HttpTarget, OpenAIBenchClient
 from bench.report import (
@@ -191,11 +192,32 @@ def _rate(text: str) -> float:
         raise ValueError(f"request rate must be a positive number or inf, got {text.strip()!r}") from None
 
 
-def _model_flag(flags: str | None) -> str | None:
-    """The `--model` of serve flags, if any (for counting ShareGPT lengths with the served model's tokenizer)."""
+def _model_flag(flags: str | None, name: str = "--model") -> str | None:
+    """A flag's value in serve flags, if any (`--model`: count text lengths with the served model's tokenizer)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model", default=None)
-    return p.parse_known_args(_split_flags(flags))[0].model
+    p.add_argument(name, default=None)
+    return getattr(p.parse_known_args(_split_flags(flags))[0], name.lstrip("-").replace("-", "_"))
+
+
+def mismatch_lines(cfg: BenchConfig, runs: Sequence[RunOutcome]) -> list[str]:
+    """For two servers at one rate whose greedy tokens differ: where, and at what top-2 margin (`bench.margins`)."""
+    if cfg.client.temperature != 0 or len({r.label for r in runs}) != 2:
+        return []
+    out = []
+    for a, b in same_rate_pairs(runs):
+        pairs = [(x, y) for x, y in zip(a.output_ids, b.output_ids, strict=False) if x and y]
+        if not any(x != y for x, y in pairs) or not any(a.prompt_ids):
+            continue
+        flags = a.serve_flags or b.serve_flags
+        model = cfg.tokenizer_model or _model_flag(flags)
+        cache = _model_flag(flags, "--cache-dir")
+        from llama_relax.compile import default_cache_dir  # TVM: only when outputs differ
+
+        found = mismatches(
+            a.prompt_ids, a.output_ids, b.output_ids, model, Path(cache) if cache else default_cache_dir()
+        )
+        out.append(f"{mismatch_line(found, len(pairs))} @ {rate_text(a.request_rate)}")
+    return out
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -431,9 +453,12 @@ def _outcome(
 ) -> RunOutcome:
     metrics = compute_metrics(records, duration_s, cfg.slo)
     ids = tuple(r.output_ids if r.ok else () for r in records)
+    prompts = tuple(r.prompt_ids for r in records)
     grid = cfg.slo_grid.attainment(records) if cfg.slo_grid else ()
     samples = latency_samples_ms(records)
-    return RunOutcome(target.label, addr, target.serve_flags, rate, metrics, samples, impacts, ids, grid)
+    return RunOutcome(
+        target.label, addr, target.serve_flags, rate, metrics, samples, impacts, ids, prompt_ids=prompts, slo_grid=grid
+    )
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -491,6 +516,8 @@ def run(args: argparse.Namespace) -> int:
         if t.serve_flags is not None:
             print(f"{t.label}: pdserve serve {t.serve_flags}")
     print(summary(result.runs, cfg.slo_grid))
+    for line in mismatch_lines(cfg, result.runs):
+        print(line)
     if cfg.out is not None:
         path = write_results(cfg.out, result.preamble(getattr(args, "argv", sys.argv[1:])), result.runs)
         plots = write_plots(cfg.out, result.runs, cfg.slo_grid)

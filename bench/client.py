@@ -72,7 +72,7 @@ class RunResult:
 def to_message(req: BenchRequest, options: ClientOptions) -> pb.GenerateRequest:
     s = pb.SamplingParams(max_tokens=req.output_len, temperature=options.temperature, ignore_eos=options.ignore_eos)
     if req.text is not None:
-        return pb.GenerateRequest(text=req.text, sampling=s)
+        return pb.GenerateRequest(text=req.text, sampling=s, chat=req.chat)
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=req.token_ids), sampling=s)
 
 
@@ -188,6 +188,7 @@ class BenchClient:
         chunks: list[float] = []
         ids: list[int] = []
         ntok = prompt_tokens = 0
+        prompt_ids: tuple[int, ...] = ()
         final: pb.GenerateResponse | None = None
         sent = time.perf_counter()
         try:
@@ -196,6 +197,8 @@ class BenchClient:
             try:
                 for resp in call:
                     now = time.perf_counter()
+                    if resp.prompt_token_ids:
+                        prompt_ids = tuple(resp.prompt_token_ids)
                     if resp.token_ids:
                         chunks.append(now)
                         ntok += len(resp.token_ids)
@@ -223,6 +226,7 @@ class BenchClient:
                 spec_drafted=final.timings.spec_draft_tokens,
                 spec_accepted=final.timings.spec_accepted_tokens,
                 output_ids=tuple(ids),
+                prompt_ids=prompt_ids,
             )
         except grpc.RpcError as e:
             code = e.code().name if e.code() is not None else "UNKNOWN"

@@ -93,5 +93,5 @@ def grounded_requests(spec: WorkloadSpec, context_window: int, count: TokenCount
             text = EDIT.format(old=old, new=f"{old}_renamed", code=_cut(src, budget, count))
         else:
             text = QUOTE.format(text=_cut(passages[p_order[(i // 2) % len(passages)]], budget, count))
-        reqs.append(BenchRequest(count(text), out_len, text=text))
+        reqs.append(BenchRequest(count(text), out_len, text=text, chat=True))
     return Workload(tuple(reqs), 0, 0, "tokenizer" if count is not approx_tokens else "words*1.3")

@@ -47,6 +47,7 @@ class RunOutcome:
     samples_ms: dict[str, list[float]]
     faults: tuple[FaultImpact, ...] = ()
     output_ids: tuple[tuple[int, ...], ...] = ()  # each request's streamed tokens, in workload order
+    prompt_ids: tuple[tuple[int, ...], ...] = ()  # each request's prompt tokens (gRPC), in workload order
     slo_grid: tuple[tuple[float, ...], ...] = ()  # attainment per (TTFT, TPOT) limit pair (bench.slo_grid)
 
     @property

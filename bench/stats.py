@@ -68,6 +68,7 @@ class RequestRecord:
     spec_drafted: int = 0  # speculative decoding: draft tokens the server verified for it, and accepted
     spec_accepted: int = 0
     output_ids: tuple[int, ...] = ()  # the tokens it streamed (multi-turn histories, same-token checks)
+    prompt_ids: tuple[int, ...] = ()  # the prompt as the server tokenized it (gRPC; the mismatch margin check)
 
     @property
     def ok(self) -> bool:

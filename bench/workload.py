@@ -40,6 +40,7 @@ class BenchRequest:
     output_len: int
     token_ids: tuple[int, ...] = ()
     text: str | None = None
+    chat: bool = False  # the text is one user message: the server applies the model's chat template
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,11 @@ class ModelRuntime:
         names = self.compiled.param_names
         return [on_device[n] for n in names], [samples[n] for n in names]
 
+    def _to_host(self, t: tvm.runtime.Tensor) -> np.ndarray:
+        """A forward's output as a NumPy array: on the CPU a view that keeps `t` alive (no copy of the logits rows:
+        ~17 us per 49k-vocabulary row), else one device-to-host copy."""
+        return np.from_dlpack(t) if self.device.dlpack_device_type() == 1 else t.numpy()
+
     def _to_device(self, array: np.ndarray) -> tvm.runtime.Tensor:
         """On the CPU an aligned C-contiguous array becomes the tensor itself (zero-copy: loading then never holds
         a second copy of a weight); otherwise it is copied to the device."""
@@ -293,7 +298,7 @@ class ModelRuntime:
         flat = _RESHAPE(hidden, ShapeTuple([s, self.config.hidden_size]))
         pos = tvm.runtime.tensor(np.asarray(positions, dtype=np.int32), self.device)
         selected = self._fn["batch_select_last_hidden_states"](flat, pos)  # [b, h]
-        return self._fn["get_logits"](selected, self.params).numpy()
+        return self._to_host(self._fn["get_logits"](selected, self.params))
 
     def prefill(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """Append each prompt to its sequence; float32 logits of each prompt's last token, [b, V].
@@ -340,7 +345,7 @@ class ModelRuntime:
             self._abort_forward(seq_ids)
             raise
         self._end(seq_ids, [1] * b)
-        return logits.numpy().reshape(b, -1)
+        return self._to_host(logits).reshape(b, -1)
 
     def verify(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Append tokens and return logits for every appended token (speculative verification), per sequence."""
@@ -355,7 +360,7 @@ class ModelRuntime:
             self._abort_forward(seq_ids)
             raise
         self._end(seq_ids, lengths)
-        flat = logits.numpy()[0]
+        flat = self._to_host(logits)[0]
         return np.split(flat, np.cumsum(lengths)[:-1])
 
     # ---- KV export / import (used by kvtransfer; between model steps, on the driver thread) ------------------

@@ -3,6 +3,7 @@ ShareGPT parsing, reports, argument errors, and the client against an in-process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -535,3 +536,47 @@ def test_openai_client_records_streams_usage_and_errors(fake_openai, chat):
     assert path == ("/v1/chat/completions" if chat else "/v1/completions") and auth == "Bearer k"
     assert body["stream"] and body["stream_options"] == {"include_usage": True} and body["ignore_eos"]
     assert (body["messages"][0]["content"] == "1 2 3") if chat else (body["prompt"] == [1, 2, 3])
+
+
+# ---- grounded prompts and output mismatches (#26) ---------------------------------------------------------------
+def test_grounded_prompts_alternate_code_edits_and_quote_backs_near_the_asked_length():
+    from bench.grounded import grounded_requests
+
+    spec = WorkloadSpec(dataset="grounded", num_prompts=6, input_len=300, output_len=100, seed=3)
+    w = build_workload(spec, 1000, 2048)
+    assert len(w.requests) == 6 and all(r.text and r.chat and r.output_len == 100 for r in w.requests)
+    assert [r.text.startswith("Rewrite this Python function") for r in w.requests] == [True, False] * 3
+    assert all("<<<BEGIN>>>" in r.text and "<<<END>>>" in r.text for r in w.requests[1::2])
+    for r in w.requests[::2]:  # the parameter named in the instruction is in the code
+        old = r.text.split("`")[1]
+        assert f"{old}_renamed" in r.text and old in r.text.split("```python")[1]
+    assert all(150 <= r.prompt_len <= 300 for r in w.requests)  # words * 1.3 here: whole lines within budget
+    assert grounded_requests(spec, 2048) == w  # the seed fixes the prompts
+    assert grounded_requests(dataclasses.replace(spec, seed=4), 2048) != w
+    with pytest.raises(ValueError, match="--input-len"):
+        grounded_requests(dataclasses.replace(spec, input_len=2048), 2048)
+
+
+def test_mismatch_margins_come_from_the_model_at_the_first_differing_token(tmp_path, cache_dir):
+    from conftest import TINY_GQA
+    from model_files import write_hf_dir
+    from reference import NumpyLlama, random_params
+
+    from bench.margins import TIE, first_difference, mismatch_line, mismatches
+
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1 and first_difference([1, 2], [1, 2, 3]) == 2
+    params = random_params(TINY_GQA, seed=8)
+    model = write_hf_dir(tmp_path / "m", TINY_GQA, params)
+    prompts = [(3, 4, 5), (6, 7), (8, 9)]
+    a = [(10, 11, 12), (13, 14), (20,)]
+    b = [(10, 11, 40), (13, 14), (21,)]  # request 1 agrees
+    found = mismatches(prompts, a, b, str(model), cache_dir)
+    assert [(m.request, m.position) for m in found] == [(0, 2), (2, 0)]
+    ref = NumpyLlama(TINY_GQA, params)
+    for m, ids in zip(found, ([3, 4, 5, 10, 11], [8, 9]), strict=True):
+        logits = ref.forward(m.request, ids)[-1]
+        top2 = np.sort(logits)[-2:]
+        assert m.margin == pytest.approx(top2[1] - top2[0], abs=2e-3)
+    assert mismatch_line(found, 3).startswith("Token mismatches: 2/3 requests; near-ties")
+    assert ("NOT near-ties: 2" in mismatch_line(found, 3)) == all(m.margin >= TIE for m in found)

@@ -72,7 +72,7 @@ def test_good_flags_build_every_part_by_keyword():
     )
     w = c.worker_options()
     assert (w.model, w.max_batch_size, w.max_total_seq_len, w.kv_stream_tail) == ("/m/model.gguf", 16, 4096, 32)
-    assert w.prefix_cache is False and w.kv_host == "127.0.0.1" and w.speculative is SpecMode.OFF
+    assert w.prefix_cache is False and w.kv_host == "127.0.0.1" and w.speculative is SpecMode.AUTO  # the default
     spec = config("--model", "m", "--speculative", "ngram", "--num-speculative-tokens", "4").worker_options()
     assert (spec.speculative, spec.num_speculative_tokens) == (SpecMode.NGRAM, 4)
     assert c.router.cache_aware is False and c.router.local_prefill_max_tokens == 0  # no cache: no local prefill
