@@ -19,7 +19,6 @@ from llama_relax.quantization import DEQUANT_BLOCK  # the block that rebuilds qu
 GEMV_MAX_M_NN = 12
 GEMV_MAX_M_NT = 48
 GEMV_KU = 8
-QGEMV_KU = 4  # k per dequantized tile: [4, 32] fp32 = 512 B stays on the stack (TVM heap-allocates >= 1 KiB)
 GEMV_CB = 4096
 
 
@@ -30,10 +29,10 @@ class CpuTiles:
     GEMM micro-tile: MR rows x NR columns of fp32 accumulators (AVX2, 16 registers of 8 lanes: 6 x 2 ymm = 12;
     AVX-512, 32 registers of 16 lanes: 12 x 2 zmm = 24), plus the B vectors and an A broadcast. GEMV: `gemv_nv`
     lanes along contiguous output columns (NN), `gemv_nt_kv` lanes along K times `gemv_nt_ju` weight rows (NT).
-    A quantized weight's small-M kernel (`schedule_qgemv_rows`) dequantizes a small tile once for all rows; past
-    `qgemv_max_m` rows the GEMM (which dequantizes and packs each panel once) is cheaper. Measured on znver4
-    (gate_up, one thread): rows/GEMM = 0.38x at M=1, 0.75x at 6, 0.93x at 8, 0.72x at 9, 0.96x at 10, 1.22x at
-    12: the GEMM pays for a whole MR-row tile, so the crossover sits a little past MR."""
+    A quantized weight's small-M kernel (`schedule_qgemv_rows`) dequantizes each weight tile once for all rows;
+    past `qgemv_max_m` rows the GEMM (which dequantizes and packs each panel once) is cheaper. Measured on znver4
+    (gate_up 576 x 3072, Q4, one thread), rows kernel / GEMM: 0.33x at M=2, 0.5x at 5 and at 9, 0.74x at 12, 1.0x
+    at 16 (the GEMM pays for whole MR-row tiles). AVX2 keeps the earlier, unmeasured, 8."""
 
     cores: int = 2
     lanes: int = 8
@@ -43,6 +42,7 @@ class CpuTiles:
     gemv_nt_kv: int = 8
     gemv_nt_ju: int = 8
     qgemv_max_m: int = 8
+    qgemv_ku: int = 4  # k per weight tile the small-M quantized kernel hoists out of its row loop (registers)
 
     @classmethod
     def for_target(cls, target: tvm.target.Target | None, cores: int) -> CpuTiles:
@@ -52,7 +52,9 @@ class CpuTiles:
             codegen.target_has_features(f, target) for f in ("avx512f", "avx512bw", "avx512vl")
         )
         if avx512:
-            return cls(cores, lanes=16, mr=8, nr=32, gemv_nv=32, gemv_nt_kv=16, gemv_nt_ju=8, qgemv_max_m=10)
+            return cls(
+                cores, lanes=16, mr=8, nr=32, gemv_nv=32, gemv_nt_kv=16, gemv_nt_ju=8, qgemv_max_m=16, qgemv_ku=8
+            )
         return cls(cores)
 
 
@@ -444,7 +446,7 @@ def schedule_qgemv_rows(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
     n_ext, k_ext = _extent(sch, n), _extent(sch, k)
     num_cores = tiles.cores
     nv = _largest_divisor(n_ext, (tiles.gemv_nv, 16, 8, 4, 2))
-    ku = _largest_divisor(k_ext, (QGEMV_KU, 2))
+    ku = _largest_divisor(k_ext, (tiles.qgemv_ku, 4, 2))
     groups = n_ext // nv
     tasks = max(num_cores, math.ceil(n_ext / GEMV_CB))
     tasks = math.ceil(tasks / num_cores) * num_cores

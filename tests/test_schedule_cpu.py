@@ -216,7 +216,7 @@ def q4_matmul():
     return tvm.compile(tvm.IRModule({"main": prims[0].with_attr("global_symbol", "main")}), target=target), k, n
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 10, 11, 17])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 10, 11, 16, 17])
 def test_quantized_matmul_matches_numpy_across_the_small_m_crossover(q4_matmul, m: int) -> None:
     """The small-M kernel (one dequantized tile for all rows) and the GEMM, on both sides of `qgemv_max_m`."""
     lib, k, n = q4_matmul
