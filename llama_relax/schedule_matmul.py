@@ -368,21 +368,26 @@ def _read_index(sch: Schedule, blk, which: str) -> int:
     raise ValueError(f"operand {which} not among the reads")
 
 
-def schedule_gemv_nn(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
-    """Small-M NN kernel: each task owns a contiguous column block and streams its weight rows once."""
+def schedule_gemv_nn(func: tirx.PrimFunc, tiles: CpuTiles, rows_inside: bool = False) -> tirx.PrimFunc:
+    """Small-M NN kernel: each task owns a contiguous column block and streams its weight rows once. With
+    `rows_inside` (`schedule_qgemv_rows`) the row loop runs inside the k tile instead of around the column groups."""
     sch, blk, info, epi = _open_matmul(func)
     m, n, k = _matmul_loops(sch, blk, info)
     n_ext, k_ext = _extent(sch, n), _extent(sch, k)
     num_cores = tiles.cores
     nv = _largest_divisor(n_ext, (tiles.gemv_nv, 16, 8, 4, 2))
-    ku = _largest_divisor(k_ext, (GEMV_KU, 2))
+    ku = _largest_divisor(k_ext, (tiles.qgemv_ku, 4, 2) if rows_inside else (GEMV_KU, 2))
     groups = n_ext // nv
     tasks = max(num_cores, math.ceil(n_ext / GEMV_CB))
     tasks = math.ceil(tasks / num_cores) * num_cores
     per = math.ceil(groups / tasks)
     nb, ng, nvl = sch.split(n, [None, per, nv])
     ko, ki = sch.split(k, [None, ku])
-    sch.reorder(nb, ko, m, ng, ki, nvl)
+    if rows_inside:
+        _, m = sch.split(m, [1, None])  # a loop variable of its own: the GEMV branch keeps a lone M loop's original
+        sch.reorder(nb, ko, ng, m, ki, nvl)
+    else:
+        sch.reorder(nb, ko, m, ng, ki, nvl)
     sch.parallel(nb)
     sch.unroll(ki)
     sch.vectorize(nvl)
@@ -438,32 +443,10 @@ def schedule_gemv_nt(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
 
 
 def schedule_qgemv_rows(func: tirx.PrimFunc, tiles: CpuTiles) -> tirx.PrimFunc:
-    """Small-M NN kernel for a quantized weight: `schedule_gemv_nn` with the rows inside the k tile, so the weight
-    tile's dequantization (inlined, in registers) does not depend on the row and the compiler hoists it out of the
-    row loop: the unpack is paid once per step, not once per row (a verify forward of a few tokens per sequence)."""
-    sch, blk, info, epi = _open_matmul(func)
-    m, n, k = _matmul_loops(sch, blk, info)
-    n_ext, k_ext = _extent(sch, n), _extent(sch, k)
-    num_cores = tiles.cores
-    nv = _largest_divisor(n_ext, (tiles.gemv_nv, 16, 8, 4, 2))
-    ku = _largest_divisor(k_ext, (tiles.qgemv_ku, 4, 2))
-    groups = n_ext // nv
-    tasks = max(num_cores, math.ceil(n_ext / GEMV_CB))
-    tasks = math.ceil(tasks / num_cores) * num_cores
-    per = math.ceil(groups / tasks)
-    nb, ng, nvl = sch.split(n, [None, per, nv])
-    ko, ki = sch.split(k, [None, ku])
-    _, m = sch.split(m, [1, None])  # a loop variable of its own: the GEMV branch keeps a lone M loop's original
-    sch.reorder(nb, ko, ng, m, ki, nvl)
-    sch.parallel(nb)
-    sch.unroll(ki)
-    sch.vectorize(nvl)
-    sch.decompose_reduction(blk, ko)
-    if epi is not None:
-        sch.reverse_compute_at(epi, nb)
-        _vectorize_tail(sch, epi, nv)
-    _inline_dequant(sch)
-    return sch.mod["main"]
+    """Small-M NN kernel for a quantized weight: the GEMV with the rows inside the k tile, so the weight tile's
+    dequantization (inlined, in registers) does not depend on the row and the compiler hoists it out of the row
+    loop: the unpack is paid once per step, not once per row (a verify forward of a few tokens per sequence)."""
+    return schedule_gemv_nn(func, tiles, rows_inside=True)
 
 
 def branch_by_rows(cond, a: tirx.PrimFunc, b: tirx.PrimFunc) -> tirx.Stmt:

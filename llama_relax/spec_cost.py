@@ -27,10 +27,10 @@ from llama_relax.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
-DRAFTS = (1, 2, 4, 8, 16)  # draft tokens per sequence the curve samples
+DRAFTS = (0, 1, 2, 4, 8, 16)  # draft tokens per sequence the curve samples (0: a step where nobody drafts)
 CONTEXT = 128  # tokens each sequence holds while timed
 _PROBE_SEQ = 1 << 30  # sequence ids the measurement uses (far from any engine's)
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)

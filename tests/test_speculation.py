@@ -5,6 +5,8 @@ pages accounted, stop ids and `max_tokens` inside an accepted run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import TINY_GQA
@@ -221,10 +223,16 @@ REPEATING = [
 
 
 def run_engine(
-    rt, mode: SpecMode, sampling: SamplingParams, max_batch: int = 8, cost: StepCost | None = None
+    rt,
+    mode: SpecMode,
+    sampling: SamplingParams,
+    max_batch: int = 8,
+    cost: StepCost | None = None,
+    tokenizer=None,
+    events_out: list | None = None,
 ) -> tuple[list[list[int]], DecodeEngine]:
     opts = engine_options(max_batch_size=max_batch, speculative=mode)
-    eng = DecodeEngine(rt, None, opts, name="colocated", step_cost=cost)
+    eng = DecodeEngine(rt, tokenizer, opts, name="colocated", step_cost=cost)
     streams = []
     for i, p in enumerate(REPEATING):
         admission, stream = submit(eng, GenerationRequest(f"s{i}", p, sampling))
@@ -236,6 +244,8 @@ def run_engine(
         events = drain(stream)
         assert all(isinstance(e, TokenEvent) for e in events), events[-1]
         out.append([e.token_id for e in events])
+        if events_out is not None:
+            events_out.append(events)
     return out, eng
 
 
@@ -299,3 +309,37 @@ def test_auto_measures_the_cost_curve_once_and_caches_it_beside_the_library(runt
     assert all(len(row) == len(first.drafts) for row in first.verify_s)
     assert rt.sequence_ids() == []  # the probe sequences are gone
     assert spec_cost.load_or_measure(rt, max_batch=4) == first  # read back, not measured again
+
+
+def test_a_stop_string_inside_a_speculative_run(runtimes):
+    """The stop string is two tokens of the greedy output (a repeating prompt: drafts are accepted around it); with
+    speculation the request ends at the same token as without, and every page comes back."""
+    from test_sampling import CharTokenizer  # token i is the text chr(i)
+
+    tok = CharTokenizer()
+    base = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    plain, first = run_engine(runtimes[0], SpecMode.OFF, base, tokenizer=tok)
+    assert_no_leaks(first)  # (and its cached sequences leave the runtime for the next engine)
+    stop = chr(plain[0][6]) + chr(plain[0][7])
+    with_stop = dataclasses.replace(base, stop=(stop,))
+    want, off = run_engine(runtimes[0], SpecMode.OFF, with_stop, tokenizer=tok)
+    got, on = run_engine(runtimes[1], SpecMode.NGRAM, with_stop, tokenizer=tok)
+    assert got == want and len(want[0]) <= 8 and on.load().spec_accepted_tokens > 0
+    assert_no_leaks(off, on)
+
+
+def test_logprobs_of_every_token_of_a_speculative_run(runtimes):
+    """Each accepted token carries its logprob and top logprobs, equal (to float32 rounding between the verify
+    and decode forwards) to plain decoding's."""
+    sampling = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3)
+    a_events: list = []
+    b_events: list = []
+    want, off = run_engine(runtimes[0], SpecMode.OFF, sampling, events_out=a_events)
+    got, on = run_engine(runtimes[1], SpecMode.NGRAM, sampling, events_out=b_events)
+    assert got == want and on.load().spec_accepted_tokens > 0
+    for xs, ys in zip(a_events, b_events, strict=True):
+        for x, y in zip(xs, ys, strict=True):
+            assert len(y.logprobs) == 3 and [t.token_id for t in y.logprobs] == [t.token_id for t in x.logprobs]
+            assert y.logprob == pytest.approx(x.logprob, abs=1e-3)
+            np.testing.assert_allclose([t.logprob for t in y.logprobs], [t.logprob for t in x.logprobs], atol=1e-3)
+    assert_no_leaks(off, on)
