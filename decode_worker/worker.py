@@ -45,11 +45,12 @@ class DecodeWorker(HostedEngine):
     def kv_address(self) -> str:
         return self._kv_address
 
-    def reserve(self, req: GenerationRequest) -> Iterator[Admission | Output]:
+    def reserve(self, req: GenerationRequest) -> Iterator[Admission | tuple[Output, ...]]:
+        """The admission, then the request's events in chunks (`OutputStream.chunks`: one Ray item per step)."""
         admission, stream = self.engine.reserve(req)
         yield admission
         if stream is not None:
-            yield from stream
+            yield from stream.chunks()
 
     def prefill_local(self, request_id: str) -> Admission:
         return self.engine.prefill_local(request_id)

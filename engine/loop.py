@@ -138,3 +138,17 @@ class OutputStream:
             yield item
             if is_terminal(item):
                 return
+
+    def chunks(self) -> Iterator[tuple[Output, ...]]:
+        """The events in order, each chunk all that had arrived when it was taken (waiting only for its first):
+        the tokens of one speculative step travel together, as one message to the router."""
+        while True:
+            chunk = [self._q.get()]
+            while not is_terminal(chunk[-1]):
+                try:
+                    chunk.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            yield tuple(chunk)
+            if is_terminal(chunk[-1]):
+                return

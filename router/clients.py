@@ -98,7 +98,16 @@ class RayDecodeClient(RayWorkerClient):
     """`engine.protocols.DecodeAPI` over a `DecodeWorker` or `ColocatedWorker` actor."""
 
     def reserve(self, req: GenerationRequest) -> Iterator[Admission | Output]:
-        return self._iter(self.handle.reserve.remote(req))
+        return _flatten(self._iter(self.handle.reserve.remote(req)))  # the call starts now, not at the first next
 
     def prefill_local(self, request_id: str) -> Admission:
         return self._get(self.handle.prefill_local.remote(request_id), self.call_timeout_s)
+
+
+def _flatten(items: Iterator[Any]) -> Iterator[Any]:
+    """A decode worker's stream: the admission, then chunks of events (`DecodeWorker.reserve`), one by one."""
+    for item in items:
+        if isinstance(item, tuple):
+            yield from item
+        else:
+            yield item
