@@ -1,7 +1,8 @@
 """`DecodeBatch`: the decode half of an engine over one runtime: one forward per step over the running
 sequences, per-request sampling and stop checks, streaming. A step is one `batch_decode` (a token each), or, when
-speculation is on and some sequence has a draft (`engine.speculation`), one `batch_verify` over every running
-sequence (a sequence without a draft rides along with its one token) that accepts several tokens per sequence.
+speculation is on and some sequence has a draft (`engine.speculation`; under `auto`, one that pays for itself by
+the measured step cost), one verify forward over every running sequence (a sequence without a draft rides along
+with its one token) that accepts several tokens per sequence, the LM head running only on the rows it reads.
 
 Call order (engine thread only): the engine passes its DECODING sequences (admission order) to `step(running)`
 each iteration -> the batch grows their page reservations, decodes one token each and streams it to the
