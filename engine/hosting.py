@@ -17,6 +17,7 @@ from typing import Protocol
 from engine.loop import EngineLoop
 from engine.messages import Role, WorkerInfo, WorkerLoad, WorkerOptions
 from llama_relax.compile import resolve_target
+from llama_relax.kv_dtype import kv_bytes_per_token
 from llama_relax.models import OpenModel, open_model
 from llama_relax.runtime import KVCacheConfig
 
@@ -35,6 +36,7 @@ def open_worker_model(options: WorkerOptions) -> OpenModel:
         kv=kv,
         quiet=True,
         quantization=options.quantization,
+        kv_cache_dtype=options.kv_cache_dtype,
     )
 
 
@@ -78,7 +80,12 @@ class HostedEngine:
         return ""
 
     def describe(self) -> WorkerInfo:
-        return WorkerInfo(self.role, self.incarnation, os.getpid(), self.kv_address())
+        rt = self.model.runtime
+        per_token = kv_bytes_per_token(rt.config, rt.compiled.kv_dtype)
+        total = rt.kv_cache_bytes
+        return WorkerInfo(
+            self.role, self.incarnation, os.getpid(), self.kv_address(), rt.compiled.kv_dtype, per_token, total
+        )
 
     def load(self) -> WorkerLoad:
         return self.engine.load(self.incarnation)

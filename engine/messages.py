@@ -151,6 +151,7 @@ class WorkerOptions:
     dtype: str = "float32"
     target: str = "llvm"
     quantization: str = "auto"  # see llama_relax.quantization (auto: gguf for a .gguf file, else none)
+    kv_cache_dtype: str = "auto"  # see llama_relax.kv_dtype (auto: float16)
     max_batch_size: int = 16  # requests an engine holds at once (and sequences per forward)
     max_total_seq_len: int = 8192  # tokens the KV cache holds at once (all sequences)
     prefill_chunk_size: int = 512  # tokens per prefill forward
@@ -174,6 +175,9 @@ class WorkerInfo:
     incarnation: str  # unique per process start: a new one means the worker was restarted
     pid: int
     kv_address: str  # where prefill workers push KV ("" for roles that receive none)
+    kv_dtype: str = ""  # the KV cache's element type (llama_relax.kv_dtype)
+    kv_bytes_per_token: int = 0  # K and V of one token, all layers
+    kv_cache_bytes: int = 0  # the whole paged KV cache (every page, all layers)
 
 
 @dataclass(frozen=True)

@@ -377,14 +377,19 @@ def check_header(
     expected_shape_fn: ShapeCheck | None = None,
     max_total_bytes: int | None = None,
 ) -> None:
-    """Raise `PayloadError` unless this receiver can take `header` (fingerprint, dtype, geometry, size)."""
+    """Raise `PayloadError` unless this receiver can take `header` (dtype, fingerprint, geometry, size). The dtype
+    comes first: the fingerprint covers it too, and a KV cache dtype mismatch deserves an error that names both."""
+    if expected_dtype is not None and header.dtype != expected_dtype:
+        raise PayloadError(
+            ErrorCode.DTYPE_MISMATCH,
+            f"KV cache dtype mismatch: the sender's KV is {header.dtype}, this receiver's cache is {expected_dtype} "
+            "(serve both sides with the same --kv-cache-dtype)",
+        )
     if expected_fingerprint is not None and header.layout_fingerprint != expected_fingerprint:
         raise PayloadError(
             ErrorCode.FINGERPRINT_MISMATCH,
             f"layout fingerprint {header.layout_fingerprint!r} != receiver's {expected_fingerprint!r}",
         )
-    if expected_dtype is not None and header.dtype != expected_dtype:
-        raise PayloadError(ErrorCode.DTYPE_MISMATCH, f"dtype {header.dtype} != receiver's {expected_dtype}")
     if expected_shape_fn is not None and (why := expected_shape_fn(header)) is not None:
         raise PayloadError(ErrorCode.SHAPE_MISMATCH, why)
     if max_total_bytes is not None and header.total_bytes > max_total_bytes:

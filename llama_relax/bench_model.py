@@ -70,6 +70,7 @@ def numpy_matmul_time(params: dict[str, np.ndarray], n_layers: int, rows: int, l
 
 def run_bench_model(args: argparse.Namespace) -> int:
     from llama_relax.compile import resolve_target
+    from llama_relax.kv_dtype import kv_bytes_per_token
     from llama_relax.loader import load_params
     from llama_relax.models import open_model
     from llama_relax.runtime import KVCacheConfig
@@ -85,6 +86,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
         kv=kv,
         quiet=args.json,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     load_s = time.perf_counter() - t_open
     load_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -94,9 +96,13 @@ def run_bench_model(args: argparse.Namespace) -> int:
     weights_mb = (
         sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in model.compiled.param_specs) / 2**20
     )
+    kv_per_token = kv_bytes_per_token(cfg, model.compiled.kv_dtype)
     result: dict[str, object] = {
         "model": str(model.source.path),
         "dtype": args.dtype,
+        "kv_cache_dtype": model.compiled.kv_dtype,
+        "kv_bytes_per_token": kv_per_token,
+        "kv_cache_mb": model.runtime.kv_cache_bytes / 2**20,
         "quantization": model.compiled.plan.summary(),
         "target": model.compiled.target.describe(),
         "cpu": cpu_description(),
@@ -107,6 +113,10 @@ def run_bench_model(args: argparse.Namespace) -> int:
         "compile_s": model.compiled.build_s,
     }
     log(f"{result['cpu']}, {result['threads']} threads; {result['quantization']}; weights {weights_mb:.0f} MB")
+    log(
+        f"KV cache {model.compiled.kv_dtype}: {kv_per_token} bytes/token, {result['kv_cache_mb']:.0f} MB "
+        f"(--max-total-seq-len {kv.max_total_seq_len})"
+    )
     try:
         prefill_tok_s = {}
         for n in PREFILL_LENGTHS:

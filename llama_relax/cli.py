@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llama_relax.errors import USER_ERRORS, UserError
+from llama_relax.kv_dtype import KVCacheDtype
 from llama_relax.quantization import Quantization
 
 # (name, help, add_arguments, run)
@@ -33,6 +34,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", *(q.value for q in Quantization)],
         help="weights in memory: gguf (a .gguf file's own Q4_0/Q4_1/Q8_0 blocks), q4f32_1, q4f16_1 (CUDA), q8_0, "
         "none (float); auto (default): gguf for a .gguf file, none for an HF directory",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=[k.value for k in KVCacheDtype],
+        help="element type of the paged KV cache: float16 halves its memory and the KV moved per token; "
+        "auto (default): float16",
     )
     p.add_argument("--cache-dir", type=Path, default=None, help="compiled-library cache (default ~/.cache/pdserve)")
 
@@ -87,7 +95,12 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     params = sampling_params_from_args(args)
     model = open_model(
-        args.model, dtype=args.dtype, target=_target(args), cache_dir=args.cache_dir, quantization=args.quantization
+        args.model,
+        dtype=args.dtype,
+        target=_target(args),
+        cache_dir=args.cache_dir,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     try:
         tok = model.tokenizer
@@ -170,6 +183,7 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 def _run_compile(args: argparse.Namespace) -> int:
     from llama_relax.compile import compile_model, resolve_target
     from llama_relax.cuda_kernels import cubin_dir as cuda_kernel_dir
+    from llama_relax.kv_dtype import resolve_kv_dtype
     from llama_relax.loader import load_config, quant_plan, resolve_model
     from llama_relax.models import default_model_path
 
@@ -178,7 +192,10 @@ def _run_compile(args: argparse.Namespace) -> int:
     config = load_config(src)
     target = resolve_target(args.target, args.arch)
     plan = quant_plan(src, config, args.quantization, target.kind)
-    cm = compile_model(config, args.dtype, target, cache_dir=args.cache_dir, force=args.force, plan=plan)
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, args.dtype, target.kind)
+    cm = compile_model(
+        config, args.dtype, target, cache_dir=args.cache_dir, force=args.force, plan=plan, kv_dtype=kv_dtype
+    )
     state = "cached" if cm.cache_hit else f"built in {cm.build_s:.1f}s"
     if target.kind == "cuda":
         state += f", {cm.cuda_kernels} CUDA kernels compiled for {target.arch} in {cuda_kernel_dir(cm.lib_path)}"

@@ -103,6 +103,7 @@ class CompiledModel:
     plan: QuantPlan = NO_QUANTIZATION
     functions: tuple[str, ...] = ()  # the library's VM functions (methods, KV cache functions, kernels' callers)
     cuda_kernels: int = 0  # CUDA kernels NVRTC compiled at build time (cuda targets)
+    kv_dtype: str = "float32"  # the paged KV cache's element type (`llama_relax.kv_dtype`)
 
     @classmethod
     def from_meta(
@@ -122,6 +123,7 @@ class CompiledModel:
             plan,
             tuple(meta.get("functions", ())),
             int(meta.get("cuda_kernels", {}).get("count", 0)),
+            meta.get("kv_dtype", meta["dtype"]),
         )
 
 
@@ -139,10 +141,17 @@ def compile_code_version() -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(config: LlamaConfig, dtype: str, target: TargetSpec, plan: QuantPlan = NO_QUANTIZATION) -> str:
+def cache_key(
+    config: LlamaConfig,
+    dtype: str,
+    target: TargetSpec,
+    plan: QuantPlan = NO_QUANTIZATION,
+    kv_dtype: str | None = None,
+) -> str:
     material = {
         "config": config.to_dict(),
         "dtype": dtype,
+        "kv_dtype": kv_dtype or dtype,
         "quantization": plan.key(),
         "target": target.describe(),
         "tvm": tvm.__version__,
@@ -156,8 +165,9 @@ def _log(msg: str, quiet: bool) -> None:
         print(f"[pdserve compile] {msg}", file=sys.stderr, flush=True)
 
 
-def build_pipeline(target: tvm.target.Target, config: LlamaConfig, dtype: str) -> tvm.transform.Pass:
-    """The relax pipeline. CPU: the stock passes plus our attention kernels and matmul schedules. CUDA: TVM's
+def build_pipeline(target: tvm.target.Target, config: LlamaConfig, kv_dtype: str) -> tvm.transform.Pass:
+    """The relax pipeline. CPU: the stock passes plus our attention kernels (for `kv_dtype` pages) and matmul
+    schedules. CUDA: TVM's
     CUDA pipeline (dlight's GPU rules, TVM's paged-KV kernels) with tensor-core matmuls off (see below)."""
     if target.kind.name == "cuda":
         return _cuda_pipeline(target)
@@ -168,7 +178,7 @@ def build_pipeline(target: tvm.target.Target, config: LlamaConfig, dtype: str) -
     from llama_relax.kernels import cpu_attention_pass
     from llama_relax.schedule_cpu import cpu_schedule_pass
 
-    custom = [cpu_attention_pass(config, dtype), cpu_schedule_pass(target)]
+    custom = [cpu_attention_pass(config, kv_dtype), cpu_schedule_pass(target)]
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -251,30 +261,35 @@ def compile_model(
     force: bool = False,
     quiet: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
+    kv_dtype: str | None = None,
 ) -> CompiledModel:
-    """Build (or reuse) the library for `config` x `dtype` x `target` x quantization `plan` under `cache_dir`."""
+    """Build (or reuse) the library for `config` x `dtype` x `target` x quantization `plan` x KV cache dtype
+    (`kv_dtype`, default `dtype`) under `cache_dir`."""
     from llama_relax.model import LlamaForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    kv_dtype = kv_dtype or dtype
+    if kv_dtype not in DTYPES:
+        raise ValueError(f"kv-cache-dtype must be one of {DTYPES}, got {kv_dtype!r}")
     target = target or resolve_target()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(config, dtype, target, plan)
+    key = cache_key(config, dtype, target, plan, kv_dtype)
     lib_path, meta_path = cache / f"llama-{key}.so", cache / f"llama-{key}.json"
     if not force and lib_path.exists() and meta_path.exists():
         return CompiledModel.from_meta(lib_path, config, target, plan, json.loads(meta_path.read_text()), True)
 
     t0 = time.perf_counter()
     tvm_target = target.to_target()
-    what = f"{config.num_hidden_layers} layers, {dtype}, {plan.summary()}, {target.describe()}"
+    what = f"{config.num_hidden_layers} layers, {dtype}, {kv_dtype} KV, {plan.summary()}, {target.describe()}"
     _log(f"[1/3] exporting Relax IR ({what})", quiet)
-    model = LlamaForCausalLM(config, dtype, plan)
+    model = LlamaForCausalLM(config, dtype, plan, kv_dtype)
     with tvm_target:
         mod, named_params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     kv_create_args = extract_create_args(mod)
     _log("[2/3] optimizing and generating code (this is the slow step)", quiet)
-    executable = _build(mod, tvm_target, build_pipeline(tvm_target, config, dtype))
+    executable = _build(mod, tvm_target, build_pipeline(tvm_target, config, kv_dtype))
     kernels: KernelReport | None = None
     if target.kind == "cuda":
         _log(f"[2/3] compiling the CUDA kernels with NVRTC for {target.arch}", quiet)
@@ -291,6 +306,7 @@ def compile_model(
         "kv_create_args": kv_create_args,
         "config": config.to_dict(),
         "dtype": dtype,
+        "kv_dtype": kv_dtype,
         "target": target.describe(),
         "tvm": tvm.__version__,
         "build_s": round(build_s, 2),

@@ -77,7 +77,9 @@ class RMSNorm(nn.Module):
 class LlamaAttention(nn.Module):
     """Grouped-query attention: fused `qkv_proj`, RoPE and attention inside the paged KV cache, `o_proj`."""
 
-    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, prefix: str) -> None:
+    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, prefix: str, kv_dtype: str) -> None:
+        self.dtype = dtype
+        self.kv_dtype = kv_dtype
         self.head_dim = config.head_dim
         self.num_q_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -91,9 +93,13 @@ class LlamaAttention(nn.Module):
         b, s, _ = hidden_states.shape  # hidden_states: [b, s, h]
         qkv = self.qkv_proj(hidden_states)  # [b, s, (Hq + 2 Hkv) d]
         qkv = op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
+        if self.kv_dtype != self.dtype:  # the cache wants q, k, v and the output in its own dtype
+            qkv = qkv.astype(self.kv_dtype)
         out = paged_kv_cache.attention_with_fused_qkv(
             layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5
-        )  # [b, s, Hq, d]
+        )  # [b, s, Hq, d], kv dtype
+        if self.kv_dtype != self.dtype:
+            out = out.astype(self.dtype)
         return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
 
 
@@ -113,10 +119,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, layer: int) -> None:
+    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, layer: int, kv_dtype: str) -> None:
         prefix = f"model.layers.{layer}."
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, dtype, plan, prefix + "self_attn.")
+        self.self_attn = LlamaAttention(config, dtype, plan, prefix + "self_attn.", kv_dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype, plan, prefix + "mlp.")
 
@@ -127,10 +133,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan) -> None:
+    def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, kv_dtype: str) -> None:
         self.embed_tokens = TableWeight(config.vocab_size, config.hidden_size, dtype, plan, "model.embed_tokens.weight")
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, dtype, plan, i) for i in range(config.num_hidden_layers)]
+            [LlamaDecoderLayer(config, dtype, plan, i, kv_dtype) for i in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.stage_layer_ranges = config.stage_layer_ranges()
@@ -145,12 +151,20 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Llama causal LM. `dtype` is the activation (and unquantized weight) dtype; logits are always float32.
-    `plan` says which weights are stored quantized (`llama_relax.quantization`); the default stores none."""
+    `plan` says which weights are stored quantized (`llama_relax.quantization`); the default stores none.
+    `kv_dtype` is the paged KV cache's element type (default: `dtype`; see `llama_relax.kv_dtype`)."""
 
-    def __init__(self, config: LlamaConfig, dtype: str = "float32", plan: QuantPlan = NO_QUANTIZATION) -> None:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        dtype: str = "float32",
+        plan: QuantPlan = NO_QUANTIZATION,
+        kv_dtype: str | None = None,
+    ) -> None:
         self.config = config
         self.dtype = dtype
-        self.model = LlamaModel(config, dtype, plan)
+        self.kv_dtype = kv_dtype or dtype
+        self.model = LlamaModel(config, dtype, plan, self.kv_dtype)
         self.tie_word_embeddings = config.tie_word_embeddings
         if not config.tie_word_embeddings:
             self.lm_head = TableWeight(config.vocab_size, config.hidden_size, dtype, plan, "lm_head.weight")
@@ -236,7 +250,7 @@ class LlamaForCausalLM(nn.Module):
             rope_ext_factors=rx.prim_value(0),
             rotary_dim=c.head_dim,
             enable_disaggregation=False,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             target=_current_target(),
         )
 

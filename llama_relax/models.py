@@ -17,6 +17,7 @@ from pathlib import Path
 from llama_relax.compile import CompiledModel, TargetSpec, compile_model, resolve_target
 from llama_relax.config import LlamaConfig
 from llama_relax.errors import UserError
+from llama_relax.kv_dtype import resolve_kv_dtype
 from llama_relax.loader import ModelSource, load_config, quant_plan, resolve_model, stream_params
 from llama_relax.loader.gguf_file import open_gguf, release_readers
 from llama_relax.runtime import KVCacheConfig, ModelRuntime
@@ -85,16 +86,19 @@ def open_model(
     kv: KVCacheConfig | None = None,
     quiet: bool = False,
     quantization: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> OpenModel:
     """Resolve, compile (or reuse), stream the weights into the runtime (one tensor at a time, quantized as
-    `quantization` says: `auto` keeps a .gguf file's own blocks and an HF directory's floats) and create it."""
+    `quantization` says: `auto` keeps a .gguf file's own blocks and an HF directory's floats) and create it with a
+    KV cache of `kv_cache_dtype` (`llama_relax.kv_dtype`; auto: float16)."""
     path = Path(path) if path is not None else default_model_path(cache_dir, quiet=quiet)
     src = resolve_model(path)
     config = load_config(src)
     tokenizer = load_tokenizer(src)
     target = target or resolve_target()
     plan = quant_plan(src, config, quantization, target.kind)
-    compiled = compile_model(config, dtype, target, cache_dir=cache_dir, quiet=quiet, plan=plan)
+    kv_dtype = resolve_kv_dtype(kv_cache_dtype, dtype, target.kind)
+    compiled = compile_model(config, dtype, target, cache_dir=cache_dir, quiet=quiet, plan=plan, kv_dtype=kv_dtype)
     params = stream_params(src, config, dtype, progress=not quiet, plan=plan)
     kv = kv or KVCacheConfig(
         max_batch_size=16, max_total_seq_len=min(config.context_window_size * 2, 16384), prefill_chunk_size=512

@@ -178,7 +178,7 @@ class ModelRuntime:
         _END(cache)
         scratch = [
             tvm.runtime.empty(
-                (c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim), self.compiled.dtype, self.device
+                (c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim), self.compiled.kv_dtype, self.device
             )
             for _ in range(2)
         ]
@@ -395,7 +395,7 @@ class ModelRuntime:
         self._check_range(seq_id, begin, end)
         if self._recorder is None:
             raise RuntimeError("this runtime's KV pages are not reachable (created with model_create_fn=True)")
-        carrier = tvm.runtime.from_dlpack(aligned_empty(self.kv_shape(end - begin), self.compiled.dtype))
+        carrier = tvm.runtime.from_dlpack(aligned_empty(self.kv_shape(end - begin), self.compiled.kv_dtype))
         self._recorder.positions_only = True  # shape checks only; the carrier is never written (nor paged in)
         try:
             _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, carrier, carrier)
@@ -411,7 +411,7 @@ class ModelRuntime:
         other positions; the caller keeps the sequence (and so its pages) alive until it returns."""
         ps = self.kv_config.page_size
         page, slot = positions // ps, positions % ps
-        k, v = (aligned_empty(self.kv_shape(len(positions)), self.compiled.dtype) for _ in range(2))
+        k, v = (aligned_empty(self.kv_shape(len(positions)), self.compiled.kv_dtype) for _ in range(2))
         for layer, pages in enumerate(self._host_pages):  # pages: [P, 2, Hkv, page_size, d]
             k[layer] = pages[page, 0, :, slot, :]  # [n, Hkv, d]
             v[layer] = pages[page, 1, :, slot, :]
@@ -422,8 +422,8 @@ class ModelRuntime:
         hand them on with DLPack, e.g. `cupy.from_dlpack`)."""
         self._check_range(seq_id, begin, end)
         shape = self.kv_shape(end - begin)
-        kt = tvm.runtime.empty(shape, self.compiled.dtype, self.device)
-        vt = tvm.runtime.empty(shape, self.compiled.dtype, self.device)
+        kt = tvm.runtime.empty(shape, self.compiled.kv_dtype, self.device)
+        vt = tvm.runtime.empty(shape, self.compiled.kv_dtype, self.device)
         _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, kt, vt)
         return kt, vt
 
@@ -439,8 +439,8 @@ class ModelRuntime:
         n = k.shape[1] if k.ndim == 4 else -1
         if k.shape != self.kv_shape(n) or v.shape != k.shape or n <= 0:
             raise ValueError(f"append_kv: expected K/V of shape {self.kv_shape(max(n, 1))}, got {k.shape}, {v.shape}")
-        if str(k.dtype) != self.compiled.dtype or str(v.dtype) != self.compiled.dtype:
-            raise ValueError(f"append_kv: expected dtype {self.compiled.dtype}, got {k.dtype}/{v.dtype}")
+        if str(k.dtype) != self.compiled.kv_dtype or str(v.dtype) != self.compiled.kv_dtype:
+            raise ValueError(f"append_kv: expected dtype {self.compiled.kv_dtype}, got {k.dtype}/{v.dtype}")
         if self._seq_lens[seq_id] + n > self.config.context_window_size:
             raise ValueError(f"append_kv: {self._seq_lens[seq_id] + n} tokens exceed the context window")
         if self.pages_needed(seq_id, n) > self.free_pages():
@@ -473,12 +473,19 @@ class ModelRuntime:
             return tvm.runtime.tensor(np.ascontiguousarray(a), self.device)
         return tvm.runtime.from_dlpack(a)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the paged KV cache holds: every page of every layer (0 when the pages are not reachable)."""
+        return sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in self.kv_pages)
+
     def kv_fingerprint(self) -> str:
         """Identifies the KV layout *and* the weights that produced it (config, dtype, page size, a digest of
         samples of every parameter): KV moves only between runtimes with the same fingerprint. Computed once."""
         if self._fingerprint is None:
             h = hashlib.sha256(
-                json.dumps([self.config.to_dict(), self.compiled.dtype, self.kv_config.page_size]).encode()
+                json.dumps(
+                    [self.config.to_dict(), self.compiled.dtype, self.compiled.kv_dtype, self.kv_config.page_size]
+                ).encode()
             )
             for name, p in zip(self.compiled.param_names, self._param_samples, strict=True):
                 h.update(name.encode())

@@ -97,7 +97,7 @@ def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions, stall_timeo
     actor = {"max_concurrency": 256, "num_cpus": 0, "max_restarts": -1, "max_task_retries": 0}
     gpus = 1 if options.target == "cuda" else 0  # a CUDA worker holds one GPU of its node
     plan: list[tuple[Role, type, type, list[WorkerSlot]]] = []
-    pools = Pools()
+    pools = Pools(kv_dtype="" if options.kv_cache_dtype == "auto" else options.kv_cache_dtype)
     if spec.colocated:
         plan += [(Role.COLOCATED, ColocatedWorker, RayDecodeClient, pools.colocated)] * spec.colocated
     else:

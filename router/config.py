@@ -18,6 +18,7 @@ from engine.messages import WorkerOptions
 from engine.speculation import SpecMode
 from kvtransfer.net import is_loopback
 from llama_relax.errors import UserError
+from llama_relax.kv_dtype import resolve_kv_dtype
 from router.cluster import ClusterSpec
 from router.router import RouterOptions
 
@@ -45,6 +46,7 @@ class ServeConfig:
     dtype: str
     target: str
     quantization: str
+    kv_cache_dtype: str  # resolved: "float32" | "float16" (llama_relax.kv_dtype)
     cluster: ClusterSpec
     host: str
     port: int
@@ -114,6 +116,7 @@ class ServeConfig:
             dtype=a.dtype,
             target=a.target,
             quantization=a.quantization,
+            kv_cache_dtype=resolve_kv_dtype(a.kv_cache_dtype, a.dtype, a.target),
             cluster=ClusterSpec(
                 prefill_workers=a.prefill_workers,
                 decode_workers=a.decode_workers,
@@ -167,6 +170,7 @@ class ServeConfig:
             dtype=self.dtype,
             target=self.target,
             quantization=self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
             max_batch_size=self.max_batch_size,
             max_total_seq_len=self.max_total_seq_len,
             prefill_chunk_size=self.prefill_chunk_size,

@@ -45,6 +45,7 @@ class WorkerSlot(Generic[C]):
     cooldown_until: float = 0.0  # out of rotation until then (monotonic), after `failures` reached the threshold
     prefixes: set[int] = field(default_factory=set)  # page hashes it reported holding at the last refresh
     placed: dict[int, float] = field(default_factory=dict)  # page hashes the router sent since -> when (monotonic)
+    refused: str = ""  # why this process is kept out of rotation (its KV cache cannot take the cluster's KV)
 
     @property
     def kv_address(self) -> str:
@@ -114,6 +115,7 @@ class Pools:
     decode: list[WorkerSlot[DecodeAPI]] = field(default_factory=list)
     colocated: list[WorkerSlot[DecodeAPI]] = field(default_factory=list)  # reserve + prefill_local, like decode
     lock: threading.Lock = field(default_factory=threading.Lock)
+    kv_dtype: str = ""  # the cluster's KV cache dtype; "" = the first worker described sets it
 
     @property
     def workers(self) -> list[WorkerSlot]:
@@ -164,6 +166,12 @@ class Pools:
                     log.warning("%s restarted (pid %d, KV at %s)", w.name, info.pid, info.kv_address or "-")
                 w.info = info
                 w.placed.clear()  # a new process holds nothing
+                w.refused = self._admission_error(info)
+                if w.refused:
+                    log.error("%s is refused: %s", w.name, w.refused)
+            if w.refused:
+                w.alive = False
+                return
             if not w.alive:
                 log.info("%s is back", w.name)
             w.alive = True
@@ -173,6 +181,20 @@ class Pools:
             if w.placed:
                 cutoff = time.monotonic() - PLACED_TTL_S
                 w.placed = {h: t for h, t in w.placed.items() if t > cutoff and h not in w.prefixes}
+
+    def _admission_error(self, info: WorkerInfo) -> str:
+        """Why a newly described worker process cannot join (lock held): its KV cache dtype differs from the
+        cluster's, so no KV could move between it and the other pool. "" = admitted."""
+        if not info.kv_dtype:
+            return ""
+        if not self.kv_dtype:
+            self.kv_dtype = info.kv_dtype
+        if info.kv_dtype == self.kv_dtype:
+            return ""
+        return (
+            f"its KV cache is {info.kv_dtype} but the cluster's is {self.kv_dtype} "
+            f"(restart it with --kv-cache-dtype {self.kv_dtype})"
+        )
 
 
 def pools_live(pools: Pools) -> bool:

@@ -73,7 +73,7 @@ def prepare_model(config: ServeConfig) -> ServedModel:
     mc = load_config(src)
     target = resolve_target(config.target)
     plan = quant_plan(src, mc, config.quantization, target.kind)
-    compile_model(mc, config.dtype, target, cache_dir=config.cache_dir, plan=plan)
+    compile_model(mc, config.dtype, target, cache_dir=config.cache_dir, plan=plan, kv_dtype=config.kv_cache_dtype)
     limits = ModelLimits.of(mc)
     return ServedModel(src.path.name, config.dtype, limits, mc.num_hidden_layers, mc.hidden_size, load_tokenizer(src))
 

@@ -111,6 +111,10 @@ class GenerationService(pb_grpc.GenerationServicer):
                     pid=w.info.pid if w.info is not None else 0,
                     reserved=w.load.reserved,
                     cached_pages=w.load.cached_pages,
+                    kv_dtype=w.info.kv_dtype if w.info is not None else "",
+                    kv_bytes_per_token=w.info.kv_bytes_per_token if w.info is not None else 0,
+                    kv_cache_bytes=w.info.kv_cache_bytes if w.info is not None else 0,
+                    refused=w.refused,
                 )
             )
         return out

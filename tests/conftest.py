@@ -71,6 +71,13 @@ def compiled_gqa(cache_dir):
 
 
 @pytest.fixture(scope="session")
+def compiled_gqa_f16kv(cache_dir):
+    from llama_relax.compile import compile_model
+
+    return compile_model(TINY_GQA, "float32", cache_dir=cache_dir, quiet=True, kv_dtype="float16")
+
+
+@pytest.fixture(scope="session")
 def compiled_gqa_q4(cache_dir):
     from llama_relax.compile import compile_model
     from llama_relax.quantization import Quantization, uniform_plan

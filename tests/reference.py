@@ -27,10 +27,14 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
 
 
 class NumpyLlama:
-    """Keeps per-sequence K/V history so that it can follow prefill/decode calls token by token."""
+    """Keeps per-sequence K/V history so that it can follow prefill/decode calls token by token.
 
-    def __init__(self, config: LlamaConfig, params: dict[str, np.ndarray]) -> None:
+    `kv_dtype` ("float16") rounds what the model hands its KV cache to that dtype, as a float16 KV cache does:
+    q, k, v as projected, q and k again after RoPE, and the attention output; the rest stays float64."""
+
+    def __init__(self, config: LlamaConfig, params: dict[str, np.ndarray], kv_dtype: str | None = None) -> None:
         self.c = config
+        self.round = (lambda a: a.astype(kv_dtype).astype(np.float64)) if kv_dtype else (lambda a: a)
         self.p = {k: v.astype(np.float64) for k, v in params.items()}
         self.inv_freq = np.array(config.rope_scaling.inv_freq(config.head_dim, config.position_embedding_base))
         self.kv: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -51,11 +55,11 @@ class NumpyLlama:
         for i in range(c.num_hidden_layers):
             pre = f"model.layers.{i}."
             h = rms_norm(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
-            qkv = h @ p[pre + "self_attn.qkv_proj.weight"]
+            qkv = self.round(h @ p[pre + "self_attn.qkv_proj.weight"])
             q = qkv[:, : hq * d].reshape(n, hq, d)
             k = qkv[:, hq * d : (hq + hkv) * d].reshape(n, hkv, d)
             v = qkv[:, (hq + hkv) * d :].reshape(n, hkv, d)
-            q, k = rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq)
+            q, k = self.round(rope(q, pos, self.inv_freq)), self.round(rope(k, pos, self.inv_freq))
             k_all = np.concatenate([hist[i][0], k])
             v_all = np.concatenate([hist[i][1], v])
             new_hist.append((k_all, v_all))
@@ -70,7 +74,7 @@ class NumpyLlama:
                 w = np.exp(scores)
                 w /= w.sum(axis=-1, keepdims=True)
                 out[:, head] = w @ vh
-            x = x + out.reshape(n, hq * d) @ p[pre + "self_attn.o_proj.weight"]
+            x = x + self.round(out).reshape(n, hq * d) @ p[pre + "self_attn.o_proj.weight"]
             h = rms_norm(x, p[pre + "post_attention_layernorm.weight"], c.rms_norm_eps)
             gu = h @ p[pre + "mlp.gate_up_proj.weight"]
             gate, up = gu[:, : c.intermediate_size], gu[:, c.intermediate_size :]

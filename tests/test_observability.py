@@ -24,9 +24,10 @@ from serving import SLOW_DECODE, Server, assert_clean_exit, collect, request, sc
 
 from bench.otlp_sink import OtlpReceiver, Span
 from kvtransfer.net import free_port
+from llama_relax.kv_dtype import kv_bytes_per_token
 
 PROMPT_LEN, CHUNK, MAX_TOKENS = 80, 32, 8  # 3 prefill forwards: [0, 32), [32, 64), [64, 80)
-KV_BYTES_PER_TOKEN = 2 * TINY_GQA.num_hidden_layers * TINY_GQA.num_key_value_heads * TINY_GQA.head_dim * 4
+KV_BYTES_PER_TOKEN = kv_bytes_per_token(TINY_GQA, "float16")  # the serve default KV cache dtype
 TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 

@@ -23,10 +23,11 @@ from reference import random_params
 from serving import SLOW_DECODE, Server, assert_clean_exit, collect, request, scrape_metric, tokens_of
 
 from kvtransfer.net import free_port
+from llama_relax.kv_dtype import kv_bytes_per_token
 from protos import generate_pb2 as pb
 
 LENGTHS = [5, 40, 17, 3, 9, 33, 12, 21]
-KV_BYTES_PER_TOKEN = 2 * TINY_GQA.num_hidden_layers * TINY_GQA.num_key_value_heads * TINY_GQA.head_dim * 4  # fp32
+KV_BYTES_PER_TOKEN = kv_bytes_per_token(TINY_GQA, "float16")  # the serve default KV cache dtype
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +184,11 @@ def test_model_info_and_cluster_status(disagg, colocated):
     info = disagg.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.vocab_size, info.context_window_size, info.mode) == (160, 256, "disaggregated")
     assert colocated.stub.GetModelInfo(pb.GetModelInfoRequest()).mode == "colocated"
-    roles = sorted(w.role for w in disagg.stub.GetClusterStatus(pb.GetClusterStatusRequest()).workers)
-    assert roles == ["decode", "prefill"]
+    workers = disagg.stub.GetClusterStatus(pb.GetClusterStatusRequest()).workers
+    assert sorted(w.role for w in workers) == ["decode", "prefill"]
+    for w in workers:  # the KV cache's memory: float16 by default, every page of every layer
+        assert (w.kv_dtype, w.kv_bytes_per_token, w.refused) == ("float16", KV_BYTES_PER_TOKEN, "")
+        assert w.kv_cache_bytes == KV_BYTES_PER_TOKEN * 16 * w.total_pages  # page size 16
 
 
 def test_health_and_reflection(disagg):
