@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import tvm
-from tvm import tirx
+from tvm import DataType, tirx
 from tvm.script import tirx as T
 
 from llama_relax.kernels.attention_common import (
@@ -65,8 +65,11 @@ def attention_decode_cpu(
     half = dd_n // 2
     group = h_q // h_kv
     tk = 32 if page_size <= 32 else page_size
-    lanes = 8 if dd_n % 8 == 0 else 1
+    lanes = 8  # partial sums per q head, reduced by halving
+    assert dd_n % lanes == 0, "decode kernel: head_dim must be a multiple of 8"
     n_chunks = dd_n // lanes
+    line_elems = 64 // DataType(qkv_dtype).itemsize  # elements per 64-byte cache line
+    row_lines = -(-dd_n // line_elems)
 
     @T.prim_func
     def batch_decode_paged_kv(
@@ -125,6 +128,7 @@ def attention_decode_cpu(
             sn = T.alloc_local((half,), "float32")
             slot = T.alloc_local((tk,), "int32")
             page = T.alloc_local((tk,), "int32")
+            nxt = T.alloc_local((tk,), "int32")
             b = item // h_kv
             hk = item % h_kv
             p_beg = page_table_indptr[b]
@@ -162,6 +166,29 @@ def attention_decode_cpu(
                     slot[j] = _seq_offset(T.min(kt * tk + j, k_n - 1), b, length_info, sliding_window)
                     page[j] = page_table_values[p_beg + slot[j] // page_size]
                     slot[j] = slot[j] % page_size
+                # software prefetch of the next tile's K and V rows: a head's rows are 2-4 KiB runs 12+ KiB apart,
+                # which the hardware prefetchers do not follow (measured: loads stalled on memory, not bandwidth)
+                for j in range(tk):
+                    nxt[j] = _seq_offset(T.min((kt + 1) * tk + j, k_n - 1), b, length_info, sliding_window)
+                    for kv, ln in T.grid(2, row_lines):
+                        T.evaluate(
+                            T.call_llvm_intrin(
+                                "void",
+                                "llvm.prefetch",
+                                T.address_of(
+                                    pages[
+                                        page_table_values[p_beg + nxt[j] // page_size],
+                                        kv,
+                                        hk,
+                                        nxt[j] % page_size,
+                                        ln * line_elems,
+                                    ]
+                                ),
+                                0,
+                                3,
+                                1,
+                            )
+                        )
                 for j in range(tk):
                     if rotary_mode == 1:
                         rope_table(cs, sn, k_rope_pos_offset[b] + T.min(kt * tk + j, k_n - 1), rope_scale, rope_theta)
@@ -183,20 +210,30 @@ def attention_decode_cpu(
                                 .astype(qkv_dtype)
                                 .astype("float32")
                             )
-                    else:
-                        for dd in T.vectorized(dd_n):
-                            k_row[dd] = pages[page[j], 0, hk, slot[j], dd].astype("float32")
                     for g in range(group):
                         for ln in T.vectorized(lanes):
                             part[g, ln] = _f32(0.0)
-                    for c in range(n_chunks):
-                        for g in range(group):
-                            for ln in T.vectorized(lanes):
-                                part[g, ln] = part[g, ln] + q_tile[g, c * lanes + ln] * k_row[c * lanes + ln]
-                    for g in range(group):
-                        s_tile[g, j] = _f32(0.0)
-                        for ln in range(lanes):
-                            s_tile[g, j] = s_tile[g, j] + part[g, ln]
+                    if rotary_mode == 1:
+                        for c in T.unroll(n_chunks):
+                            for g in T.unroll(group):
+                                for ln in T.vectorized(lanes):
+                                    part[g, ln] = part[g, ln] + q_tile[g, c * lanes + ln] * k_row[c * lanes + ln]
+                    else:  # straight from the page, converted in registers
+                        for c in T.unroll(n_chunks):
+                            for g in T.unroll(group):
+                                for ln in T.vectorized(lanes):
+                                    part[g, ln] = part[g, ln] + q_tile[g, c * lanes + ln] * pages[
+                                        page[j], 0, hk, slot[j], c * lanes + ln
+                                    ].astype("float32")
+                    for g in T.unroll(group):  # lanes -> 1 by halving (short dependency chains)
+                        if lanes == 16:
+                            for ln in T.vectorized(8):
+                                part[g, ln] = part[g, ln] + part[g, ln + 8]
+                        for ln in T.vectorized(4):
+                            part[g, ln] = part[g, ln] + part[g, ln + 4]
+                        for ln in T.vectorized(2):
+                            part[g, ln] = part[g, ln] + part[g, ln + 2]
+                        s_tile[g, j] = part[g, 0] + part[g, 1]
                 for g in range(group):
                     _online_softmax_tile(
                         s_tile, g, tk, 0, T.min(tk, k_n - kt * tk), m_r, l_r, o_tile, dd_n, scal, tmp_n, tmp_f
