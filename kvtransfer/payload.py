@@ -32,7 +32,7 @@ import numpy as np
 import xxhash
 
 FORMAT_VERSION = 3  # 2: named per-chunk checksums (XXH3-64 or wsum64) instead of CRC32; 3: opaque `meta` bytes
-DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2}
+DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2, "int8": 1}  # int8: q8_0 rows (quants + scales)
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 64 << 20
 MAX_HEADER_BYTES = 1 << 20
@@ -370,6 +370,11 @@ def expect_shape(
     return check
 
 
+def _kv_name(storage_dtype: str) -> str:
+    """A payload's element dtype as the `--kv-cache-dtype` it comes from (int8 rows are q8_0 blocks)."""
+    return "q8_0" if storage_dtype == "int8" else storage_dtype
+
+
 def check_header(
     header: KVHeader,
     expected_fingerprint: str | None,
@@ -382,8 +387,8 @@ def check_header(
     if expected_dtype is not None and header.dtype != expected_dtype:
         raise PayloadError(
             ErrorCode.DTYPE_MISMATCH,
-            f"KV cache dtype mismatch: the sender's KV is {header.dtype}, this receiver's cache is {expected_dtype} "
-            "(serve both sides with the same --kv-cache-dtype)",
+            f"KV cache dtype mismatch: the sender's KV is {_kv_name(header.dtype)}, this receiver's cache is "
+            f"{_kv_name(expected_dtype)} (serve both sides with the same --kv-cache-dtype)",
         )
     if expected_fingerprint is not None and header.layout_fingerprint != expected_fingerprint:
         raise PayloadError(

@@ -179,9 +179,13 @@ def receiver_checks(runtime: ModelRuntime) -> dict[str, Any]:
     c = runtime.config
     return {
         "expected_fingerprint": runtime.kv_fingerprint(),
-        "expected_dtype": runtime.compiled.kv_dtype,
+        "expected_dtype": runtime.kv_elem,
         "shape_check": expect_shape(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, runtime.kv_config.page_size, c.context_window_size
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            runtime.kv_row,
+            runtime.kv_config.page_size,
+            c.context_window_size,
         ),
     }
 

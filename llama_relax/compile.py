@@ -27,6 +27,7 @@ from tvm import relax
 from llama_relax.config import LlamaConfig
 from llama_relax.cuda_kernels import KernelReport, compile_kernels
 from llama_relax.kv_cache_args import extract_create_args
+from llama_relax.kv_dtype import KV_DTYPES
 from llama_relax.nvrtc import check_arch
 from llama_relax.quantization import NO_QUANTIZATION, QuantPlan
 
@@ -36,6 +37,7 @@ _COMPILE_SOURCES = (
     "quantization.py",
     "compile.py",
     "kv_cache_args.py",
+    "kv_dtype.py",
     "schedule_cpu.py",
     "schedule_matmul.py",
     "kernels",
@@ -270,8 +272,10 @@ def compile_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     kv_dtype = kv_dtype or dtype
-    if kv_dtype not in DTYPES:
-        raise ValueError(f"kv-cache-dtype must be one of {DTYPES}, got {kv_dtype!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv-cache-dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    if kv_dtype == "q8_0" and (target or resolve_target()).kind != "llvm":
+        raise ValueError("kv-cache-dtype q8_0 is for the CPU (llvm) target")
     target = target or resolve_target()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from llama_relax.config import LlamaConfig
+from llama_relax.kernels.attention_q8 import dequantize_q8, rope_quantize_q8, row_width
+from llama_relax.kv_dtype import kv_storage
 from llama_relax.quantization import NO_QUANTIZATION, QuantizedWeight, QuantPlan, WeightFormat
 
 
@@ -78,6 +80,7 @@ class LlamaAttention(nn.Module):
     """Grouped-query attention: fused `qkv_proj`, RoPE and attention inside the paged KV cache, `o_proj`."""
 
     def __init__(self, config: LlamaConfig, dtype: str, plan: QuantPlan, prefix: str, kv_dtype: str) -> None:
+        self.config = config
         self.dtype = dtype
         self.kv_dtype = kv_dtype
         self.head_dim = config.head_dim
@@ -92,6 +95,8 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = hidden_states.shape  # hidden_states: [b, s, h]
         qkv = self.qkv_proj(hidden_states)  # [b, s, (Hq + 2 Hkv) d]
+        if self.kv_dtype == "q8_0":
+            return self.o_proj(self._attention_q8(qkv, paged_kv_cache, layer_id))
         qkv = op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
         if self.kv_dtype != self.dtype:  # the cache wants q, k, v and the output in its own dtype
             qkv = qkv.astype(self.kv_dtype)
@@ -101,6 +106,31 @@ class LlamaAttention(nn.Module):
         if self.kv_dtype != self.dtype:
             out = out.astype(self.dtype)
         return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
+
+    def _attention_q8(self, qkv: Tensor, paged_kv_cache: PagedKVCache, layer_id: int) -> Tensor:
+        """q8_0 KV: rotate q and k here (the cache's rope mode is `none`), quantize the rows, attend, dequantize.
+        qkv: [b, s, (Hq + 2 Hkv) d] float32 -> [b, s, Hq d] float32."""
+        b, s, _ = qkv.shape
+        heads, d, w = self.num_q_heads + 2 * self.num_kv_heads, self.head_dim, row_width(self.head_dim)
+        flat = op.reshape(qkv, (b * s, heads, d))
+        positions = paged_kv_cache.get_query_positions(b * s)  # [b s] int32
+        c = self.config
+        rope_q = rope_quantize_q8(
+            self.num_q_heads, self.num_kv_heads, d, c.rope_scaling.to_tvm_dict(), c.position_embedding_base
+        )
+        rows = op.tensor_ir_op(
+            rope_q, "rope_quantize_q8", [flat, positions], Tensor.placeholder([b * s, heads, w], "int8")
+        )
+        out = paged_kv_cache.attention_with_fused_qkv(
+            layer_id, op.reshape(rows, (b, s, heads, w)), self.num_q_heads, sm_scale=d**-0.5
+        )  # [b, s, Hq, W] int8
+        deq = op.tensor_ir_op(
+            dequantize_q8(self.num_q_heads, d),
+            "dequantize_q8",
+            [op.reshape(out, (b * s, self.num_q_heads, w))],
+            Tensor.placeholder([b * s, self.num_q_heads, d], "float32"),
+        )
+        return op.reshape(deq, (b, s, self.num_q_heads * d))
 
 
 class LlamaMLP(nn.Module):
@@ -228,6 +258,8 @@ class LlamaForCausalLM(nn.Module):
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         c = self.config
+        q8 = self.kv_dtype == "q8_0"
+        elem, width = kv_storage(self.kv_dtype, c.head_dim)  # a q8_0 row: int8 quants, then the scales' bytes
         return TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
@@ -239,18 +271,18 @@ class LlamaForCausalLM(nn.Module):
             num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=c.num_attention_heads,
             num_key_value_heads=c.num_key_value_heads,
-            qk_head_dim=c.head_dim,
-            v_head_dim=c.head_dim,
+            qk_head_dim=width,
+            v_head_dim=width,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
+            rope_mode=RopeMode.NONE if q8 else RopeMode.NORMAL,
             rope_scale=1,
             rope_theta=c.position_embedding_base,
             rope_scaling=c.rope_scaling.to_tvm_dict(),
             rope_ext_factors=rx.prim_value(0),
-            rotary_dim=c.head_dim,
+            rotary_dim=width,
             enable_disaggregation=False,
-            dtype=self.kv_dtype,
+            dtype=elem,
             target=_current_target(),
         )
 

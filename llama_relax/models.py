@@ -11,15 +11,18 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from llama_relax.compile import CompiledModel, TargetSpec, compile_model, resolve_target
 from llama_relax.config import LlamaConfig
 from llama_relax.errors import UserError
 from llama_relax.kv_dtype import resolve_kv_dtype
 from llama_relax.loader import ModelSource, load_config, quant_plan, resolve_model, stream_params
-from llama_relax.loader.gguf_file import open_gguf, release_readers
+from llama_relax.loader.gguf_file import open_gguf, release_readers, shed_tokenizer_fields
 from llama_relax.runtime import KVCacheConfig, ModelRuntime
 from llama_relax.tokenizer import Tokenizer
 
@@ -57,7 +60,7 @@ def default_model_path(cache_dir: Path, quiet: bool = False) -> Path:
 def load_tokenizer(src: ModelSource) -> Tokenizer | None:
     """The model's tokenizer, or None for an HF directory without `tokenizer.json`."""
     if src.kind == "gguf":
-        return Tokenizer.from_gguf(open_gguf(src.path))  # the loader's cached reader: parse the file once
+        return Tokenizer.from_gguf(open_gguf(src.path, tokenizer=True))  # the loader's cached reader: parsed once
     if (src.path / "tokenizer.json").exists():
         return Tokenizer.from_hf_dir(src.path)
     return None
@@ -99,12 +102,20 @@ def open_model(
     plan = quant_plan(src, config, quantization, target.kind)
     kv_dtype = resolve_kv_dtype(kv_cache_dtype, dtype, target.kind)
     compiled = compile_model(config, dtype, target, cache_dir=cache_dir, quiet=quiet, plan=plan, kv_dtype=kv_dtype)
-    params = stream_params(src, config, dtype, progress=not quiet, plan=plan)
+    if src.kind == "gguf":
+        shed_tokenizer_fields(src.path)
+    params = _released_after(stream_params(src, config, dtype, progress=not quiet, plan=plan), src)
     kv = kv or KVCacheConfig(
         max_batch_size=16, max_total_seq_len=min(config.context_window_size * 2, 16384), prefill_chunk_size=512
     )
     runtime = ModelRuntime(compiled, params, kv)
     del params
+    return OpenModel(src, config, tokenizer, compiled, runtime)
+
+
+def _released_after(params: Iterator[tuple[str, np.ndarray]], src: ModelSource) -> Iterator[tuple[str, np.ndarray]]:
+    """`params`, then the GGUF reader is released: before the runtime allocates (and touches) its KV cache, so the
+    reader's file pages and metadata never count together with the cache in the load's peak RSS."""
+    yield from params
     if src.kind == "gguf":
         release_readers()
-    return OpenModel(src, config, tokenizer, compiled, runtime)

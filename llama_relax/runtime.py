@@ -28,6 +28,7 @@ from llama_relax.arrays import aligned_empty, is_aligned
 from llama_relax.compile import CompiledModel
 from llama_relax.cuda_kernels import use_prebuilt_kernels
 from llama_relax.kv_cache_args import SYMBOLS, create_kv_cache
+from llama_relax.kv_dtype import kv_storage
 
 _F = tvm.get_global_func
 _ADD_SEQ = _F("vm.builtin.kv_state_add_sequence")
@@ -84,6 +85,8 @@ class ModelRuntime:
         self.compiled = compiled
         self.config = compiled.config
         self.kv_config = kv_config
+        # the pages' element dtype and row width (q8_0: int8 rows of quants + scales; see llama_relax.kv_dtype)
+        self.kv_elem, self.kv_row = kv_storage(compiled.kv_dtype, compiled.config.head_dim)
         self.device = compiled.target.device()
         if compiled.target.kind == "cuda":
             use_prebuilt_kernels(compiled.lib_path)  # TVM's CUDA runtime asks for each module's cubin at load
@@ -177,9 +180,7 @@ class ModelRuntime:
         _PREPARE_RECV(cache, probe, 1)
         _END(cache)
         scratch = [
-            tvm.runtime.empty(
-                (c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim), self.compiled.kv_dtype, self.device
-            )
+            tvm.runtime.empty((c.num_hidden_layers, 1, c.num_key_value_heads, self.kv_row), self.kv_elem, self.device)
             for _ in range(2)
         ]
         _DEBUG_GET_KV(cache, probe, 0, 1, *scratch)
@@ -367,7 +368,7 @@ class ModelRuntime:
     def kv_shape(self, n_tokens: int) -> tuple[int, int, int, int]:
         """Shape of one of the K/V arrays for `n_tokens` tokens: [layers, n, kv_heads, head_dim]."""
         c = self.config
-        return (c.num_hidden_layers, n_tokens, c.num_key_value_heads, c.head_dim)
+        return (c.num_hidden_layers, n_tokens, c.num_key_value_heads, self.kv_row)
 
     def _check_range(self, seq_id: int, begin: int, end: int) -> None:
         if seq_id not in self._seq_lens:
@@ -395,7 +396,7 @@ class ModelRuntime:
         self._check_range(seq_id, begin, end)
         if self._recorder is None:
             raise RuntimeError("this runtime's KV pages are not reachable (created with model_create_fn=True)")
-        carrier = tvm.runtime.from_dlpack(aligned_empty(self.kv_shape(end - begin), self.compiled.kv_dtype))
+        carrier = tvm.runtime.from_dlpack(aligned_empty(self.kv_shape(end - begin), self.kv_elem))
         self._recorder.positions_only = True  # shape checks only; the carrier is never written (nor paged in)
         try:
             _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, carrier, carrier)
@@ -411,7 +412,7 @@ class ModelRuntime:
         other positions; the caller keeps the sequence (and so its pages) alive until it returns."""
         ps = self.kv_config.page_size
         page, slot = positions // ps, positions % ps
-        k, v = (aligned_empty(self.kv_shape(len(positions)), self.compiled.kv_dtype) for _ in range(2))
+        k, v = (aligned_empty(self.kv_shape(len(positions)), self.kv_elem) for _ in range(2))
         for layer, pages in enumerate(self._host_pages):  # pages: [P, 2, Hkv, page_size, d]
             k[layer] = pages[page, 0, :, slot, :]  # [n, Hkv, d]
             v[layer] = pages[page, 1, :, slot, :]
@@ -422,8 +423,8 @@ class ModelRuntime:
         hand them on with DLPack, e.g. `cupy.from_dlpack`)."""
         self._check_range(seq_id, begin, end)
         shape = self.kv_shape(end - begin)
-        kt = tvm.runtime.empty(shape, self.compiled.kv_dtype, self.device)
-        vt = tvm.runtime.empty(shape, self.compiled.kv_dtype, self.device)
+        kt = tvm.runtime.empty(shape, self.kv_elem, self.device)
+        vt = tvm.runtime.empty(shape, self.kv_elem, self.device)
         _DEBUG_GET_KV(self.kv_cache, seq_id, begin, end, kt, vt)
         return kt, vt
 
@@ -439,8 +440,10 @@ class ModelRuntime:
         n = k.shape[1] if k.ndim == 4 else -1
         if k.shape != self.kv_shape(n) or v.shape != k.shape or n <= 0:
             raise ValueError(f"append_kv: expected K/V of shape {self.kv_shape(max(n, 1))}, got {k.shape}, {v.shape}")
-        if str(k.dtype) != self.compiled.kv_dtype or str(v.dtype) != self.compiled.kv_dtype:
-            raise ValueError(f"append_kv: expected dtype {self.compiled.kv_dtype}, got {k.dtype}/{v.dtype}")
+        if str(k.dtype) != self.kv_elem or str(v.dtype) != self.kv_elem:
+            raise ValueError(
+                f"append_kv: expected {self.kv_elem} ({self.compiled.kv_dtype} KV), got {k.dtype}/{v.dtype}"
+            )
         if self._seq_lens[seq_id] + n > self.config.context_window_size:
             raise ValueError(f"append_kv: {self._seq_lens[seq_id] + n} tokens exceed the context window")
         if self.pages_needed(seq_id, n) > self.free_pages():

@@ -55,6 +55,20 @@ TINY_TIED = LlamaConfig(
     position_embedding_base=500000.0,
 )
 
+# q8_0 KV needs head_dim % 32 == 0: GQA 4/2 with head_dim 32, llama3 rope, small prefill chunk.
+TINY_Q8 = LlamaConfig(
+    hidden_size=128,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    rms_norm_eps=1e-5,
+    vocab_size=160,
+    context_window_size=256,
+    prefill_chunk_size=32,
+    rope_scaling=LLAMA3,
+)
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
@@ -75,6 +89,20 @@ def compiled_gqa_f16kv(cache_dir):
     from llama_relax.compile import compile_model
 
     return compile_model(TINY_GQA, "float32", cache_dir=cache_dir, quiet=True, kv_dtype="float16")
+
+
+@pytest.fixture(scope="session")
+def compiled_q8kv(cache_dir):
+    from llama_relax.compile import compile_model
+
+    return compile_model(TINY_Q8, "float32", cache_dir=cache_dir, quiet=True, kv_dtype="q8_0")
+
+
+@pytest.fixture(scope="session")
+def compiled_q8kv_f32(cache_dir):
+    from llama_relax.compile import compile_model
+
+    return compile_model(TINY_Q8, "float32", cache_dir=cache_dir, quiet=True)
 
 
 @pytest.fixture(scope="session")

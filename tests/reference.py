@@ -26,15 +26,34 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
     return x * cos + rotated * sin
 
 
+def q8_round(x: np.ndarray) -> np.ndarray:
+    """Rows [..., d] through llama.cpp's q8_0 and back: blocks of 32, scale amax / 127 stored as float16."""
+    b = x.reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    q = np.round(np.where(amax > 0, b * 127 / np.where(amax > 0, amax, 1), 0))
+    return (q * (amax / 127).astype(np.float16).astype(np.float64)).reshape(x.shape)
+
+
 class NumpyLlama:
     """Keeps per-sequence K/V history so that it can follow prefill/decode calls token by token.
 
-    `kv_dtype` ("float16") rounds what the model hands its KV cache to that dtype, as a float16 KV cache does:
-    q, k, v as projected, q and k again after RoPE, and the attention output; the rest stays float64."""
+    `kv_dtype` rounds what the model hands its KV cache as that cache does: "float16": q, k, v as projected, q and
+    k again after RoPE, and the attention output; "q8_0": q, k (after RoPE), v and the attention output quantized
+    to q8_0 blocks and back. The rest stays float64."""
 
     def __init__(self, config: LlamaConfig, params: dict[str, np.ndarray], kv_dtype: str | None = None) -> None:
         self.c = config
-        self.round = (lambda a: a.astype(kv_dtype).astype(np.float64)) if kv_dtype else (lambda a: a)
+
+        def same(a: np.ndarray) -> np.ndarray:
+            return a
+
+        if kv_dtype == "q8_0":
+            self.round_pre, self.round_v, self.round = same, q8_round, q8_round
+        elif kv_dtype:
+            self.round_pre = self.round = lambda a: a.astype(kv_dtype).astype(np.float64)
+            self.round_v = same  # v was rounded with the projection
+        else:
+            self.round_pre = self.round = self.round_v = same
         self.p = {k: v.astype(np.float64) for k, v in params.items()}
         self.inv_freq = np.array(config.rope_scaling.inv_freq(config.head_dim, config.position_embedding_base))
         self.kv: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -55,10 +74,10 @@ class NumpyLlama:
         for i in range(c.num_hidden_layers):
             pre = f"model.layers.{i}."
             h = rms_norm(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
-            qkv = self.round(h @ p[pre + "self_attn.qkv_proj.weight"])
+            qkv = self.round_pre(h @ p[pre + "self_attn.qkv_proj.weight"])
             q = qkv[:, : hq * d].reshape(n, hq, d)
             k = qkv[:, hq * d : (hq + hkv) * d].reshape(n, hkv, d)
-            v = qkv[:, (hq + hkv) * d :].reshape(n, hkv, d)
+            v = self.round_v(qkv[:, (hq + hkv) * d :].reshape(n, hkv, d))
             q, k = self.round(rope(q, pos, self.inv_freq)), self.round(rope(k, pos, self.inv_freq))
             k_all = np.concatenate([hist[i][0], k])
             v_all = np.concatenate([hist[i][1], v])

@@ -140,3 +140,36 @@ def test_router_refuses_a_worker_of_another_kv_dtype():
     bad.client.info = WorkerInfo(Role.DECODE, "decode-1-2", 2, "", "float16", 100, 1000)  # restarted right
     pools.refresh()
     assert bad.alive and not bad.refused and bad.restarts == 1
+
+
+def test_q8_0_kv_matches_rounded_reference_and_float32_kv(compiled_q8kv, compiled_q8kv_f32):
+    """q8_0 KV with the real compiled model: the pages hold int8 rows of head_dim + head_dim / 16, the logits follow
+    the float64 reference that rounds q, k, v and the attention output through q8_0, and stay near float32 KV's."""
+    from conftest import TINY_Q8
+
+    assert compiled_q8kv.kv_dtype == "q8_0"
+    rt, _ = make_runtime(compiled_q8kv)
+    rt32, _ = make_runtime(compiled_q8kv_f32)
+    assert {str(p.dtype) for p in rt.kv_pages} == {"int8"} and rt.kv_row == TINY_Q8.head_dim + 2
+    assert kv_bytes_per_token(TINY_Q8, "q8_0") * 4 * 32 == kv_bytes_per_token(TINY_Q8, "float32") * 34  # 32 + 2
+    ref = NumpyLlama(TINY_Q8, random_params(TINY_Q8, seed=0), kv_dtype="q8_0")
+    start = rt.free_pages()
+    rng = np.random.default_rng(8)
+    chunk = rt.prefill_chunk_size
+    prompts = [[int(t) for t in rng.integers(0, TINY_Q8.vocab_size, n)] for n in (9, chunk + 5, 2)]
+    seq_ids = [3, 8, 1]
+    for r in (rt, rt32):
+        for s in seq_ids:
+            r.add_sequence(s)
+    got, want32 = rt.prefill(seq_ids, prompts), rt32.prefill(seq_ids, prompts)
+    worst = 0.0
+    for _ in range(4):
+        for s, p, g in zip(seq_ids, prompts, got, strict=True):
+            worst = max(worst, float(np.abs(g - ref.forward(s, p)[-1]).max()))
+        assert np.abs(got - want32).max() < 0.1
+        prompts = [[int(t)] for t in want32.argmax(-1)]
+        got, want32 = rt.decode(seq_ids, [p[0] for p in prompts]), rt32.decode(seq_ids, [p[0] for p in prompts])
+    assert worst < 2e-2, worst  # rounding ties and float32 sums can move a value by one quant step
+    leak_check(rt, start)
+    rt.close()
+    rt32.close()

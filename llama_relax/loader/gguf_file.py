@@ -7,6 +7,7 @@ RoPE; `GGUFSource` undoes that so the weights equal the HF originals (the model 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,15 +83,34 @@ def release_readers() -> None:
     _cached_reader.cache_clear()
 
 
-def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
-    """A `GGUFReader` for `path`; the last one is cached (parsing big vocabularies takes seconds)."""
+def open_gguf(path: str | os.PathLike[str], *, tokenizer: bool = False) -> GGUFReader:
+    """A `GGUFReader` for `path`; the last one is cached (parsing big vocabularies takes seconds). `tokenizer=True`:
+    the caller reads the vocabulary, so a cached reader that shed it (`shed_tokenizer_fields`) is parsed again."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"GGUF file not found: {p}")
     if not is_gguf_file(p):
         raise ValueError(f"{p}: not a GGUF file (bad magic)")
     st = p.stat()
-    return _cached_reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    reader = _cached_reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if tokenizer and getattr(reader, "_pdserve_shed", False):
+        release_readers()
+        reader = _cached_reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    return reader
+
+
+_KEEP_TOKENIZER_FIELDS = ("tokenizer.ggml.model", "tokenizer.ggml.pre")
+
+
+def shed_tokenizer_fields(path: str | os.PathLike[str]) -> None:
+    """Drop the vocabulary arrays from the cached reader of `path` once the tokenizer is built: gguf-py holds one
+    NumPy view per token and merge (~100 MB for a 49k vocabulary), which would otherwise stay through the
+    weight upload and the KV cache's allocation, the load's peak."""
+    reader = open_gguf(path)
+    for name in [n for n in reader.fields if n.startswith("tokenizer.ggml.") and n not in _KEEP_TOKENIZER_FIELDS]:
+        del reader.fields[name]
+    reader._pdserve_shed = True  # type: ignore[attr-defined]
+    gc.collect()
 
 
 def _field_value(field: Any) -> Any:
