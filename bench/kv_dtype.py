@@ -1,11 +1,11 @@
-"""`python -m bench.kv_dtype`: the KV cache in float16 against float32, side by side in one run (#27).
+"""`python -m bench.kv_dtype`: the KV cache in float16 and q8_0 against float32, side by side in one run (#27).
 
 - memory: KV bytes per token and the cache's size at the same `--max-total-seq-len`; each configuration's peak
   RSS, measured in a child process of its own (open the model, prefill 512 tokens, decode 16 steps);
-- speed: two runtimes of the same model in this process, one per KV dtype, timed in alternating rounds (drift on
-  a shared machine falls on both): a prefill of `--prefill` tokens (TTFT), batch-1 decode at `--context`
-  tokens of context and at 32;
-- accuracy: greedy tokens and the last position's logits of chat prompts, float16 KV against float32 KV.
+- speed: three runtimes of the same model in this process, one per KV dtype, timed in rounds of alternating order
+  (drift on a shared machine falls on all): a prefill of `--prefill` tokens (TTFT), batch-1 decode at
+  `--context` tokens of context and at 32;
+- accuracy: greedy tokens and the last position's logits of chat prompts, float16 and q8_0 KV against float32.
 
     python -m bench.kv_dtype [--model GGUF] [--rounds 3] [--prefill 8000] [--context 4000]
 """
@@ -31,7 +31,7 @@ PROMPTS = (
     "Summarize the plot of Romeo and Juliet.",
     "How do I reverse a linked list in C?",
 )
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "q8_0")
 
 
 def _open(args: argparse.Namespace, kv_dtype: str, quantization: str = "auto", total: int = 8192):
@@ -185,19 +185,21 @@ def main(argv: list[str] | None = None) -> int:
             "none+float32": _rss(args, "none", "float32"),
             "gguf+float32": _rss(args, "auto", "float32"),
             "gguf+float16": _rss(args, "auto", "float16"),
+            "gguf+q8_0": _rss(args, "auto", "q8_0"),
         }
         report["peak_rss_mb"] = rss
         print("peak RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
-        print(f"  gguf+float16 / none+float32 = {rss['gguf+float16'] / rss['none+float32']:.3f} (target <= 0.45)")
+        for k in ("gguf+float16", "gguf+q8_0"):
+            print(f"  {k} / none+float32 = {rss[k] / rss['none+float32']:.3f} (target for float16 <= 0.45)")
     models = {d: _open(args, d, total=args.prefill + args.context + 2048) for d in DTYPES}
     cfg = models["float32"].config
     per_token = {d: kv_bytes_per_token(cfg, d) for d in DTYPES}
     report["kv_bytes_per_token"] = per_token
     print(
         "KV bytes/token: "
-        + ", ".join(f"{d} {n}" for d, n in per_token.items())
-        + f"; float16 / float32 = {per_token['float16'] / per_token['float32']:.3f} (target <= 0.5); cache at 8192 "
-        f"tokens: " + ", ".join(f"{d} {n * 8192 / 2**20:.0f} MB" for d, n in per_token.items())
+        + ", ".join(f"{d} {n} ({n / per_token['float32']:.3f}x)" for d, n in per_token.items())
+        + " (targets: float16 <= 0.5x, q8_0 <= 0.3x); cache at 8192 tokens: "
+        + ", ".join(f"{d} {n * 8192 / 2**20:.0f} MB" for d, n in per_token.items())
     )
     try:
         if "accuracy" not in args.skip:
@@ -212,20 +214,17 @@ def main(argv: list[str] | None = None) -> int:
             sp = speed(args, models)
             med = {d: {k: statistics.median(v) for k, v in sp[d].items()} for d in sp}
             report["speed"] = {"rounds": sp, "median": med}
-            f32, f16 = med["float32"], med["float16"]
-            print(
-                f"prefill {args.prefill} tokens (TTFT): float32 {f32['prefill_s']:.2f} s, float16 {f16['prefill_s']:.2f} s"
-                f" -> float16 / float32 = {f16['prefill_s'] / f32['prefill_s']:.3f} (target <= 1.0)"
-            )
-            print(
-                f"decode b=1 at {args.context} ctx: float32 {f32['decode_long_ms']:.2f} ms, float16 "
-                f"{f16['decode_long_ms']:.2f} ms -> float16 {f32['decode_long_ms'] / f16['decode_long_ms']:.3f}x "
-                "faster (target >= 1.2)"
-            )
-            print(
-                f"decode b=1 at 32 ctx: float32 {f32['decode_short_ms']:.2f} ms, float16 {f16['decode_short_ms']:.2f}"
-                f" ms -> {f32['decode_short_ms'] / f16['decode_short_ms']:.3f}x (target >= 1.0)"
-            )
+            f32 = med["float32"]
+            for d in DTYPES[1:]:
+                m = med[d]
+                print(
+                    f"{d}: prefill {args.prefill} tokens (TTFT) {m['prefill_s']:.2f} s vs float32 {f32['prefill_s']:.2f}"
+                    f" s = {m['prefill_s'] / f32['prefill_s']:.3f}x (target <= 1.0); decode b=1 at {args.context} ctx "
+                    f"{m['decode_long_ms']:.2f} vs {f32['decode_long_ms']:.2f} ms = "
+                    f"{f32['decode_long_ms'] / m['decode_long_ms']:.3f}x faster (target >= 1.2); at 32 ctx "
+                    f"{m['decode_short_ms']:.2f} vs {f32['decode_short_ms']:.2f} ms = "
+                    f"{f32['decode_short_ms'] / m['decode_short_ms']:.3f}x (target >= 1.0)"
+                )
     finally:
         for m in models.values():
             m.close()

@@ -173,3 +173,32 @@ def test_q8_0_kv_matches_rounded_reference_and_float32_kv(compiled_q8kv, compile
     leak_check(rt, start)
     rt.close()
     rt32.close()
+
+
+def test_q8_0_kv_moves_bit_identically_and_is_refused_by_float16(compiled_q8kv, compiled_gqa_f16kv):
+    from conftest import TINY_Q8
+
+    params = random_params(TINY_Q8, seed=0)
+    kv = KVCacheConfig(max_batch_size=4, max_total_seq_len=512, prefill_chunk_size=32)
+    src, dst = ModelRuntime(compiled_q8kv, params, kv), ModelRuntime(compiled_q8kv, params, kv)
+    start = dst.free_pages()
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, TINY_Q8.vocab_size, 37)]
+    src.add_sequence(2)
+    src.prefill([2], [prompt])
+    dst.add_sequence(5)
+    dst.prefill([5], [prompt[:7]])
+    k, v = src.read_kv(2, 0, len(prompt))
+    assert k.dtype == np.int8 and k.shape[-1] == TINY_Q8.head_dim + 2
+    dst.add_sequence(4)
+    dst.append_kv(4, k, v)
+    k2, v2 = dst.read_kv(4, 0, len(prompt))
+    assert k2.tobytes() == k.tobytes() and v2.tobytes() == v.tobytes()
+    np.testing.assert_array_equal(src.decode([2], [7])[0], dst.decode([4], [7])[0])
+    leak_check(dst, start)
+    payload = make_payload(k, v, src.kv_fingerprint(), 0, "r-q8")
+    f16 = ModelRuntime(compiled_gqa_f16kv, random_params(TINY_GQA, seed=0), KVCacheConfig(4, 256, 32))
+    with pytest.raises(PayloadError) as e:
+        check_header(payload.header, f16.kv_fingerprint(), f16.kv_elem)
+    assert e.value.code is ErrorCode.DTYPE_MISMATCH and "q8_0" in str(e.value) and "float16" in str(e.value)
+    for r in (src, dst, f16):
+        r.close()

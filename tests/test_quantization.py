@@ -96,3 +96,22 @@ def test_scheme_errors_name_the_problem():
     assert uniform_plan(Quantization.Q4F16_1, TINY_GQA, "cuda").scale_dtype == "float16"
     with pytest.raises(ValueError, match=r"needs a \.gguf model"):
         uniform_plan(Quantization.GGUF, TINY_GQA)
+
+
+def test_chunked_reader_quantizes_as_the_whole_tensor(monkeypatch, tmp_path):
+    """`quantize_rows_from` (a safetensors row reader, a chunk of rows per read) gives the arrays `quantize` gives
+    the whole tensor: the loader's bounded-memory path for big embeddings changes no bit."""
+    from safetensors.numpy import save_file
+
+    from llama_relax.loader import quantize as qmod
+    from llama_relax.loader.hf import SafetensorsSource
+
+    monkeypatch.setattr(qmod, "ROWS_PER_CHUNK", 48)
+    w = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
+    save_file({"model.embed_tokens.weight": w}, str(tmp_path / "model.safetensors"))
+    shape, read = SafetensorsSource(tmp_path).rows("model.embed_tokens.weight")
+    assert shape == (200, 64)
+    for fmt in (WeightFormat.Q4, WeightFormat.Q8):
+        whole = qmod._quantize_rows(fmt, w, "float32")
+        chunked = qmod.quantize_rows_from(fmt, 200, read)
+        assert all(np.array_equal(a, b) for a, b in zip(whole, chunked, strict=True))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,23 @@ class SafetensorsSource(TensorSource):
             return None
         with safe_open(str(path), framework="numpy") as handle:
             return handle.get_tensor(name)
+
+    def rows(self, name: str) -> tuple[tuple[int, ...], Callable[[int, int], np.ndarray]] | None:
+        """Row ranges of a 2-D tensor, each read from its shard opened for that read (quantizing a big embedding
+        then holds one chunk of it, not the whole float tensor)."""
+        path = self._where.get(name)
+        if path is None:
+            return None
+        with safe_open(str(path), framework="numpy") as handle:
+            shape = tuple(int(d) for d in handle.get_slice(name).get_shape())
+        if len(shape) != 2:
+            return None
+
+        def read(i: int, j: int) -> np.ndarray:
+            with safe_open(str(path), framework="numpy") as h:
+                return h.get_slice(name)[i:j]
+
+        return shape, read
 
 
 def load_hf_params(

@@ -9,14 +9,14 @@ transposes unquantized linear weights to the model's `[in, out]` layout and cast
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from llama_relax.arrays import aligned_copy, aligned_empty
 from llama_relax.config import LlamaConfig
-from llama_relax.loader.quantize import GGUF_NATIVE, from_gguf_blocks, quantize
+from llama_relax.loader.quantize import GGUF_NATIVE, from_gguf_blocks, quantize, quantize_rows_from
 from llama_relax.quantization import NO_QUANTIZATION, QuantPlan, WeightFormat, quantized_array_names
 
 DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.float16}
@@ -113,6 +113,10 @@ class TensorSource:
         """A permutation of the tensor's output rows to apply after loading (e.g. undoing GGUF's q/k order)."""
         return None
 
+    def rows(self, name: str) -> tuple[tuple[int, ...], Callable[[int, int], np.ndarray]] | None:
+        """(shape, read(i, j) -> rows [i, j)) for formats that can read part of a tensor; None = read it whole."""
+        return None
+
 
 def _check_shape(src: TensorSource, name: str, got: tuple[int, ...], shape: tuple[int, ...]) -> None:
     if got != shape:
@@ -146,7 +150,11 @@ def _fetch_quantized(
         order = src.row_order(name)
         return arrays if order is None else [a[order] for a in arrays]
     try:
-        return quantize(fmt, _fetch(src, name, shape), scale_dtype)
+        reader = src.rows(name) if src.row_order(name) is None else None
+        if reader is None:
+            return quantize(fmt, _fetch(src, name, shape), scale_dtype)
+        _check_shape(src, name, reader[0], shape)
+        return quantize_rows_from(fmt, out, lambda i, j: np.asarray(reader[1](i, j), dtype=np.float32), scale_dtype)
     except ValueError as e:
         raise ValueError(f"{src.description}: tensor {src.label(name)!r}: {e}") from None
 

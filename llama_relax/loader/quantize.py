@@ -11,6 +11,8 @@ transposes, k-major (`llama_relax.quantization`), which the loader makes as it y
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from llama_relax.quantization import GROUP, WeightFormat
@@ -45,10 +47,25 @@ ROWS_PER_CHUNK = 2048  # quantize this many rows at a time: float temporaries st
 
 def quantize(fmt: WeightFormat, w: np.ndarray, scale_dtype: str = "float32") -> list[np.ndarray]:
     """The arrays of `w` ([out, in] float) in `fmt` (see the module docstring), a chunk of rows at a time."""
-    if w.shape[0] <= ROWS_PER_CHUNK:
-        return _quantize_rows(fmt, w, scale_dtype)
-    chunks = [_quantize_rows(fmt, w[i : i + ROWS_PER_CHUNK], scale_dtype) for i in range(0, w.shape[0], ROWS_PER_CHUNK)]
-    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+    return quantize_rows_from(fmt, w.shape[0], lambda i, j: w[i:j], scale_dtype)
+
+
+def quantize_rows_from(
+    fmt: WeightFormat, rows: int, read: Callable[[int, int], np.ndarray], scale_dtype: str = "float32"
+) -> list[np.ndarray]:
+    """Quantize a `[rows, in]` tensor that `read(i, j)` hands out rows [i, j) of, `ROWS_PER_CHUNK` rows at a time,
+    into preallocated outputs: a reader that reads from the file per call never holds the float tensor (a 1.2B
+    model's 1 GiB float32 embedding), only one chunk of it."""
+    first = _quantize_rows(fmt, read(0, min(rows, ROWS_PER_CHUNK)), scale_dtype)
+    if rows <= ROWS_PER_CHUNK:
+        return first
+    outs = [np.empty((rows, *a.shape[1:]), a.dtype) for a in first]
+    for o, a in zip(outs, first, strict=True):
+        o[: a.shape[0]] = a
+    for i in range(ROWS_PER_CHUNK, rows, ROWS_PER_CHUNK):
+        for o, a in zip(outs, _quantize_rows(fmt, read(i, min(rows, i + ROWS_PER_CHUNK)), scale_dtype), strict=True):
+            o[i : i + a.shape[0]] = a
+    return outs
 
 
 def _quantize_rows(fmt: WeightFormat, w: np.ndarray, scale_dtype: str) -> list[np.ndarray]:
