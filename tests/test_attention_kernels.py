@@ -102,9 +102,10 @@ def _ref_attention(q, k, v, sm_scale, visible):
 # ---------------------------------------------------------------- fixtures of inputs
 
 
-def _paged_layout(rng, kv_lens: list[int], d: int, num_pages: int = 64):
-    """Random pages with the sequences' pages scattered (non-contiguous), last pages partial."""
-    pages = rng.standard_normal((num_pages, 2, H_KV, PAGE, d)).astype(DTYPE)
+def _paged_layout(rng, kv_lens: list[int], d: int, num_pages: int = 64, make=lambda x: x.astype(DTYPE)):
+    """Random pages (`make` turns float64 values into the page format) with the sequences' pages scattered
+    (non-contiguous), last pages partial: (pages, page indptr, page values, last page lengths)."""
+    pages = make(rng.standard_normal((num_pages, 2, H_KV, PAGE, d)))
     free = list(rng.permutation(num_pages))
     indptr, values, last = [0], [], []
     for n in kv_lens:

@@ -9,7 +9,19 @@ import math
 
 import numpy as np
 import pytest
-from test_attention_kernels import H_KV, H_Q, LLAMA3, ROPE_SCALE, THETA, _build, _gather_kv, _nd, _ref_attention, _rope
+from test_attention_kernels import (
+    H_KV,
+    H_Q,
+    LLAMA3,
+    ROPE_SCALE,
+    THETA,
+    _build,
+    _gather_kv,
+    _nd,
+    _paged_layout,
+    _ref_attention,
+    _rope,
+)
 
 from llama_relax.kernels import attention_cpu as mine
 
@@ -34,16 +46,8 @@ def _f16(rng, *shape) -> np.ndarray:
     return rng.standard_normal(shape).astype(F16)
 
 
-def _layout(rng, kv_lens: list[int], d: int, num_pages: int = 64):
-    pages = _f16(rng, num_pages, 2, H_KV, 16, d)
-    free = list(rng.permutation(num_pages))
-    indptr, values, last = [0], [], []
-    for n in kv_lens:
-        npg = (n + 15) // 16
-        values += [int(free.pop()) for _ in range(npg)]
-        indptr.append(len(values))
-        last.append(n - (npg - 1) * 16 if npg else 0)
-    return pages, np.array(indptr, "int32"), np.array(values, "int32"), np.array(last, "int32")
+def _layout(rng, kv_lens: list[int], d: int):
+    return _paged_layout(rng, kv_lens, d, make=lambda x: x.astype(F16))
 
 
 @pytest.mark.parametrize("d", [16, 64])

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from test_attention_kernels import H_KV, H_Q, LLAMA3, THETA, _build, _nd, _ref_attention, _rope
+from test_attention_kernels import H_KV, H_Q, LLAMA3, THETA, _build, _nd, _paged_layout, _ref_attention, _rope
 
 from llama_relax.kernels import attention_q8 as q8
 
@@ -59,16 +59,8 @@ def _assert_q8_close(got_rows: np.ndarray, want: np.ndarray) -> None:
     assert err.max() <= 0, f"off by {err.max():.2e} beyond half a quant step"
 
 
-def _layout(rng, kv_lens, num_pages=64):
-    pages = quantize(rng.standard_normal((num_pages, 2, H_KV, 16, D)))
-    free = list(rng.permutation(num_pages))
-    indptr, values, last = [0], [], []
-    for n in kv_lens:
-        npg = (n + 15) // 16
-        values += [int(free.pop()) for _ in range(npg)]
-        indptr.append(len(values))
-        last.append(n - (npg - 1) * 16 if npg else 0)
-    return pages, np.array(indptr, "int32"), np.array(values, "int32"), np.array(last, "int32")
+def _layout(rng, kv_lens):
+    return _paged_layout(rng, kv_lens, D, make=quantize)
 
 
 def _kv(pages, indptr, values, n, b):

@@ -218,58 +218,29 @@ def _make_q8_prefill(h_kv: int, h_q: int, d: int, paged: bool, page_size: int = 
     bs = _row_block(rows)
     quant_row = _make_quant_row(d)
 
+    def row(kv: int, pos, hk, k_beg, page_values, p_beg) -> tuple:
+        """Index prefix of key position `pos`'s row: a page slot (paged) or a row of the chunk's k / v (ragged)."""
+        if paged:
+            return (page_values[p_beg + pos // page_size], kv, hk, pos % page_size)
+        return (k_beg + pos, hk)
+
     @T.macro
     def load_tiles(k_tile, v_tile, kt, hk, kbuf, vbuf, k_beg, k_n, page_values, p_beg):
         """Dequantize keys [kt * tk, +tk) into k_tile[d, tk] (transposed) and v_tile[tk, d]; keys past the end
         repeat the last one (masked by the caller)."""
-        if paged:
-            for j, blk, i in T.grid(tk, nb, QB):
-                k_tile[blk * QB + i, j] = _scale(
-                    kbuf,
-                    (
-                        page_values[p_beg + T.min(kt * tk + j, k_n - 1) // page_size],
-                        0,
-                        hk,
-                        T.min(kt * tk + j, k_n - 1) % page_size,
-                    ),
-                    d,
-                    blk,
-                ) * kbuf[
-                    page_values[p_beg + T.min(kt * tk + j, k_n - 1) // page_size],
-                    0,
-                    hk,
-                    T.min(kt * tk + j, k_n - 1) % page_size,
-                    blk * QB + i,
-                ].astype("float32")
-            for j, blk in T.grid(tk, nb):
-                for i in T.vectorized(QB):
-                    v_tile[j, blk * QB + i] = _scale(
-                        vbuf,
-                        (
-                            page_values[p_beg + T.min(kt * tk + j, k_n - 1) // page_size],
-                            1,
-                            hk,
-                            T.min(kt * tk + j, k_n - 1) % page_size,
-                        ),
-                        d,
-                        blk,
-                    ) * vbuf[
-                        page_values[p_beg + T.min(kt * tk + j, k_n - 1) // page_size],
-                        1,
-                        hk,
-                        T.min(kt * tk + j, k_n - 1) % page_size,
-                        blk * QB + i,
-                    ].astype("float32")
-        else:
-            for j, blk, i in T.grid(tk, nb, QB):
-                k_tile[blk * QB + i, j] = _scale(kbuf, (k_beg + T.min(kt * tk + j, k_n - 1), hk), d, blk) * kbuf[
-                    k_beg + T.min(kt * tk + j, k_n - 1), hk, blk * QB + i
-                ].astype("float32")
-            for j, blk in T.grid(tk, nb):
-                for i in T.vectorized(QB):
-                    v_tile[j, blk * QB + i] = _scale(vbuf, (k_beg + T.min(kt * tk + j, k_n - 1), hk), d, blk) * vbuf[
-                        k_beg + T.min(kt * tk + j, k_n - 1), hk, blk * QB + i
-                    ].astype("float32")
+        for j, blk, i in T.grid(tk, nb, QB):
+            k_tile[blk * QB + i, j] = _scale(
+                kbuf, row(0, T.min(kt * tk + j, k_n - 1), hk, k_beg, page_values, p_beg), d, blk
+            ) * kbuf[(*row(0, T.min(kt * tk + j, k_n - 1), hk, k_beg, page_values, p_beg), blk * QB + i)].astype(
+                "float32"
+            )
+        for j, blk in T.grid(tk, nb):
+            for i in T.vectorized(QB):
+                v_tile[j, blk * QB + i] = _scale(
+                    vbuf, row(1, T.min(kt * tk + j, k_n - 1), hk, k_beg, page_values, p_beg), d, blk
+                ) * vbuf[(*row(1, T.min(kt * tk + j, k_n - 1), hk, k_beg, page_values, p_beg), blk * QB + i)].astype(
+                    "float32"
+                )
 
     @T.macro
     def body(q, q_beg, q_n, k_n, hk, item, n_tiles, causal, sm_scale, lse, output, kbuf, vbuf, k_beg, pv, p_beg):
