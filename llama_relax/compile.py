@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm import relax
@@ -31,9 +32,13 @@ from llama_relax.kv_dtype import KV_DTYPES
 from llama_relax.nvrtc import check_arch
 from llama_relax.quantization import NO_QUANTIZATION, QuantPlan
 
+if TYPE_CHECKING:
+    from llama_relax.stage_model import StageSpec
+
 DTYPES = ("float32", "float16")
 _COMPILE_SOURCES = (
     "model.py",
+    "stage_model.py",
     "quantization.py",
     "compile.py",
     "kv_cache_args.py",
@@ -106,6 +111,14 @@ class CompiledModel:
     functions: tuple[str, ...] = ()  # the library's VM functions (methods, KV cache functions, kernels' callers)
     cuda_kernels: int = 0  # CUDA kernels NVRTC compiled at build time (cuda targets)
     kv_dtype: str = "float32"  # the paged KV cache's element type (`llama_relax.kv_dtype`)
+    stage: tuple[int, int] | None = None  # (index, count) for one pipeline stage's library (`stage_model`)
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers this library's KV cache holds: all, or its pipeline stage's."""
+        if self.stage is None:
+            return self.config.num_hidden_layers
+        return len(self.config.layer_ranges(self.stage[1])[self.stage[0]])
 
     @classmethod
     def from_meta(
@@ -126,6 +139,7 @@ class CompiledModel:
             tuple(meta.get("functions", ())),
             int(meta.get("cuda_kernels", {}).get("count", 0)),
             meta.get("kv_dtype", meta["dtype"]),
+            tuple(meta["stage"]) if meta.get("stage") else None,
         )
 
 
@@ -149,8 +163,10 @@ def cache_key(
     target: TargetSpec,
     plan: QuantPlan = NO_QUANTIZATION,
     kv_dtype: str | None = None,
+    stage: StageSpec | None = None,
 ) -> str:
     material = {
+        "stage": stage.key() if stage is not None else None,
         "config": config.to_dict(),
         "dtype": dtype,
         "kv_dtype": kv_dtype or dtype,
@@ -264,10 +280,12 @@ def compile_model(
     quiet: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
     kv_dtype: str | None = None,
+    stage: StageSpec | None = None,
 ) -> CompiledModel:
     """Build (or reuse) the library for `config` x `dtype` x `target` x quantization `plan` x KV cache dtype
-    (`kv_dtype`, default `dtype`) under `cache_dir`."""
+    (`kv_dtype`, default `dtype`) under `cache_dir`; with `stage`, only that pipeline stage (`stage_model`)."""
     from llama_relax.model import LlamaForCausalLM
+    from llama_relax.stage_model import LlamaStage
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -279,7 +297,7 @@ def compile_model(
     target = target or resolve_target()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(config, dtype, target, plan, kv_dtype)
+    key = cache_key(config, dtype, target, plan, kv_dtype, stage)
     lib_path, meta_path = cache / f"llama-{key}.so", cache / f"llama-{key}.json"
     if not force and lib_path.exists() and meta_path.exists():
         return CompiledModel.from_meta(lib_path, config, target, plan, json.loads(meta_path.read_text()), True)
@@ -287,8 +305,14 @@ def compile_model(
     t0 = time.perf_counter()
     tvm_target = target.to_target()
     what = f"{config.num_hidden_layers} layers, {dtype}, {kv_dtype} KV, {plan.summary()}, {target.describe()}"
+    if stage is not None:
+        what += f", stage {stage.index + 1}/{stage.count} (layers {stage.layers(config).start}-{stage.layers(config).stop - 1})"
     _log(f"[1/3] exporting Relax IR ({what})", quiet)
-    model = LlamaForCausalLM(config, dtype, plan, kv_dtype)
+    model = (
+        LlamaForCausalLM(config, dtype, plan, kv_dtype)
+        if stage is None
+        else LlamaStage(config, stage, dtype, plan, kv_dtype)
+    )
     with tvm_target:
         mod, named_params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     kv_create_args = extract_create_args(mod)
@@ -311,6 +335,7 @@ def compile_model(
         "config": config.to_dict(),
         "dtype": dtype,
         "kv_dtype": kv_dtype,
+        "stage": stage.key() if stage is not None else None,
         "target": target.describe(),
         "tvm": tvm.__version__,
         "build_s": round(build_s, 2),

@@ -178,8 +178,15 @@ class LlamaConfig:
         return [n * i // s for i in range(s + 1)]
 
     def stage_layer_ranges(self) -> list[range]:
-        p = self.layer_partition()
-        return [range(p[i], p[i + 1]) for i in range(self.pipeline_parallel_stages)]
+        return self.layer_ranges(self.pipeline_parallel_stages)
+
+    def layer_ranges(self, stages: int) -> list[range]:
+        """The layers of each of `stages` contiguous pipeline stages (sizes differ by at most 1)."""
+        n = self.num_hidden_layers
+        if not 1 <= stages <= n:
+            raise ValueError(f"stages must be in [1, num_hidden_layers={n}], got {stages}")
+        p = [n * i // stages for i in range(stages + 1)]
+        return [range(p[i], p[i + 1]) for i in range(stages)]
 
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)

@@ -87,6 +87,7 @@ class ModelRuntime:
         self.kv_config = kv_config
         # the pages' element dtype and row width (q8_0: int8 rows of quants + scales; see llama_relax.kv_dtype)
         self.kv_elem, self.kv_row = kv_storage(compiled.kv_dtype, compiled.config.head_dim)
+        self.num_kv_layers = compiled.num_kv_layers  # all layers, or one pipeline stage's
         self.device = compiled.target.device()
         if compiled.target.kind == "cuda":
             use_prebuilt_kernels(compiled.lib_path)  # TVM's CUDA runtime asks for each module's cubin at load
@@ -101,9 +102,12 @@ class ModelRuntime:
         self._host_pages = [np.from_dlpack(p) for p in self.kv_pages] if on_cpu else []  # views, not copies
         for pages in self._host_pages:  # fault every page in now, not inside the first forwards and KV imports:
             pages.fill(0)  # a first touch cost ~3 ms/MiB on these VMs (a 2000-token import: 255 ms, then 25 ms)
+        have = set(compiled.functions)  # a pipeline stage's library has only its stage's methods
         self._fn = {
             name: self.vm[name]
             for name in (
+                "prefill_forward",
+                "decode_forward",
                 "embed",
                 "get_logits",
                 "batch_select_last_hidden_states",
@@ -115,6 +119,7 @@ class ModelRuntime:
                 "batch_decode",
                 "batch_verify",
             )
+            if name in have or (not have and name not in ("prefill_forward", "decode_forward"))
         }
         self._seq_lens: dict[int, int] = {}
         self._transpose_append = lib.get_function("tir_kv_cache_transpose_append", query_imports=True)
@@ -171,7 +176,7 @@ class ModelRuntime:
             cache = self.vm["create_paged_kv_cache"](*(ShapeTuple([sizes[k]]) for k in SYMBOLS))
             return cache, []
         cache, recorder = create_kv_cache(
-            list(self.compiled.kv_create_args), lib, sizes, self.device, self.config.num_hidden_layers
+            list(self.compiled.kv_create_args), lib, sizes, self.device, self.num_kv_layers
         )
         # One debug_get_kv over a one-token probe sequence makes the recorder see every layer's pages.
         c = self.config
@@ -180,7 +185,7 @@ class ModelRuntime:
         _PREPARE_RECV(cache, probe, 1)
         _END(cache)
         scratch = [
-            tvm.runtime.empty((c.num_hidden_layers, 1, c.num_key_value_heads, self.kv_row), self.kv_elem, self.device)
+            tvm.runtime.empty((self.num_kv_layers, 1, c.num_key_value_heads, self.kv_row), self.kv_elem, self.device)
             for _ in range(2)
         ]
         _DEBUG_GET_KV(cache, probe, 0, 1, *scratch)
@@ -294,12 +299,30 @@ class ModelRuntime:
         return hidden
 
     def logits_at(self, hidden: tvm.runtime.Tensor, positions: Sequence[int]) -> np.ndarray:
-        """Float32 logits [len(positions), V] of the given rows of a [1, s, h] hidden-state tensor."""
-        s = hidden.shape[1]
+        """Float32 logits [len(positions), V] of the given rows of a hidden-state tensor ([1, s, h] or [b, 1, h])."""
+        s = int(np.prod(hidden.shape[:-1]))  # [1, s, h] or [b, 1, h]
         flat = _RESHAPE(hidden, ShapeTuple([s, self.config.hidden_size]))
         pos = tvm.runtime.tensor(np.asarray(positions, dtype=np.int32), self.device)
         selected = self._fn["batch_select_last_hidden_states"](flat, pos)  # [b, h]
         return self._to_host(self._fn["get_logits"](selected, self.params))
+
+    def stage_forward(self, seq_ids: Sequence[int], lengths: Sequence[int], x: np.ndarray | tvm.runtime.Tensor):
+        """One forward of a pipeline stage's library (`stage_model`): `x` is the token ids ([s] int, the first
+        stage) or the previous stage's hidden states (any shape of s rows). One token per sequence runs
+        `decode_forward` on [b, 1, h], anything else `prefill_forward` on [1, s, h]; returns this stage's hidden
+        states in that shape (final-normed on the last stage; `logits_at` turns rows into logits there)."""
+        total, h = sum(lengths), self.config.hidden_size
+        one_each = all(n == 1 for n in lengths)
+        shape = (len(lengths), 1, h) if one_each else (1, total, h)
+        x = self._embed(np.asarray(x), shape) if isinstance(x, np.ndarray) else _RESHAPE(x, ShapeTuple(list(shape)))
+        self._begin(seq_ids, lengths)
+        try:
+            hidden, _ = self._fn["decode_forward" if one_each else "prefill_forward"](x, self.kv_cache, self.params)
+        except BaseException:
+            self._abort_forward(seq_ids)
+            raise
+        self._end(seq_ids, lengths)
+        return hidden
 
     def prefill(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """Append each prompt to its sequence; float32 logits of each prompt's last token, [b, V].
@@ -368,7 +391,7 @@ class ModelRuntime:
     def kv_shape(self, n_tokens: int) -> tuple[int, int, int, int]:
         """Shape of one of the K/V arrays for `n_tokens` tokens: [layers, n, kv_heads, head_dim]."""
         c = self.config
-        return (c.num_hidden_layers, n_tokens, c.num_key_value_heads, self.kv_row)
+        return (self.num_kv_layers, n_tokens, c.num_key_value_heads, self.kv_row)
 
     def _check_range(self, seq_id: int, begin: int, end: int) -> None:
         if seq_id not in self._seq_lens:

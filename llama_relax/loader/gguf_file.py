@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,7 @@ def load_gguf_params(
     dtype: str = "float32",
     progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
+    only: Collection[str] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Every model parameter from a GGUF file, one at a time (see `iter_params`)."""
-    return iter_params(GGUFSource(path, config), config, dtype, progress, plan)
+    return iter_params(GGUFSource(path, config), config, dtype, progress, plan, only)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,7 @@ def load_hf_params(
     dtype: str = "float32",
     progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
+    only: Collection[str] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Every model parameter from an HF directory, one at a time (see `iter_params`)."""
-    return iter_params(SafetensorsSource(model_dir), config, dtype, progress, plan)
+    return iter_params(SafetensorsSource(model_dir), config, dtype, progress, plan, only)

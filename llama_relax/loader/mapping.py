@@ -9,7 +9,7 @@ transposes unquantized linear weights to the model's `[in, out]` layout and cast
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -170,12 +170,16 @@ def iter_params(
     dtype: str = "float32",
     progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
+    only: Collection[str] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Every model parameter, one at a time (`(name, array)`, in load order), so a caller can hand each to the
     runtime and drop it: loading never holds a second copy of the weights. Quantized weights (per `plan`) yield
-    their arrays under `<weight>.qweight` / `.scale` / `.zero`."""
+    their arrays under `<weight>.qweight` / `.scale` / `.zero`. `only`: the parameters (model names) to read; the
+    others are never read (a pipeline stage streams just its own)."""
     np_dtype = check_dtype(dtype)
     expected = expected_param_shapes(config)
+    if only is not None:
+        expected = {n: s for n, s in expected.items() if n in only}
     hf_shapes = hf_tensor_shapes(config)
     for name in _progress(expected, progress, src.description):
         suffix = _split_layer_name(name)[1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -81,11 +81,12 @@ def stream_params(
     dtype: str = "float32",
     progress: bool = False,
     plan: QuantPlan = NO_QUANTIZATION,
+    only: Collection[str] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Every model parameter (see `iter_params`), one at a time, as C-contiguous arrays."""
+    """Every model parameter (see `iter_params`; `only`: just these), one at a time, as C-contiguous arrays."""
     if src.kind == "hf":
-        return load_hf_params(src.path, config, dtype, progress, plan)
-    return load_gguf_params(src.path, config, dtype, progress, plan)
+        return load_hf_params(src.path, config, dtype, progress, plan, only)
+    return load_gguf_params(src.path, config, dtype, progress, plan, only)
 
 
 def quant_plan(src: ModelSource, config: LlamaConfig, quantization: str | Quantization, target_kind: str) -> QuantPlan:

@@ -1,0 +1,142 @@
+"""Pipeline stages run one after another in this process: each stage a `ModelRuntime` over its own stage library
+(`stage_model`), its own weights (only its tensors are read) and its own KV cache (only its layers).
+
+The hand-off between stages is the hidden states of the forward's tokens; every stage appends the same tokens to
+the same sequences. This is the reference composition the stage actors are checked against.
+
+Call order: `open_pipeline(path, stages, ...)` -> `add_sequence` -> `prefill` / `decode` -> `remove_sequence` ->
+`close`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llama_relax.compile import TargetSpec, compile_model, resolve_target
+from llama_relax.config import LlamaConfig
+from llama_relax.kv_dtype import resolve_kv_dtype
+from llama_relax.loader import ModelSource, load_config, quant_plan, resolve_model, stream_params
+from llama_relax.loader.mapping import expected_param_shapes
+from llama_relax.runtime import KVCacheConfig, ModelRuntime, plan_prefill_chunks
+from llama_relax.stage_model import StageSpec
+
+
+def stage_weight_names(config: LlamaConfig, stage: StageSpec) -> set[str]:
+    """The checkpoint weights one stage reads: its layers, the embedding on the first (and on a last stage that
+    ties it to the LM head), the final norm and LM head on the last."""
+    layers = stage.layers(config)
+    names = set()
+    for name in expected_param_shapes(config):
+        if name.startswith("model.layers."):
+            if int(name.split(".")[2]) in layers:
+                names.add(name)
+        elif name == "model.embed_tokens.weight":
+            if stage.first or (stage.last and config.tie_word_embeddings):
+                names.add(name)
+        elif stage.last:
+            names.add(name)
+    return names
+
+
+def open_stage(
+    src: ModelSource,
+    stage: StageSpec,
+    *,
+    dtype: str = "float32",
+    target: TargetSpec,
+    cache_dir: Path,
+    kv: KVCacheConfig,
+    quantization: str = "auto",
+    kv_cache_dtype: str = "auto",
+    quiet: bool = True,
+) -> ModelRuntime:
+    """Compile (or reuse) the stage's library and stream only its weights into a runtime of its own."""
+    config = load_config(src)
+    plan = quant_plan(src, config, quantization, target.kind)
+    kv_dtype = resolve_kv_dtype(kv_cache_dtype, dtype, target.kind)
+    compiled = compile_model(
+        config, dtype, target, cache_dir=cache_dir, quiet=quiet, plan=plan, kv_dtype=kv_dtype, stage=stage
+    )
+    to_local = {stage.global_name(config, n): n for n in _weight_prefixes(compiled.param_names)}
+    stream = stream_params(src, config, dtype, plan=plan, only=stage_weight_names(config, stage))
+    params = ((_rename(name, to_local), array) for name, array in stream)
+    return ModelRuntime(compiled, params, kv)
+
+
+def _weight_prefixes(param_names: Sequence[str]) -> set[str]:
+    """Weight names of a library's parameters (a quantized weight's arrays share `<weight>.qweight` etc.)."""
+    return {n.rsplit(".", 1)[0] if n.endswith((".qweight", ".scale", ".zero")) else n for n in param_names}
+
+
+def _rename(name: str, to_local: dict[str, str]) -> str:
+    base, _, suffix = name.rpartition(".")
+    if name in to_local:
+        return to_local[name]
+    return f"{to_local[base]}.{suffix}" if base in to_local else name
+
+
+@dataclass
+class LocalPipeline:
+    """`stages[0]` .. `stages[-1]` in order; see the module docstring."""
+
+    stages: list[ModelRuntime]
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self.stages[0].config
+
+    def add_sequence(self, seq_id: int) -> None:
+        for rt in self.stages:
+            rt.add_sequence(seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        for rt in self.stages:
+            rt.remove_sequence(seq_id)
+
+    def _forward(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]):
+        lengths = [len(c) for c in chunks]
+        x = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=sum(lengths))
+        for rt in self.stages:
+            x = rt.stage_forward(seq_ids, lengths, x)
+        return x  # the last stage's hidden states
+
+    def prefill(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Float32 logits of each prompt's last token, [b, V] (prompts packed into prefill-chunk forwards)."""
+        last = self.stages[-1]
+        out = np.empty((len(seq_ids), self.config.vocab_size), np.float32)
+        for batch in plan_prefill_chunks(
+            [len(t) for t in token_lists], min(rt.prefill_chunk_size for rt in self.stages)
+        ):
+            chunks = [token_lists[i][a:b] for i, a, b in batch]
+            hidden = self._forward([seq_ids[i] for i, _, _ in batch], chunks)
+            ends, rows, offset = [], [], 0
+            for (i, _a, b), c in zip(batch, chunks, strict=True):
+                offset += len(c)
+                if b == len(token_lists[i]):
+                    ends.append(offset - 1)
+                    rows.append(i)
+            if rows:
+                out[rows] = last.logits_at(hidden, ends)
+        return out
+
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One token per sequence through every stage; float32 logits [b, V]."""
+        hidden = self._forward(seq_ids, [[t] for t in tokens])
+        return self.stages[-1].logits_at(hidden, list(range(len(seq_ids))))
+
+    def close(self) -> None:
+        for rt in self.stages:
+            rt.close()
+
+
+def open_pipeline(path: str | Path, stages: int, *, cache_dir: Path, kv: KVCacheConfig, **kw) -> LocalPipeline:
+    """Every stage of `path` split into `stages`, each opened with `open_stage`."""
+    src = resolve_model(Path(path))
+    target = kw.pop("target", None) or resolve_target()
+    return LocalPipeline(
+        [open_stage(src, StageSpec(i, stages), target=target, cache_dir=cache_dir, kv=kv, **kw) for i in range(stages)]
+    )
