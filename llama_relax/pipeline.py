@@ -128,6 +128,18 @@ class LocalPipeline:
         hidden = self._forward(seq_ids, [[t] for t in tokens])
         return self.stages[-1].logits_at(hidden, list(range(len(seq_ids))))
 
+    def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of tokens [begin, end) over every layer, [L, n, Hkv, d]: each stage's layers, in order."""
+        parts = [rt.read_kv(seq_id, begin, end) for rt in self.stages]
+        return np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts])
+
+    def append_kv(self, seq_id: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Append tokens' K and V of every layer ([L, n, Hkv, d], e.g. from a one-stage prefill worker): each stage
+        imports only its own layers."""
+        ranges = self.config.layer_ranges(len(self.stages))
+        for rt, layers in zip(self.stages, ranges, strict=True):
+            rt.append_kv(seq_id, k[layers.start : layers.stop], v[layers.start : layers.stop])
+
     def close(self) -> None:
         for rt in self.stages:
             rt.close()

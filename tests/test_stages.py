@@ -83,3 +83,28 @@ def test_stage_chain_matches_reference(model, stages, cache_dir):
         assert [rt.free_pages() for rt in pipe.stages] == free  # no page leaked on any stage
     finally:
         pipe.close()
+
+
+def test_kv_moves_between_stage_counts_bit_identically(model, cache_dir):
+    """P1 -> D2 and P2 -> D1: KV exported by one side's stages is imported by the other's, each stage taking only
+    its layers, and the next decode step's logits are the same bits on both sides."""
+    cfg, _, path = model
+    kv = KVCacheConfig(max_batch_size=4, max_total_seq_len=512, prefill_chunk_size=32)
+    one, two = (open_pipeline(path, n, cache_dir=cache_dir, kv=kv, kv_cache_dtype="float16") for n in (1, 2))
+    try:
+        prompt = [int(t) for t in np.random.default_rng(4).integers(0, cfg.vocab_size, 40)]
+        for src, dst in ((one, two), (two, one)):
+            free = [rt.free_pages() for rt in dst.stages]
+            src.add_sequence(1)
+            src.prefill([1], [prompt])
+            k, v = src.read_kv(1, 0, len(prompt))
+            assert k.shape[0] == cfg.num_hidden_layers
+            dst.add_sequence(7)
+            dst.append_kv(7, k, v)
+            np.testing.assert_array_equal(src.decode([1], [3]), dst.decode([7], [3]))
+            src.remove_sequence(1)
+            dst.remove_sequence(7)
+            assert [rt.free_pages() for rt in dst.stages] == free
+    finally:
+        one.close()
+        two.close()
