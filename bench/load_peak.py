@@ -86,9 +86,31 @@ def write_model(path: Path) -> int:
 
 
 def child(args: argparse.Namespace) -> int:
-    from llama_relax.compile import default_cache_dir
+    from llama_relax.compile import default_cache_dir, resolve_target
     from llama_relax.models import open_model
+    from llama_relax.pipeline import open_stage
+    from llama_relax.runtime import KVCacheConfig
+    from llama_relax.stage_model import StageSpec
 
+    if args.stage:  # one pipeline stage's worker: its layers' weights and KV cache only
+        index, count = (int(x) for x in args.stage.split("/"))
+        from llama_relax.loader import resolve_model
+
+        rt = open_stage(
+            resolve_model(args.dir),
+            StageSpec(index, count),
+            target=resolve_target(),
+            cache_dir=default_cache_dir(),
+            kv=KVCacheConfig(max_batch_size=16, max_total_seq_len=16384, prefill_chunk_size=512),
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
+        )
+        kv = rt.kv_cache_bytes
+        rt.close()
+        print(
+            json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kv_mb": kv / 2**20})
+        )
+        return 0
     m = open_model(
         args.dir,
         cache_dir=default_cache_dir(),
@@ -102,12 +124,27 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
-def _peak(args: argparse.Namespace, quantization: str, kv_dtype: str) -> dict:
+def _peak(args: argparse.Namespace, quantization: str, kv_dtype: str, stage: str = "") -> dict:
     cmd = [sys.executable, "-m", "bench.load_peak", "--child", "--dir", str(args.dir)]
-    cmd += ["--quantization", quantization, "--kv-cache-dtype", kv_dtype]
+    cmd += ["--quantization", quantization, "--kv-cache-dtype", kv_dtype, *(["--stage", stage] if stage else [])]
     runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])]
     runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
     return runs[-1]
+
+
+def stage_peaks(args: argparse.Namespace) -> int:
+    """Each stage's peak RSS (`--quantization none`, float16 KV, 16384 tokens) against one stage holding all."""
+    one = _peak(args, "none", "float16", "0/1")
+    print(f"one stage: peak {one['peak_rss_mb'] / 1024:.2f} GiB (KV {one['kv_mb']:.0f} MB)", flush=True)
+    rows = [_peak(args, "none", "float16", f"{i}/{args.stages}") for i in range(args.stages)]
+    for i, r in enumerate(rows):
+        print(
+            f"stage {i + 1}/{args.stages}: peak {r['peak_rss_mb'] / 1024:.2f} GiB = "
+            f"{r['peak_rss_mb'] / one['peak_rss_mb']:.3f}x one stage (target <= 0.6; KV {r['kv_mb']:.0f} MB)",
+            flush=True,
+        )
+    print(json.dumps({"one": one, "stages": rows}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quantization", default="none")
     p.add_argument("--kv-cache-dtype", default="float16")
+    p.add_argument("--stage", default="", help=argparse.SUPPRESS)
+    p.add_argument("--stages", type=int, default=0, help="instead: each stage's peak for this many stages vs one")
     args = p.parse_args(argv)
     if args.child:
         return child(args)
@@ -123,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = write_model(args.dir)
     print(f"CPU: {cpu_description()}; float32 weights {weights / 2**30:.2f} GiB", flush=True)
+    if args.stages:
+        return stage_peaks(args)
     rows = {}
     for q, kv in (("none", "float32"), ("none", "float16"), ("q4f32_1", "float16"), ("q4f32_1", "float32")):
         r = _peak(args, q, kv)

@@ -38,7 +38,12 @@ class DecodeWorker(HostedEngine):
         self._kv_address = ""
         if self.role is Role.DECODE:
             self.receiver, self._kv_address = make_receiver(
-                self.model.runtime, self.engine.import_kv, options.kv_host, 0, self.engine.orphaned
+                self.model.runtime,
+                self.engine.import_kv,
+                options.kv_host,
+                0,
+                self.engine.orphaned,
+                options.cluster_token,
             )
         self._host(self.engine)
 

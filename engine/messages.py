@@ -152,6 +152,8 @@ class WorkerOptions:
     target: str = "llvm"
     quantization: str = "auto"  # see llama_relax.quantization (auto: gguf for a .gguf file, else none)
     kv_cache_dtype: str = "auto"  # see llama_relax.kv_dtype (auto: float16)
+    # required on internal gRPC calls (kvtransfer.auth); serve generates one per cluster; never printed
+    cluster_token: str = field(default="", repr=False)
     max_batch_size: int = 16  # requests an engine holds at once (and sequences per forward)
     max_total_seq_len: int = 8192  # tokens the KV cache holds at once (all sequences)
     prefill_chunk_size: int = 512  # tokens per prefill forward

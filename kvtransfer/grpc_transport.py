@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from kvtransfer.auth import TokenInterceptor, token_metadata
 from kvtransfer.net import WILDCARD_HOSTS, host_port, message_limits
 from kvtransfer.payload import (
     ErrorCode,
@@ -150,8 +151,9 @@ class GrpcKVSender(KVSender):
     (diagnostics and tests, e.g. cancelling mid-transfer).
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str = "") -> None:
         self._options = channel_options(max_message_bytes)
+        self._metadata = token_metadata(token)  # the cluster token (kvtransfer.auth)
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
         self._inflight: dict[str, set[_InFlight]] = {}
@@ -204,7 +206,7 @@ class GrpcKVSender(KVSender):
             self._inflight.setdefault(st.request_id, set()).add(st)
         try:
             try:
-                call = push.future(self._requests(payload, st), timeout=timeout_s)
+                call = push.future(self._requests(payload, st), timeout=timeout_s, metadata=self._metadata)
             except ValueError as e:  # the channel was closed by a concurrent close()
                 return TransferResult.failure(ErrorCode.CANCELLED, str(e), 0, _since(t0))
             with st.lock:
@@ -274,6 +276,8 @@ def map_rpc_error(e: grpc.RpcError) -> tuple[ErrorCode, str]:
         return ErrorCode.CANCELLED, msg
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return (ErrorCode.MALFORMED if "larger than max" in details else ErrorCode.BUSY), msg
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ErrorCode.UNAUTHENTICATED, msg
     return ErrorCode.UNAVAILABLE, msg
 
 
@@ -301,6 +305,7 @@ class GrpcKVReceiver(KVReceiver):
         max_payload_bytes: int | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_orphaned: Callable[[KVHeader], None] | None = None,
+        token: str = "",
     ) -> None:
         if host in WILDCARD_HOSTS:
             raise ValueError(f"refusing to bind the wildcard address {host!r}; give an explicit host")
@@ -313,6 +318,7 @@ class GrpcKVReceiver(KVReceiver):
         self._expect = (expected_fingerprint, expected_dtype, shape_check, max_payload_bytes)
         self._options = channel_options(max_message_bytes)
         self._on_orphaned = on_orphaned
+        self._token = token  # required of every call when set (kvtransfer.auth)
         self._server: grpc.Server | None = None
         self.address: str | None = None
 
@@ -328,7 +334,7 @@ class GrpcKVReceiver(KVReceiver):
         if self._server is not None:
             raise RuntimeError("receiver already started")
         self._server, self.address = serve_kv(
-            self.handlers(), self._host, self._bind, self._max_concurrent, self._options
+            self.handlers(), self._host, self._bind, self._max_concurrent, self._options, self._token
         )
         return self.address
 
@@ -386,13 +392,20 @@ def read_header_message(first: bytes | None) -> pb.KVChunk:
 
 
 def serve_kv(
-    handlers: dict[str, grpc.RpcMethodHandler], host: str, bind: str, max_concurrent: int, options: list
+    handlers: dict[str, grpc.RpcMethodHandler],
+    host: str,
+    bind: str,
+    max_concurrent: int,
+    options: list,
+    token: str = "",
 ) -> tuple[grpc.Server, str]:
-    """Start a `KVTransfer` server with `handlers` on `bind`; returns it and the address senders use."""
+    """Start a `KVTransfer` server with `handlers` on `bind` (every call must carry `token` when it is set);
+    returns it and the address senders use."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="kv-recv"),
         options=options,
         maximum_concurrent_rpcs=max_concurrent,
+        interceptors=[TokenInterceptor(token)] if token else None,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
     try:

@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from kvtransfer.auth import token_metadata
 from kvtransfer.grpc_transport import (
     COMMIT_MESSAGE,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -167,10 +168,12 @@ class NcclKVSender(KVSender):
         backend: BulkBackend | None = None,
         connect_timeout_s: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        token: str = "",
     ) -> None:
         self._backend = backend if backend is not None else CupyNccl()
         self._connect_timeout_s = connect_timeout_s
         self._options = channel_options(max_message_bytes)
+        self._metadata = token_metadata(token)  # the cluster token on every call (kvtransfer.auth)
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._sessions: dict[str, _Session] = {}
@@ -221,7 +224,11 @@ class NcclKVSender(KVSender):
             joiner = threading.Thread(target=join, name="nccl-join", daemon=True)
             joiner.start()
             try:
-                welcome = connect(pb.NcclHello(session_id=sid, unique_id=uid), timeout=self._connect_timeout_s)
+                welcome = connect(
+                    pb.NcclHello(session_id=sid, unique_id=uid),
+                    timeout=self._connect_timeout_s,
+                    metadata=self._metadata,
+                )
             except grpc.RpcError as e:
                 code, msg = map_rpc_error(e)
                 raise _Failed(code, f"NcclConnect failed: {msg}") from None
@@ -267,7 +274,7 @@ class NcclKVSender(KVSender):
         push = self._channel(target).stream_stream(
             f"/{_SERVICE}/NcclPush", request_serializer=None, response_deserializer=pb.KVAck.FromString
         )
-        call = push(requests(), timeout=timeout_s)
+        call = push(requests(), timeout=timeout_s, metadata=self._metadata)
         with self._lock:
             self._inflight.setdefault(rid, set()).add(call)
         sent = False
@@ -370,8 +377,10 @@ class NcclKVReceiver(KVReceiver):
         max_payload_bytes: int | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_orphaned: Callable[[KVHeader], None] | None = None,
+        token: str = "",
     ) -> None:
         self._backend = backend if backend is not None else CupyNccl()
+        self._token = token
         self._host_rx = GrpcKVReceiver(  # validates host and max_concurrent
             sink,
             host=host,
@@ -415,7 +424,9 @@ class NcclKVReceiver(KVReceiver):
         }
         bind = host_port(self._host, self._port)
         # each transfer holds a worker thread, and so does each rendezvous in progress
-        self._server, self.address = serve_kv(handlers, self._host, bind, self._max_concurrent + 2, self._options)
+        self._server, self.address = serve_kv(
+            handlers, self._host, bind, self._max_concurrent + 2, self._options, self._token
+        )
         return self.address
 
     def stop(self, grace_s: float | None = None) -> None:

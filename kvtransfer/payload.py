@@ -54,6 +54,7 @@ class ErrorCode(str, Enum):
     TIMEOUT = "TIMEOUT"
     BUSY = "BUSY"
     UNAVAILABLE = "UNAVAILABLE"  # transport-level failure: receiver unreachable, connection lost, internal error
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # the receiver refused the call: missing or wrong cluster token
 
     @classmethod
     def parse(cls, name: str) -> ErrorCode:

@@ -153,24 +153,32 @@ def _cuda_id(runtime: ModelRuntime) -> int | None:
     return dev.index if dev.dlpack_device_type() == _KDL_CUDA else None
 
 
-def make_sender(runtime: ModelRuntime) -> RoutedSender:
-    """A prefill worker's sender: NCCL to "nccl://" targets when its KV is on CUDA and NCCL works, else gRPC."""
+def make_sender(runtime: ModelRuntime, token: str = "") -> RoutedSender:
+    """A prefill worker's sender: NCCL to "nccl://" targets when its KV is on CUDA and NCCL works, else gRPC;
+    every call carries the cluster `token`."""
     dev = _cuda_id(runtime)
-    nccl = NcclKVSender(CupyNccl(dev)) if dev is not None and nccl_available() else None
-    return RoutedSender(GrpcKVSender(), nccl)
+    nccl = NcclKVSender(CupyNccl(dev), token=token) if dev is not None and nccl_available() else None
+    return RoutedSender(GrpcKVSender(token=token), nccl)
 
 
 def make_receiver(
-    runtime: ModelRuntime, sink: ImportSink, host: str, port: int, on_orphaned: Callable[[KVHeader], None]
+    runtime: ModelRuntime,
+    sink: ImportSink,
+    host: str,
+    port: int,
+    on_orphaned: Callable[[KVHeader], None],
+    token: str = "",
 ) -> tuple[KVReceiver, str]:
     """A decode worker's started receiver and the target it publishes: "nccl://host:port" (NCCL, plus the host
-    Push) when its KV is on CUDA and NCCL works, else a gRPC receiver's "host:port"."""
+    Push) when its KV is on CUDA and NCCL works, else a gRPC receiver's "host:port". With `token`, every call
+    without the cluster token is refused (UNAUTHENTICATED, nothing read)."""
     dev = _cuda_id(runtime)
+    checks = receiver_checks(runtime)
     if dev is not None and nccl_available():
-        rx = NcclKVReceiver(sink, host, port, CupyNccl(dev), on_orphaned=on_orphaned, **receiver_checks(runtime))
+        rx = NcclKVReceiver(sink, host, port, CupyNccl(dev), on_orphaned=on_orphaned, token=token, **checks)
         rx.start()
         return rx, rx.advertised
-    grx = GrpcKVReceiver(sink, host=host, port=port, on_orphaned=on_orphaned, **receiver_checks(runtime))
+    grx = GrpcKVReceiver(sink, host=host, port=port, on_orphaned=on_orphaned, token=token, **checks)
     return grx, grx.start()
 
 

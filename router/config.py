@@ -7,6 +7,7 @@ keyword: `WorkerOptions` (every worker), `RouterOptions`, `ClusterSpec` and the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 from engine.faults import Fault, FaultPlan
 from engine.messages import WorkerOptions
 from engine.speculation import SpecMode
+from kvtransfer.auth import new_cluster_token
 from kvtransfer.net import is_loopback
 from llama_relax.errors import UserError
 from llama_relax.kv_dtype import resolve_kv_dtype
@@ -46,7 +48,7 @@ class ServeConfig:
     dtype: str
     target: str
     quantization: str
-    kv_cache_dtype: str  # resolved: "float32" | "float16" (llama_relax.kv_dtype)
+    kv_cache_dtype: str  # resolved: "float32" | "float16" | "q8_0" (llama_relax.kv_dtype)
     cluster: ClusterSpec
     host: str
     port: int
@@ -67,6 +69,8 @@ class ServeConfig:
     drain_timeout_s: float
     router: RouterOptions
     faults: FaultPlan
+    # internal gRPC services (KV pushes) require it: one random token per serve, handed to every worker actor
+    cluster_token: str = dataclasses.field(default_factory=new_cluster_token, repr=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, default_model: Callable[[], Path]) -> ServeConfig:
@@ -171,6 +175,7 @@ class ServeConfig:
             target=self.target,
             quantization=self.quantization,
             kv_cache_dtype=self.kv_cache_dtype,
+            cluster_token=self.cluster_token,
             max_batch_size=self.max_batch_size,
             max_total_seq_len=self.max_total_seq_len,
             prefill_chunk_size=self.prefill_chunk_size,
