@@ -44,6 +44,7 @@ class DecodeWorker(HostedEngine):
                 0,
                 self.engine.orphaned,
                 options.cluster_token,
+                options.internal_tls,
             )
         self._host(self.engine)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from engine.faults import FaultPlan
 from engine.speculation import SpecMode
+from kvtransfer.auth import InternalTLS
 from llama_relax.generation import TokenEvent
 from llama_relax.sampling import SamplingParams
 
@@ -154,6 +155,7 @@ class WorkerOptions:
     kv_cache_dtype: str = "auto"  # see llama_relax.kv_dtype (auto: float16)
     # required on internal gRPC calls (kvtransfer.auth); serve generates one per cluster; never printed
     cluster_token: str = field(default="", repr=False)
+    internal_tls: InternalTLS | None = field(default=None, repr=False)  # TLS of the internal channels, if any
     max_batch_size: int = 16  # requests an engine holds at once (and sequences per forward)
     max_total_seq_len: int = 8192  # tokens the KV cache holds at once (all sequences)
     prefill_chunk_size: int = 512  # tokens per prefill forward

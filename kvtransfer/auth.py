@@ -1,9 +1,15 @@
-"""The cluster token every internal gRPC service requires (KV pushes, NCCL set-up; stage hand-offs later).
+"""The cluster token every internal gRPC service requires (KV pushes, NCCL set-up; stage hand-offs later), and
+the optional TLS of those channels.
 
 `pdserve serve` generates one token per cluster (`new_cluster_token`) and hands it to every worker actor in its
 options; a sender attaches it as metadata `x-pdserve-cluster-token`, a server's `TokenInterceptor` compares it in
 constant time and answers UNAUTHENTICATED, before any handler runs (nothing is read, nothing imported), when it is
 wrong or missing. An empty token turns the check off (in-process tools and tests that start their own receiver).
+
+TLS (`--internal-tls-cert/--internal-tls-key`): every internal server serves the one certificate, every sender
+trusts exactly it and checks it against the name `pdserve-internal` (whatever address it dials), so one
+certificate whose subjectAltName carries `DNS:pdserve-internal` serves a whole cluster; serve reads both files
+once and hands their PEM text to the workers.
 """
 
 from __future__ import annotations
@@ -11,11 +17,34 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import grpc
 
 TOKEN_METADATA = "x-pdserve-cluster-token"
 DENIED = "missing or wrong cluster token"
+TLS_NAME = "pdserve-internal"  # the name every internal certificate must carry (subjectAltName DNS)
+
+
+@dataclass(frozen=True)
+class InternalTLS:
+    """The internal channels' certificate and key (PEM text); the key is never printed."""
+
+    cert_pem: str
+    key_pem: str = field(repr=False)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key_pem.encode(), self.cert_pem.encode())])
+
+    def channel(self, target: str, options: list) -> grpc.Channel:
+        """A channel to an internal server that trusts only this certificate, checked as `TLS_NAME`."""
+        creds = grpc.ssl_channel_credentials(root_certificates=self.cert_pem.encode())
+        return grpc.secure_channel(target, creds, options=[*options, ("grpc.ssl_target_name_override", TLS_NAME)])
+
+
+def internal_channel(target: str, options: list, tls: InternalTLS | None) -> grpc.Channel:
+    """A channel to an internal gRPC service: TLS when the cluster has a certificate, else plain text."""
+    return tls.channel(target, options) if tls is not None else grpc.insecure_channel(target, options=options)
 
 
 def new_cluster_token() -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from kvtransfer.auth import TokenInterceptor, token_metadata
+from kvtransfer.auth import InternalTLS, TokenInterceptor, internal_channel, token_metadata
 from kvtransfer.net import WILDCARD_HOSTS, host_port, message_limits
 from kvtransfer.payload import (
     ErrorCode,
@@ -151,9 +151,12 @@ class GrpcKVSender(KVSender):
     (diagnostics and tests, e.g. cancelling mid-transfer).
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str = "") -> None:
+    def __init__(
+        self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str = "", tls: InternalTLS | None = None
+    ) -> None:
         self._options = channel_options(max_message_bytes)
         self._metadata = token_metadata(token)  # the cluster token (kvtransfer.auth)
+        self._tls = tls
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
         self._inflight: dict[str, set[_InFlight]] = {}
@@ -165,7 +168,7 @@ class GrpcKVSender(KVSender):
             if self._closed:
                 raise RuntimeError("sender is closed")
             if target not in self._channels:
-                ch = grpc.insecure_channel(target, options=self._options)
+                ch = internal_channel(target, self._options, self._tls)
                 push = ch.stream_unary(PUSH_METHOD, request_serializer=None, response_deserializer=pb.KVAck.FromString)
                 self._channels[target] = (ch, push)
             return self._channels[target][1]
@@ -306,6 +309,7 @@ class GrpcKVReceiver(KVReceiver):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_orphaned: Callable[[KVHeader], None] | None = None,
         token: str = "",
+        tls: InternalTLS | None = None,
     ) -> None:
         if host in WILDCARD_HOSTS:
             raise ValueError(f"refusing to bind the wildcard address {host!r}; give an explicit host")
@@ -319,6 +323,7 @@ class GrpcKVReceiver(KVReceiver):
         self._options = channel_options(max_message_bytes)
         self._on_orphaned = on_orphaned
         self._token = token  # required of every call when set (kvtransfer.auth)
+        self._tls = tls
         self._server: grpc.Server | None = None
         self.address: str | None = None
 
@@ -334,7 +339,7 @@ class GrpcKVReceiver(KVReceiver):
         if self._server is not None:
             raise RuntimeError("receiver already started")
         self._server, self.address = serve_kv(
-            self.handlers(), self._host, self._bind, self._max_concurrent, self._options, self._token
+            self.handlers(), self._host, self._bind, self._max_concurrent, self._options, self._token, self._tls
         )
         return self.address
 
@@ -398,9 +403,10 @@ def serve_kv(
     max_concurrent: int,
     options: list,
     token: str = "",
+    tls: InternalTLS | None = None,
 ) -> tuple[grpc.Server, str]:
-    """Start a `KVTransfer` server with `handlers` on `bind` (every call must carry `token` when it is set);
-    returns it and the address senders use."""
+    """Start a `KVTransfer` server with `handlers` on `bind` (every call must carry `token` when it is set; TLS
+    with `tls`); returns it and the address senders use."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="kv-recv"),
         options=options,
@@ -409,7 +415,7 @@ def serve_kv(
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
     try:
-        port = server.add_insecure_port(bind)
+        port = server.add_secure_port(bind, tls.server_credentials()) if tls else server.add_insecure_port(bind)
     except RuntimeError as e:
         raise OSError(f"cannot bind {bind}: {e}") from None
     if port == 0:

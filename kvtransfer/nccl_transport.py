@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvtransfer.auth import token_metadata
+from kvtransfer.auth import InternalTLS, internal_channel, token_metadata
 from kvtransfer.grpc_transport import (
     COMMIT_MESSAGE,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -169,8 +169,10 @@ class NcclKVSender(KVSender):
         connect_timeout_s: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         token: str = "",
+        tls: InternalTLS | None = None,
     ) -> None:
         self._backend = backend if backend is not None else CupyNccl()
+        self._tls = tls
         self._connect_timeout_s = connect_timeout_s
         self._options = channel_options(max_message_bytes)
         self._metadata = token_metadata(token)  # the cluster token on every call (kvtransfer.auth)
@@ -191,7 +193,7 @@ class NcclKVSender(KVSender):
             if self._closed:
                 raise _Failed(ErrorCode.CANCELLED, "sender is closed")
             if target not in self._channels:
-                self._channels[target] = grpc.insecure_channel(target, options=self._options)
+                self._channels[target] = internal_channel(target, self._options, self._tls)
             return self._channels[target]
 
     def _session(self, target: str) -> _Session:
@@ -378,9 +380,11 @@ class NcclKVReceiver(KVReceiver):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_orphaned: Callable[[KVHeader], None] | None = None,
         token: str = "",
+        tls: InternalTLS | None = None,
     ) -> None:
         self._backend = backend if backend is not None else CupyNccl()
         self._token = token
+        self._tls = tls
         self._host_rx = GrpcKVReceiver(  # validates host and max_concurrent
             sink,
             host=host,
@@ -425,7 +429,7 @@ class NcclKVReceiver(KVReceiver):
         bind = host_port(self._host, self._port)
         # each transfer holds a worker thread, and so does each rendezvous in progress
         self._server, self.address = serve_kv(
-            handlers, self._host, bind, self._max_concurrent + 2, self._options, self._token
+            handlers, self._host, bind, self._max_concurrent + 2, self._options, self._token, self._tls
         )
         return self.address
 

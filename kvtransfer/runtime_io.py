@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtransfer.auth import InternalTLS
 from kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
 from kvtransfer.nccl_transport import (
     CupyNccl,
@@ -153,12 +154,12 @@ def _cuda_id(runtime: ModelRuntime) -> int | None:
     return dev.index if dev.dlpack_device_type() == _KDL_CUDA else None
 
 
-def make_sender(runtime: ModelRuntime, token: str = "") -> RoutedSender:
+def make_sender(runtime: ModelRuntime, token: str = "", tls: InternalTLS | None = None) -> RoutedSender:
     """A prefill worker's sender: NCCL to "nccl://" targets when its KV is on CUDA and NCCL works, else gRPC;
-    every call carries the cluster `token`."""
+    every call carries the cluster `token`, over TLS with `tls`."""
     dev = _cuda_id(runtime)
-    nccl = NcclKVSender(CupyNccl(dev), token=token) if dev is not None and nccl_available() else None
-    return RoutedSender(GrpcKVSender(token=token), nccl)
+    nccl = NcclKVSender(CupyNccl(dev), token=token, tls=tls) if dev is not None and nccl_available() else None
+    return RoutedSender(GrpcKVSender(token=token, tls=tls), nccl)
 
 
 def make_receiver(
@@ -168,6 +169,7 @@ def make_receiver(
     port: int,
     on_orphaned: Callable[[KVHeader], None],
     token: str = "",
+    tls: InternalTLS | None = None,
 ) -> tuple[KVReceiver, str]:
     """A decode worker's started receiver and the target it publishes: "nccl://host:port" (NCCL, plus the host
     Push) when its KV is on CUDA and NCCL works, else a gRPC receiver's "host:port". With `token`, every call
@@ -175,10 +177,10 @@ def make_receiver(
     dev = _cuda_id(runtime)
     checks = receiver_checks(runtime)
     if dev is not None and nccl_available():
-        rx = NcclKVReceiver(sink, host, port, CupyNccl(dev), on_orphaned=on_orphaned, token=token, **checks)
+        rx = NcclKVReceiver(sink, host, port, CupyNccl(dev), on_orphaned=on_orphaned, token=token, tls=tls, **checks)
         rx.start()
         return rx, rx.advertised
-    grx = GrpcKVReceiver(sink, host=host, port=port, on_orphaned=on_orphaned, token=token, **checks)
+    grx = GrpcKVReceiver(sink, host=host, port=port, on_orphaned=on_orphaned, token=token, tls=tls, **checks)
     return grx, grx.start()
 
 

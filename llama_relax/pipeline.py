@@ -11,7 +11,6 @@ Call order: `open_pipeline(path, stages, ...)` -> `add_sequence` -> `prefill` / 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +78,64 @@ def _rename(name: str, to_local: dict[str, str]) -> str:
     return f"{to_local[base]}.{suffix}" if base in to_local else name
 
 
-@dataclass
-class LocalPipeline:
-    """`stages[0]` .. `stages[-1]` in order; see the module docstring."""
+class StageChain:
+    """Stages in order, however they are reached: appends tokens to sequences through every stage, handing each
+    the previous one's hidden states, and turns the last stage's rows into logits. Subclasses say how one stage is
+    called (`_stage`) and how many there are; this class holds the prefill packing and the decode step."""
 
-    stages: list[ModelRuntime]
+    num_stages: int
+    vocab_size: int
+    prefill_chunk: int
+
+    def _stage(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
+        """Stage `i`'s forward of `x` (token ids on stage 0, else the previous stage's output); the last stage
+        returns float32 logits [len(rows), V] of those rows, the others their hidden states."""
+        raise NotImplementedError
+
+    def _forward(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]], rows: Sequence[int]) -> np.ndarray:
+        lengths = [len(c) for c in chunks]
+        x = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=sum(lengths))
+        for i in range(self.num_stages):
+            x = self._stage(i, seq_ids, lengths, x, rows)
+        return x
+
+    def prefill(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Float32 logits of each prompt's last token, [b, V] (prompts packed into prefill-chunk forwards)."""
+        out = np.empty((len(seq_ids), self.vocab_size), np.float32)
+        for batch in plan_prefill_chunks([len(t) for t in token_lists], self.prefill_chunk):
+            chunks = [token_lists[i][a:b] for i, a, b in batch]
+            ends, rows, offset = [], [], 0
+            for (i, _a, b), c in zip(batch, chunks, strict=True):
+                offset += len(c)
+                if b == len(token_lists[i]):
+                    ends.append(offset - 1)
+                    rows.append(i)
+            logits = self._forward([seq_ids[i] for i, _, _ in batch], chunks, ends)
+            if rows:
+                out[rows] = logits
+        return out
+
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One token per sequence through every stage; float32 logits [b, V]."""
+        return self._forward(seq_ids, [[t] for t in tokens], list(range(len(seq_ids))))
+
+
+class LocalPipeline(StageChain):
+    """Every stage a `ModelRuntime` in this process (the reference the remote stages are checked against)."""
+
+    def __init__(self, stages: list[ModelRuntime]) -> None:
+        self.stages = stages
+        self.num_stages = len(stages)
+        self.vocab_size = stages[0].config.vocab_size
+        self.prefill_chunk = min(rt.prefill_chunk_size for rt in stages)
 
     @property
     def config(self) -> LlamaConfig:
         return self.stages[0].config
+
+    def _stage(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
+        hidden = self.stages[i].stage_forward(seq_ids, lengths, x)
+        return self.stages[i].logits_at(hidden, rows) if i == self.num_stages - 1 else hidden
 
     def add_sequence(self, seq_id: int) -> None:
         for rt in self.stages:
@@ -96,37 +144,6 @@ class LocalPipeline:
     def remove_sequence(self, seq_id: int) -> None:
         for rt in self.stages:
             rt.remove_sequence(seq_id)
-
-    def _forward(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]):
-        lengths = [len(c) for c in chunks]
-        x = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=sum(lengths))
-        for rt in self.stages:
-            x = rt.stage_forward(seq_ids, lengths, x)
-        return x  # the last stage's hidden states
-
-    def prefill(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """Float32 logits of each prompt's last token, [b, V] (prompts packed into prefill-chunk forwards)."""
-        last = self.stages[-1]
-        out = np.empty((len(seq_ids), self.config.vocab_size), np.float32)
-        for batch in plan_prefill_chunks(
-            [len(t) for t in token_lists], min(rt.prefill_chunk_size for rt in self.stages)
-        ):
-            chunks = [token_lists[i][a:b] for i, a, b in batch]
-            hidden = self._forward([seq_ids[i] for i, _, _ in batch], chunks)
-            ends, rows, offset = [], [], 0
-            for (i, _a, b), c in zip(batch, chunks, strict=True):
-                offset += len(c)
-                if b == len(token_lists[i]):
-                    ends.append(offset - 1)
-                    rows.append(i)
-            if rows:
-                out[rows] = last.logits_at(hidden, ends)
-        return out
-
-    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """One token per sequence through every stage; float32 logits [b, V]."""
-        hidden = self._forward(seq_ids, [[t] for t in tokens])
-        return self.stages[-1].logits_at(hidden, list(range(len(seq_ids))))
 
     def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """K and V of tokens [begin, end) over every layer, [L, n, Hkv, d]: each stage's layers, in order."""

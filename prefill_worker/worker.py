@@ -28,7 +28,7 @@ class PrefillWorker(HostedEngine):
         super().__init__()
         self.options = options
         self.model = open_worker_model(options)
-        self.sender = make_sender(self.model.runtime, options.cluster_token)
+        self.sender = make_sender(self.model.runtime, options.cluster_token, options.internal_tls)
         faults = FaultInjector(options.faults)
         if options.faults.faults:
             self.sender.grpc.on_chunk = faults.chunk_hook(self.sender.cancel)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 # ---- serve ----------------------------------------------------------------------------------------------------
@@ -37,6 +38,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="require this key on both APIs (HTTP: Authorization: Bearer KEY; gRPC: metadata authorization); "
         "default $PDSERVE_API_KEY, else none",
     )
+    p.add_argument(
+        "--internal-tls-cert",
+        type=Path,
+        default=None,
+        help="PEM certificate for the workers' internal gRPC services (KV pushes); its subjectAltName must carry "
+        "DNS:pdserve-internal; with --internal-tls-key",
+    )
+    p.add_argument("--internal-tls-key", type=Path, default=None, help="PEM private key of --internal-tls-cert")
     p.add_argument("--max-total-seq-len", type=int, default=8192, help="KV capacity per worker, in tokens")
     p.add_argument(
         "--max-batch-size",

@@ -17,7 +17,7 @@ from pathlib import Path
 from engine.faults import Fault, FaultPlan
 from engine.messages import WorkerOptions
 from engine.speculation import SpecMode
-from kvtransfer.auth import new_cluster_token
+from kvtransfer.auth import InternalTLS, new_cluster_token
 from kvtransfer.net import is_loopback
 from llama_relax.errors import UserError
 from llama_relax.kv_dtype import resolve_kv_dtype
@@ -34,6 +34,26 @@ _URL = re.compile(r"https?://[^/\s]+(/\S*)?")
 def auto_batch_size(max_total_seq_len: int) -> int:
     """The default `--max-batch-size`: as many sequences as the KV capacity holds at 256 tokens each, 1..32."""
     return max(1, min(MAX_AUTO_BATCH, max_total_seq_len // TOKENS_PER_SEQUENCE))
+
+
+def _internal_tls(cert: Path | None, key: Path | None) -> InternalTLS | None:
+    """`--internal-tls-cert` / `--internal-tls-key`: both or neither; read once here (workers get the PEM text)."""
+    if cert is None and key is None:
+        return None
+    _check(cert is not None, "--internal-tls-cert", "is needed with --internal-tls-key")
+    _check(key is not None, "--internal-tls-key", "is needed with --internal-tls-cert")
+    texts = []
+    for flag, path, marker in (
+        ("--internal-tls-cert", cert, "CERTIFICATE"),
+        ("--internal-tls-key", key, "PRIVATE KEY"),
+    ):
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{flag}: cannot read {path}: {e}") from None
+        _check("-----BEGIN " in text and marker in text, flag, f"{path} is not a PEM {marker.lower()}")
+        texts.append(text)
+    return InternalTLS(texts[0], texts[1])
 
 
 def _check(ok: bool, flag: str, message: str) -> None:
@@ -71,6 +91,7 @@ class ServeConfig:
     faults: FaultPlan
     # internal gRPC services (KV pushes) require it: one random token per serve, handed to every worker actor
     cluster_token: str = dataclasses.field(default_factory=new_cluster_token, repr=False)
+    internal_tls: InternalTLS | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, default_model: Callable[[], Path]) -> ServeConfig:
@@ -133,6 +154,7 @@ class ServeConfig:
             http_port=a.http_port,
             metrics_port=a.metrics_port,
             api_key=a.api_key or os.environ.get("PDSERVE_API_KEY") or None,
+            internal_tls=_internal_tls(a.internal_tls_cert, a.internal_tls_key),
             otlp_traces_endpoint=endpoint,
             max_batch_size=a.max_batch_size or auto_batch_size(a.max_total_seq_len),
             max_total_seq_len=a.max_total_seq_len,
@@ -176,6 +198,7 @@ class ServeConfig:
             quantization=self.quantization,
             kv_cache_dtype=self.kv_cache_dtype,
             cluster_token=self.cluster_token,
+            internal_tls=self.internal_tls,
             max_batch_size=self.max_batch_size,
             max_total_seq_len=self.max_total_seq_len,
             prefill_chunk_size=self.prefill_chunk_size,

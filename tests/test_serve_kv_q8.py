@@ -1,6 +1,7 @@
 """`pdserve serve --kv-cache-dtype q8_0` end to end: disaggregated (every prompt's q8_0 KV moves from the prefill
-worker to the decode worker) streams the greedy tokens of a colocated q8_0 server, the cluster status reports the
-cache's dtype and size, and every page is free afterwards."""
+worker to the decode worker, over TLS with the cluster token: `--internal-tls-cert/--internal-tls-key`) streams
+the greedy tokens of a colocated q8_0 server, the cluster status reports the cache's dtype and size, and every
+page is free afterwards."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from conftest import TINY_Q8
 from model_files import write_hf_dir
 from reference import random_params
 from serving import Server, assert_clean_exit, collect, request, tokens_of
+from test_kv_auth import cert  # noqa: F401 - the fixture
 
 from llama_relax.kv_dtype import kv_bytes_per_token
 
@@ -22,9 +24,10 @@ def model_dir(tmp_path_factory, compiled_q8kv):
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir, cache_dir):
+def servers(model_dir, cache_dir, cert):  # noqa: F811
     common = ["--model", str(model_dir), "--kv-cache-dtype", "q8_0", "--max-total-seq-len", "512"]
-    disagg = Server([*common, "--local-prefill-max-tokens", "0", "--speculative", "off"], cache_dir)
+    tls = ["--internal-tls-cert", str(cert[0]), "--internal-tls-key", str(cert[1])]
+    disagg = Server([*common, *tls, "--local-prefill-max-tokens", "0", "--speculative", "off"], cache_dir)
     colocated = Server([*common, "--colocated", "1", "--speculative", "off"], cache_dir)
     yield disagg, colocated
     assert_clean_exit(disagg)
