@@ -156,6 +156,9 @@ class StageClient:
     def forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
         return self._fwd(req, metadata=self._meta, timeout=self._timeout)
 
+    def forward_future(self, req: pb.ForwardRequest) -> grpc.Future:
+        return self._fwd.future(req, metadata=self._meta, timeout=self._timeout)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -173,14 +176,43 @@ class RemotePipeline(StageChain):
         }:
             raise ValueError(f"stages out of order or of another split: {[(s.index, s.count) for s in self.states]}")
 
-    def _stage(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
+    def _request(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
         req = pb.ForwardRequest(seq_ids=seq_ids, lengths=lengths, logit_rows=rows if i == self.num_stages - 1 else ())
         if i == 0:
             req.token_ids.CopyFrom(to_array(np.asarray(x, dtype=np.int32)))
         else:
             req.hidden.CopyFrom(to_array(x))
-        reply = self.clients[i].forward(req)
+        return req
+
+    def _stage(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
+        reply = self.clients[i].forward(self._request(i, seq_ids, lengths, x, rows))
         return from_array(reply.logits if i == self.num_stages - 1 else reply.hidden, "reply")
+
+    def decode_microbatched(self, seq_ids: Sequence[int], tokens: Sequence[int], parts: int = 0) -> np.ndarray:
+        """`decode`, with the batch cut into `parts` micro-batches (default: one per stage) that flow through the
+        stages in a pipeline: at tick t stage i runs micro-batch t - i, so every stage works at once (each stage
+        is a process of its own). Float32 logits [b, V], the same as `decode`'s."""
+        parts = min(parts or self.num_stages, len(seq_ids))
+        cuts = np.array_split(np.arange(len(seq_ids)), parts)
+        inputs: dict[tuple[int, int], object] = {}  # (stage, micro-batch) -> its input
+        for m, idx in enumerate(cuts):
+            inputs[0, m] = np.asarray([tokens[i] for i in idx], dtype=np.int32)
+        out = np.empty((len(seq_ids), self.vocab_size), np.float32)
+        for t in range(self.num_stages + parts - 1):
+            calls = []
+            for i in range(self.num_stages):
+                m = t - i
+                if 0 <= m < parts:
+                    ids = [seq_ids[j] for j in cuts[m]]
+                    req = self._request(i, ids, [1] * len(ids), inputs.pop((i, m)), list(range(len(ids))))
+                    calls.append((i, m, self.clients[i].forward_future(req)))
+            for i, m, call in calls:
+                reply = call.result()
+                if i == self.num_stages - 1:
+                    out[cuts[m]] = from_array(reply.logits, "reply")
+                else:
+                    inputs[i + 1, m] = from_array(reply.hidden, "reply")
+        return out
 
     def add_sequence(self, seq_id: int) -> None:
         self.states = [c.sequences(add=[seq_id]) for c in self.clients]

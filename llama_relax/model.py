@@ -326,16 +326,22 @@ class LlamaForCausalLM(nn.Module):
                 "paged_kv_cache": kv,
                 "$": effect,
             },
-            "create_paged_kv_cache": {
-                "max_batch_size": int,
-                "max_total_seq_len": int,
-                "prefill_chunk_size": int,
-                "page_size": int,
-                "support_sliding_window": int,
-                "$": {"param_mode": "none", "effect_mode": "none"},
-            },
+            "create_paged_kv_cache": kv_cache_spec(),
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def kv_cache_spec() -> dict[str, Any]:
+    """Export spec of `create_paged_kv_cache` (the whole model's and every stage's); a fresh dict each time:
+    `ModuleSpec.from_raw` consumes its "$" entry."""
+    return {
+        "max_batch_size": int,
+        "max_total_seq_len": int,
+        "prefill_chunk_size": int,
+        "page_size": int,
+        "support_sliding_window": int,
+        "$": {"param_mode": "none", "effect_mode": "none"},
+    }
 
 
 def kv_layer_partition(config: LlamaConfig) -> list[int]:

@@ -20,7 +20,7 @@ from llama_relax.config import LlamaConfig
 from llama_relax.kv_dtype import resolve_kv_dtype
 from llama_relax.loader import ModelSource, load_config, quant_plan, resolve_model, stream_params
 from llama_relax.loader.mapping import expected_param_shapes
-from llama_relax.runtime import KVCacheConfig, ModelRuntime, plan_prefill_chunks
+from llama_relax.runtime import KVCacheConfig, ModelRuntime, plan_prefill_chunks, prompt_ends
 from llama_relax.stage_model import StageSpec
 
 
@@ -104,12 +104,7 @@ class StageChain:
         out = np.empty((len(seq_ids), self.vocab_size), np.float32)
         for batch in plan_prefill_chunks([len(t) for t in token_lists], self.prefill_chunk):
             chunks = [token_lists[i][a:b] for i, a, b in batch]
-            ends, rows, offset = [], [], 0
-            for (i, _a, b), c in zip(batch, chunks, strict=True):
-                offset += len(c)
-                if b == len(token_lists[i]):
-                    ends.append(offset - 1)
-                    rows.append(i)
+            ends, rows = prompt_ends(batch, token_lists)
             logits = self._forward([seq_ids[i] for i, _, _ in batch], chunks, ends)
             if rows:
                 out[rows] = logits

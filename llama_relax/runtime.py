@@ -346,12 +346,7 @@ class ModelRuntime:
             ids = [seq_ids[i] for i, _, _ in batch]
             chunks = [token_lists[i][a:b] for i, a, b in batch]
             hidden = self.forward_hidden(ids, chunks)
-            ends, rows, offset = [], [], 0
-            for (i, _a, b), c in zip(batch, chunks, strict=True):
-                offset += len(c)
-                if b == len(token_lists[i]):
-                    ends.append(offset - 1)
-                    rows.append(i)
+            ends, rows = prompt_ends(batch, token_lists)
             if rows:
                 out[rows] = self.logits_at(hidden, ends)
         return out
@@ -540,6 +535,18 @@ def _sample_bytes(a: np.ndarray, n: int = 4096) -> bytes:
     """First and last `n` bytes of a parameter plus its shape: a cheap identity for the fingerprint."""
     flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
     return str(a.shape).encode() + flat[:n].tobytes() + flat[-n:].tobytes()
+
+
+def prompt_ends(batch: Sequence[tuple[int, int, int]], token_lists: Sequence[Sequence[int]]) -> tuple[list, list]:
+    """For a forward planned by `plan_prefill_chunks`: (the rows of its tokens that end a prompt, those prompts'
+    indexes), i.e. where the prompts whose last token is in this forward want their logits."""
+    ends, rows, offset = [], [], 0
+    for i, a, b in batch:
+        offset += b - a
+        if b == len(token_lists[i]):
+            ends.append(offset - 1)
+            rows.append(i)
+    return ends, rows
 
 
 def plan_prefill_chunks(lengths: Sequence[int], chunk: int) -> list[list[tuple[int, int, int]]]:

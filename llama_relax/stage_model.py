@@ -21,7 +21,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from llama_relax.config import LlamaConfig
-from llama_relax.model import LlamaForCausalLM, TableWeight
+from llama_relax.model import LlamaForCausalLM, TableWeight, kv_cache_spec
 from llama_relax.quantization import NO_QUANTIZATION, QuantPlan
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -139,14 +139,7 @@ class LlamaStage(nn.Module):
                 "paged_kv_cache": kv,
                 "$": effect,
             },
-            "create_paged_kv_cache": {
-                "max_batch_size": int,
-                "max_total_seq_len": int,
-                "prefill_chunk_size": int,
-                "page_size": int,
-                "support_sliding_window": int,
-                "$": {"param_mode": "none", "effect_mode": "none"},
-            },
+            "create_paged_kv_cache": kv_cache_spec(),
         }
         if self.stage.first:
             spec["embed"] = {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": effect}

@@ -75,7 +75,17 @@ def test_remote_chain_equals_local_chain_and_reference(stage_servers, cache_dir)
             np.testing.assert_array_equal(got, want)
             for s, t, g in zip(seq_ids, tokens, got, strict=True):
                 assert np.abs(g - ref.forward(s, [t])[-1]).max() < ATOL
-        for s in seq_ids:
+        tokens = [int(t) for t in got.argmax(-1)]
+        for s in (20, 21):  # two more sequences: micro-batches of 2 in the pipeline
+            remote.add_sequence(s)
+            local.add_sequence(s)
+        both = [*seq_ids, 20, 21]
+        local.prefill([20, 21], [[1, 2, 3], [4, 5]])
+        remote.prefill([20, 21], [[1, 2, 3], [4, 5]])
+        np.testing.assert_array_equal(
+            remote.decode_microbatched(both, [*tokens, 7, 8]), local.decode(both, [*tokens, 7, 8])
+        )
+        for s in both:
             remote.remove_sequence(s)
         assert [s.free_pages for s in remote.states] == free and all(s.sequences == 0 for s in remote.states)
     finally:

@@ -37,6 +37,7 @@ from llama_relax.kernels.attention_common import (
     _make_rope_table,
     _norm_rope_scaling,
     _online_softmax_tile,
+    _prefetch_row,
     _seq_offset,
 )
 from llama_relax.kernels.attention_prefill import attention_prefill_cpu, attention_prefill_ragged_cpu
@@ -166,29 +167,17 @@ def attention_decode_cpu(
                     slot[j] = _seq_offset(T.min(kt * tk + j, k_n - 1), b, length_info, sliding_window)
                     page[j] = page_table_values[p_beg + slot[j] // page_size]
                     slot[j] = slot[j] % page_size
-                # software prefetch of the next tile's K and V rows: a head's rows are 2-4 KiB runs 12+ KiB apart,
-                # which the hardware prefetchers do not follow (measured: loads stalled on memory, not bandwidth)
-                for j in range(tk):
+                for j in range(tk):  # software prefetch of the next tile's K and V rows
                     nxt[j] = _seq_offset(T.min((kt + 1) * tk + j, k_n - 1), b, length_info, sliding_window)
-                    for kv, ln in T.grid(2, row_lines):
-                        T.evaluate(
-                            T.call_llvm_intrin(
-                                "void",
-                                "llvm.prefetch",
-                                T.address_of(
-                                    pages[
-                                        page_table_values[p_beg + nxt[j] // page_size],
-                                        kv,
-                                        hk,
-                                        nxt[j] % page_size,
-                                        ln * line_elems,
-                                    ]
-                                ),
-                                0,
-                                3,
-                                1,
-                            )
-                        )
+                    _prefetch_row(
+                        pages,
+                        page_table_values[p_beg + nxt[j] // page_size],
+                        hk,
+                        nxt[j] % page_size,
+                        row_lines,
+                        line_elems,
+                        dd_n,
+                    )
                 for j in range(tk):
                     if rotary_mode == 1:
                         rope_table(cs, sn, k_rope_pos_offset[b] + T.min(kt * tk + j, k_n - 1), rope_scale, rope_theta)

@@ -25,6 +25,7 @@ from llama_relax.kernels.attention_common import (
     _make_rope_table,
     _norm_rope_scaling,
     _online_softmax_tile,
+    _prefetch_row,
     _row_block,
 )
 
@@ -152,27 +153,17 @@ def attention_decode_q8(h_kv: int, h_q: int, d: int, page_size: int = 16) -> tir
                     for blk in range(nb):
                         ksc[j, blk] = _scale(pages, (page[j], 0, hk, slot[j]), d, blk)
                         vsc[j, blk] = _scale(pages, (page[j], 1, hk, slot[j]), d, blk)
-                for j in range(tk):  # prefetch the next tile's rows (see attention_cpu)
+                for j in range(tk):  # prefetch the next tile's rows
                     nxt[j] = T.min((kt + 1) * tk + j, k_n - 1)
-                    for kv, ln in T.grid(2, row_lines):
-                        T.evaluate(
-                            T.call_llvm_intrin(
-                                "void",
-                                "llvm.prefetch",
-                                T.address_of(
-                                    pages[
-                                        page_table_values[p_beg + nxt[j] // page_size],
-                                        kv,
-                                        hk,
-                                        nxt[j] % page_size,
-                                        T.min(ln * 64, w_n - 1),
-                                    ]
-                                ),
-                                0,
-                                3,
-                                1,
-                            )
-                        )
+                    _prefetch_row(
+                        pages,
+                        page_table_values[p_beg + nxt[j] // page_size],
+                        hk,
+                        nxt[j] % page_size,
+                        row_lines,
+                        64,
+                        w_n,
+                    )
                 for j in range(tk):
                     for g in range(group):
                         for ln in T.vectorized(lanes):

@@ -37,8 +37,12 @@ def serve(fault_model, cache_dir, tmp_path):
     def start(*flags: str, faults: Sequence[str] = ()) -> Server:
         markers = tmp_path / f"markers{len(servers)}"
         markers.mkdir()
-        # the drills exercise the disaggregated path: no short prompt is prefilled by the decode worker
-        args = ["--model", str(fault_model), "--max-total-seq-len", "1024", "--local-prefill-max-tokens", "0", *flags]
+        # the drills exercise the disaggregated path: no short prompt is prefilled by the decode worker. They assert
+        # that a migrated request's tokens equal an unfailed run's: the new worker recomputes the KV (prompt and
+        # tokens so far) in other forwards than the lost worker did; float32 KV keeps those sums' differences
+        # (~1e-7) below any greedy margin, float16 KV can round them one step apart and flip a near-tie
+        args = ["--model", str(fault_model), "--max-total-seq-len", "1024", "--local-prefill-max-tokens", "0"]
+        args += ["--kv-cache-dtype", "float32", *flags]
         for f in faults:
             args += ["--inject-fault", f]
         args += ["--fault-marker-dir", str(markers)]
