@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", required=True)
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--max-total-seq-len", type=int, default=1024)
+    p.add_argument("--max-batch-size", type=int, default=16)
     args = p.parse_args(argv)
     from pathlib import Path
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         StageSpec(index, count),
         target=resolve_target(),
         cache_dir=Path(args.cache_dir),
-        kv=KVCacheConfig(max_batch_size=8, max_total_seq_len=args.max_total_seq_len, prefill_chunk_size=512),
+        kv=KVCacheConfig(args.max_batch_size, args.max_total_seq_len, prefill_chunk_size=512),
         kv_cache_dtype=args.kv_cache_dtype,
     )
     server = StageServer(runtime, token=os.environ.get("PDSERVE_CLUSTER_TOKEN", ""))
