@@ -26,26 +26,30 @@ class DecodeWorker(HostedEngine):
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__()
         self.options = options
-        self.model = open_worker_model(options)
-        self.engine = DecodeEngine(
-            self.model.runtime,
-            self.model.tokenizer,
-            options,
-            faults=FaultInjector(options.faults),
-            name=self.role.value,
-        )
-        self.receiver: KVReceiver | None = None
-        self._kv_address = ""
-        if self.role is Role.DECODE:
-            self.receiver, self._kv_address = make_receiver(
+        self.model = open_worker_model(options, self.role)
+        try:
+            self.engine = DecodeEngine(
                 self.model.runtime,
-                self.engine.import_kv,
-                options.kv_host,
-                0,
-                self.engine.orphaned,
-                options.cluster_token,
-                options.internal_tls,
+                self.model.tokenizer,
+                options,
+                faults=FaultInjector(options.faults),
+                name=self.role.value,
             )
+            self.receiver: KVReceiver | None = None
+            self._kv_address = ""
+            if self.role is Role.DECODE:
+                self.receiver, self._kv_address = make_receiver(
+                    self.model.runtime,
+                    self.engine.import_kv,
+                    options.kv_host,
+                    0,
+                    self.engine.orphaned,
+                    options.cluster_token,
+                    options.internal_tls,
+                )
+        except BaseException:  # a pipelined worker's stage actors go with it
+            self.model.close()
+            raise
         self._host(self.engine)
 
     def kv_address(self) -> str:

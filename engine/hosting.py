@@ -16,6 +16,7 @@ from typing import Protocol
 
 from engine.loop import EngineLoop
 from engine.messages import Role, WorkerInfo, WorkerLoad, WorkerOptions
+from engine.stage_actors import StagedModel, open_staged_model
 from llama_relax.compile import resolve_target
 from llama_relax.kv_dtype import kv_bytes_per_token
 from llama_relax.models import OpenModel, open_model
@@ -25,8 +26,11 @@ log = logging.getLogger(__name__)
 EXIT_GRACE_S = 0.5  # lets the failed requests' last items reach their callers
 
 
-def open_worker_model(options: WorkerOptions) -> OpenModel:
-    """Open the worker's model: its compiled library from the cache, weights, a KV cache sized by `options`."""
+def open_worker_model(options: WorkerOptions, role: Role) -> OpenModel | StagedModel:
+    """Open the worker's model: its compiled library from the cache, weights, a KV cache sized by `options`; with
+    `options.stages > 1`, its pipeline stages as actors of their own (`engine.stage_actors`)."""
+    if options.stages > 1:
+        return open_staged_model(options, role)
     kv = KVCacheConfig(options.max_batch_size, options.max_total_seq_len, options.prefill_chunk_size)
     return open_model(
         Path(options.model),
@@ -57,7 +61,7 @@ class HostedEngine:
     started `engine`, and may override `kv_address()`."""
 
     role: Role
-    model: OpenModel
+    model: OpenModel | StagedModel
     engine: HostableEngine
 
     def __init__(self) -> None:
@@ -83,8 +87,9 @@ class HostedEngine:
         rt = self.model.runtime
         per_token = kv_bytes_per_token(rt.config, rt.compiled.kv_dtype)
         total = rt.kv_cache_bytes
+        stages = self.model.stages if isinstance(self.model, StagedModel) else ()
         return WorkerInfo(
-            self.role, self.incarnation, os.getpid(), self.kv_address(), rt.compiled.kv_dtype, per_token, total
+            self.role, self.incarnation, os.getpid(), self.kv_address(), rt.compiled.kv_dtype, per_token, total, stages
         )
 
     def load(self) -> WorkerLoad:

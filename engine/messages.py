@@ -22,6 +22,18 @@ class Role(enum.Enum):
     DECODE = "decode"
     COLOCATED = "colocated"
 
+    @property
+    def stage_resource(self) -> str:
+        """The Ray custom resource one pipeline stage of such a worker takes (nodes for pipelines declare it)."""
+        return f"{self.value}_stage"
+
+
+class StagePlacement(enum.Enum):
+    """How a pipelined worker's stage actors are placed: its placement group's strategy."""
+
+    PACK = "pack"  # as few nodes as fit (one node when it has room): hand-offs stay on the node
+    SPREAD = "spread"  # one stage per node where there are nodes enough
+
 
 class ErrorKind(enum.Enum):
     """Why a request ended without finishing normally (maps to a gRPC status at the edge, `router.convert`)."""
@@ -169,6 +181,21 @@ class WorkerOptions:
     speculative: SpecMode = SpecMode.OFF  # decode: draft tokens (engine.speculation) and verify them in one forward
     num_speculative_tokens: int = 8  # the largest draft per sequence and step
     faults: FaultPlan = field(default_factory=lambda: FaultPlan())  # fault injection (tests and drills only)
+    stages: int = 1  # pipeline stages: > 1 runs the layers in that many stage actors (engine.stage_actors)
+    stage_placement: StagePlacement = StagePlacement.PACK
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One pipeline stage of a worker: its layers, where it serves, its process, its share of the KV cache."""
+
+    index: int
+    first_layer: int
+    num_layers: int
+    address: str
+    pid: int
+    node: str = ""  # the Ray node it runs on
+    kv_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -182,6 +209,7 @@ class WorkerInfo:
     kv_dtype: str = ""  # the KV cache's element type (llama_relax.kv_dtype)
     kv_bytes_per_token: int = 0  # K and V of one token, all layers
     kv_cache_bytes: int = 0  # the whole paged KV cache (every page, all layers)
+    stages: tuple[StageInfo, ...] = ()  # a pipelined worker's stages, in order (empty: one process)
 
 
 @dataclass(frozen=True)

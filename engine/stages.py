@@ -40,8 +40,8 @@ def to_array(a: np.ndarray) -> pb.Array:
 
 def from_array(m: pb.Array, field: str) -> np.ndarray:
     """The array a message carries; ValueError naming `field` when its bytes do not match its shape and dtype."""
-    if m.dtype not in ("float32", "float16", "int32"):
-        raise ValueError(f"{field}.dtype: {m.dtype!r} is not float32, float16 or int32")
+    if m.dtype not in ("float32", "float16", "int32", "int8"):
+        raise ValueError(f"{field}.dtype: {m.dtype!r} is not float32, float16, int32 or int8")
     shape = tuple(int(d) for d in m.shape)
     if any(d < 0 for d in shape) or int(np.prod(shape)) * np.dtype(m.dtype).itemsize != len(m.data):
         raise ValueError(f"{field}: {len(m.data)} bytes do not hold {m.dtype}{list(shape)}")
@@ -65,13 +65,18 @@ class StageServer:
             options=opts,
             interceptors=[TokenInterceptor(token)] if token else None,
         )
+        self._kept = None  # the last stage's states of the last forward with keep_hidden (for Logits)
+        methods = {
+            "Describe": (self._describe, pb.SequencesRequest, pb.StageInfo),
+            "Sequences": (self._sequences, pb.SequencesRequest, pb.StageState),
+            "Forward": (self._forward, pb.ForwardRequest, pb.ForwardReply),
+            "Logits": (self._logits, pb.LogitsRequest, pb.ForwardReply),
+            "ReadKV": (self._read_kv, pb.ReadKVRequest, pb.KVBlock),
+            "AppendKV": (self._append_kv, pb.AppendKVRequest, pb.StageState),
+        }
         handlers = {
-            "Sequences": grpc.unary_unary_rpc_method_handler(
-                self._sequences, pb.SequencesRequest.FromString, pb.StageState.SerializeToString
-            ),
-            "Forward": grpc.unary_unary_rpc_method_handler(
-                self._forward, pb.ForwardRequest.FromString, pb.ForwardReply.SerializeToString
-            ),
+            name: grpc.unary_unary_rpc_method_handler(fn, req.FromString, rep.SerializeToString)
+            for name, (fn, req, rep) in methods.items()
         }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
         bind = f"{host}:0"
@@ -101,6 +106,20 @@ class StageServer:
             sequences=len(rt.sequence_ids()),
         )
 
+    def _describe(self, req: pb.SequencesRequest, context: grpc.ServicerContext) -> pb.StageInfo:
+        rt = self.runtime
+        with self._lock:
+            return pb.StageInfo(
+                state=self._state(),
+                weight_digests=rt.weight_digests(),
+                dtype=rt.compiled.dtype,
+                kv_dtype=rt.compiled.kv_dtype,
+                kv_cache_bytes=rt.kv_cache_bytes,
+                pid=os.getpid(),
+                page_size=rt.kv_config.page_size,
+                prefill_chunk=rt.prefill_chunk_size,
+            )
+
     def _sequences(self, req: pb.SequencesRequest, context: grpc.ServicerContext) -> pb.StageState:
         with self._lock:
             try:
@@ -108,9 +127,41 @@ class StageServer:
                     self.runtime.remove_sequence(int(sid))
                 for sid in req.add:
                     self.runtime.add_sequence(int(sid))
-            except ValueError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"add: {e}")
+                for f in req.fork:
+                    self.runtime.fork_sequence(int(f.parent), int(f.child), int(f.length))
+                for p in req.pop:
+                    self.runtime.popn(int(p.seq_id), int(p.n))
+            except (ValueError, KeyError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sequences: {e}")
             return self._state()
+
+    def _logits(self, req: pb.LogitsRequest, context: grpc.ServicerContext) -> pb.ForwardReply:
+        with self._lock:
+            if self._kept is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "logits: no forward kept its hidden states")
+            try:
+                return pb.ForwardReply(logits=to_array(self.runtime.logits_at(self._kept, list(req.rows))))
+            except (ValueError, tvm.error.TVMError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rows: {e}")
+
+    def _read_kv(self, req: pb.ReadKVRequest, context: grpc.ServicerContext) -> pb.KVBlock:
+        with self._lock:
+            try:
+                k, v = self.runtime.read_kv(int(req.seq_id), int(req.begin), int(req.end))
+            except (ValueError, KeyError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"read_kv: {e}")
+        return pb.KVBlock(k=to_array(k), v=to_array(v))
+
+    def _append_kv(self, req: pb.AppendKVRequest, context: grpc.ServicerContext) -> pb.StageState:
+        try:
+            k, v = from_array(req.kv.k, "kv.k"), from_array(req.kv.v, "kv.v")
+            with self._lock:
+                self.runtime.append_kv(int(req.seq_id), k, v)
+                return self._state()
+        except (ValueError, KeyError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"append_kv: {e}")
+        except MemoryError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"append_kv: {e}")
 
     def _forward(self, req: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardReply:
         last = self.index == self.count - 1
@@ -128,7 +179,11 @@ class StageServer:
                     raise ValueError(f"hidden: expected [{sum(lengths)}, hidden], got {list(h.shape)}")
                 x = tvm.runtime.tensor(np.ascontiguousarray(h, dtype=self.runtime.compiled.dtype), self.runtime.device)
             with self._lock:
+                self._kept = None
                 out = self.runtime.stage_forward(seq_ids, lengths, x)
+                if last and req.keep_hidden:
+                    self._kept = out
+                    return pb.ForwardReply()
                 if last:
                     return pb.ForwardReply(logits=to_array(self.runtime.logits_at(out, list(req.logit_rows))))
                 return pb.ForwardReply(hidden=to_array(out.numpy().reshape(sum(lengths), -1)))
@@ -143,15 +198,41 @@ class StageClient:
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
         self._channel = internal_channel(address, opts, tls)
         self._meta, self._timeout = token_metadata(token), timeout_s
-        self._seq = self._channel.unary_unary(
-            f"/{_SERVICE}/Sequences", pb.SequencesRequest.SerializeToString, pb.StageState.FromString
-        )
-        self._fwd = self._channel.unary_unary(
-            f"/{_SERVICE}/Forward", pb.ForwardRequest.SerializeToString, pb.ForwardReply.FromString
-        )
 
-    def sequences(self, add: Sequence[int] = (), remove: Sequence[int] = ()) -> pb.StageState:
-        return self._seq(pb.SequencesRequest(add=add, remove=remove), metadata=self._meta, timeout=self._timeout)
+        def method(name: str, req, rep):
+            return self._channel.unary_unary(f"/{_SERVICE}/{name}", req.SerializeToString, rep.FromString)
+
+        self._describe = method("Describe", pb.SequencesRequest, pb.StageInfo)
+        self._seq = method("Sequences", pb.SequencesRequest, pb.StageState)
+        self._fwd = method("Forward", pb.ForwardRequest, pb.ForwardReply)
+        self._logits = method("Logits", pb.LogitsRequest, pb.ForwardReply)
+        self._read = method("ReadKV", pb.ReadKVRequest, pb.KVBlock)
+        self._append = method("AppendKV", pb.AppendKVRequest, pb.StageState)
+
+    def describe(self) -> pb.StageInfo:
+        return self._describe(pb.SequencesRequest(), metadata=self._meta, timeout=self._timeout)
+
+    def sequences(self, add: Sequence[int] = (), remove: Sequence[int] = (), fork=(), pop=()) -> pb.StageState:
+        """`fork`: (parent, child, length) triples; `pop`: (seq_id, n) pairs."""
+        req = pb.SequencesRequest(
+            add=add,
+            remove=remove,
+            fork=[pb.Fork(parent=p, child=c, length=n) for p, c, n in fork],
+            pop=[pb.Pop(seq_id=s, n=n) for s, n in pop],
+        )
+        return self._seq(req, metadata=self._meta, timeout=self._timeout)
+
+    def logits(self, rows: Sequence[int]) -> np.ndarray:
+        reply = self._logits(pb.LogitsRequest(rows=rows), metadata=self._meta, timeout=self._timeout)
+        return from_array(reply.logits, "logits")
+
+    def read_kv_future(self, seq_id: int, begin: int, end: int) -> grpc.Future:
+        req = pb.ReadKVRequest(seq_id=seq_id, begin=begin, end=end)
+        return self._read.future(req, metadata=self._meta, timeout=self._timeout)
+
+    def append_kv_future(self, seq_id: int, k: np.ndarray, v: np.ndarray) -> grpc.Future:
+        req = pb.AppendKVRequest(seq_id=seq_id, kv=pb.KVBlock(k=to_array(k), v=to_array(v)))
+        return self._append.future(req, metadata=self._meta, timeout=self._timeout)
 
     def forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
         return self._fwd(req, metadata=self._meta, timeout=self._timeout)

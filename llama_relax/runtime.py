@@ -26,6 +26,7 @@ from tvm.runtime import ShapeTuple
 
 from llama_relax.arrays import aligned_empty, is_aligned
 from llama_relax.compile import CompiledModel
+from llama_relax.config import LlamaConfig
 from llama_relax.cuda_kernels import use_prebuilt_kernels
 from llama_relax.kv_cache_args import SYMBOLS, create_kv_cache
 from llama_relax.kv_dtype import kv_storage
@@ -499,19 +500,30 @@ class ModelRuntime:
         """Bytes the paged KV cache holds: every page of every layer (0 when the pages are not reachable)."""
         return sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in self.kv_pages)
 
+    def weight_digests(self) -> dict[str, bytes]:
+        """A digest of each parameter's sample under its checkpoint name (a pipeline stage's local layer names
+        mapped back): this runtime's part of the model's identity (`model_fingerprint`)."""
+        stage = self.compiled.stage
+        ranges = self.config.layer_ranges(stage[1])[stage[0]] if stage is not None else None
+        out = {}
+        for name, p in zip(self.compiled.param_names, self._param_samples, strict=True):
+            if ranges is not None and name.startswith("model.layers."):
+                _, _, j, rest = name.split(".", 3)
+                name = f"model.layers.{ranges[int(j)]}.{rest}"
+            out[name] = hashlib.sha256(name.encode() + p).digest()
+        return out
+
     def kv_fingerprint(self) -> str:
-        """Identifies the KV layout *and* the weights that produced it (config, dtype, page size, a digest of
-        samples of every parameter): KV moves only between runtimes with the same fingerprint. Computed once."""
+        """Identifies the KV layout *and* the weights that produced it (`model_fingerprint`): KV moves only between
+        runtimes (or pipelines, whatever their stage counts) with the same fingerprint. Computed once."""
         if self._fingerprint is None:
-            h = hashlib.sha256(
-                json.dumps(
-                    [self.config.to_dict(), self.compiled.dtype, self.compiled.kv_dtype, self.kv_config.page_size]
-                ).encode()
+            self._fingerprint = model_fingerprint(
+                self.config,
+                self.compiled.dtype,
+                self.compiled.kv_dtype,
+                self.kv_config.page_size,
+                self.weight_digests(),
             )
-            for name, p in zip(self.compiled.param_names, self._param_samples, strict=True):
-                h.update(name.encode())
-                h.update(p)
-            self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
 
     def _abort_forward(self, seq_ids: Sequence[int]) -> None:
@@ -529,6 +541,17 @@ class ModelRuntime:
         self.kv_pages = []
         self._host_pages = []
         self.params = []
+
+
+def model_fingerprint(
+    config: LlamaConfig, dtype: str, kv_dtype: str, page_size: int, digests: Mapping[str, bytes]
+) -> str:
+    """The KV fingerprint of a model: config, dtypes, page size and every parameter's digest by checkpoint name
+    (`ModelRuntime.weight_digests`; a pipeline passes the union of its stages')."""
+    h = hashlib.sha256(json.dumps([config.to_dict(), dtype, kv_dtype, page_size]).encode())
+    for name in sorted(digests):
+        h.update(digests[name])
+    return h.hexdigest()[:32]
 
 
 def _sample_bytes(a: np.ndarray, n: int = 4096) -> bytes:

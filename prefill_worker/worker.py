@@ -27,12 +27,16 @@ class PrefillWorker(HostedEngine):
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__()
         self.options = options
-        self.model = open_worker_model(options)
-        self.sender = make_sender(self.model.runtime, options.cluster_token, options.internal_tls)
-        faults = FaultInjector(options.faults)
-        if options.faults.faults:
-            self.sender.grpc.on_chunk = faults.chunk_hook(self.sender.cancel)
-        self.engine = PrefillEngine(self.model.runtime, self.model.tokenizer, self.sender, options, faults=faults)
+        self.model = open_worker_model(options, self.role)
+        try:
+            self.sender = make_sender(self.model.runtime, options.cluster_token, options.internal_tls)
+            faults = FaultInjector(options.faults)
+            if options.faults.faults:
+                self.sender.grpc.on_chunk = faults.chunk_hook(self.sender.cancel)
+            self.engine = PrefillEngine(self.model.runtime, self.model.tokenizer, self.sender, options, faults=faults)
+        except BaseException:  # a pipelined worker's stage actors go with it
+            self.model.close()
+            raise
         self._host(self.engine)
 
     def prefill_stream(

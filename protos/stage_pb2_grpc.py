@@ -34,6 +34,11 @@ class StageStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Describe = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/Describe',
+                request_serializer=stage__pb2.SequencesRequest.SerializeToString,
+                response_deserializer=stage__pb2.StageInfo.FromString,
+                _registered_method=True)
         self.Sequences = channel.unary_unary(
                 '/pdserve.stage.v1.Stage/Sequences',
                 request_serializer=stage__pb2.SequencesRequest.SerializeToString,
@@ -44,13 +49,35 @@ class StageStub:
                 request_serializer=stage__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=stage__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Logits = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/Logits',
+                request_serializer=stage__pb2.LogitsRequest.SerializeToString,
+                response_deserializer=stage__pb2.ForwardReply.FromString,
+                _registered_method=True)
+        self.ReadKV = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/ReadKV',
+                request_serializer=stage__pb2.ReadKVRequest.SerializeToString,
+                response_deserializer=stage__pb2.KVBlock.FromString,
+                _registered_method=True)
+        self.AppendKV = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/AppendKV',
+                request_serializer=stage__pb2.AppendKVRequest.SerializeToString,
+                response_deserializer=stage__pb2.StageState.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Describe(self, request, context):
+        """What this stage is: its state, its weights' digests (for the model's KV fingerprint), its cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Sequences(self, request, context):
-        """Add or remove sequences (all stages keep the same set).
+        """Remove, add, fork and shorten sequences, in that order (every stage keeps the same sequences).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,9 +92,35 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Logits(self, request, context):
+        """Last stage: logits of rows of the last Forward that set keep_hidden (valid until the next Forward).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadKV(self, request, context):
+        """K and V of tokens [begin, end) of a sequence, this stage's layers only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendKV(self, request, context):
+        """Append tokens' K and V (this stage's layers) to a sequence, as a forward would have.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=stage__pb2.SequencesRequest.FromString,
+                    response_serializer=stage__pb2.StageInfo.SerializeToString,
+            ),
             'Sequences': grpc.unary_unary_rpc_method_handler(
                     servicer.Sequences,
                     request_deserializer=stage__pb2.SequencesRequest.FromString,
@@ -77,6 +130,21 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=stage__pb2.ForwardRequest.FromString,
                     response_serializer=stage__pb2.ForwardReply.SerializeToString,
+            ),
+            'Logits': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logits,
+                    request_deserializer=stage__pb2.LogitsRequest.FromString,
+                    response_serializer=stage__pb2.ForwardReply.SerializeToString,
+            ),
+            'ReadKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadKV,
+                    request_deserializer=stage__pb2.ReadKVRequest.FromString,
+                    response_serializer=stage__pb2.KVBlock.SerializeToString,
+            ),
+            'AppendKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendKV,
+                    request_deserializer=stage__pb2.AppendKVRequest.FromString,
+                    response_serializer=stage__pb2.StageState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +156,33 @@ def add_StageServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Stage:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/Describe',
+            stage__pb2.SequencesRequest.SerializeToString,
+            stage__pb2.StageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Sequences(request,
@@ -133,6 +228,87 @@ class Stage:
             '/pdserve.stage.v1.Stage/Forward',
             stage__pb2.ForwardRequest.SerializeToString,
             stage__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/Logits',
+            stage__pb2.LogitsRequest.SerializeToString,
+            stage__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/ReadKV',
+            stage__pb2.ReadKVRequest.SerializeToString,
+            stage__pb2.KVBlock.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/AppendKV',
+            stage__pb2.AppendKVRequest.SerializeToString,
+            stage__pb2.StageState.FromString,
             options,
             channel_credentials,
             insecure,

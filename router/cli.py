@@ -11,6 +11,7 @@ from pathlib import Path
 
 # ---- serve ----------------------------------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    from engine.messages import StagePlacement
     from engine.speculation import SpecMode
     from llama_relax.cli import add_model_args
 
@@ -55,6 +56,16 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill-chunk-size", type=int, default=512)
     p.add_argument("--threads-per-worker", type=int, default=0, help="TVM threads per worker (0: cores / workers)")
+    pp = p.add_argument_group("pipeline stages (a model split across processes or nodes)")
+    pp.add_argument("--prefill-stages", type=int, default=1, help="stage actors per prefill worker (default 1)")
+    pp.add_argument("--decode-stages", type=int, default=1, help="stage actors per decode worker (default 1)")
+    pp.add_argument("--stages", type=int, default=1, help="stage actors per --colocated worker (default 1)")
+    pp.add_argument(
+        "--stage-placement",
+        choices=[m.value for m in StagePlacement],
+        default=StagePlacement.PACK.value,
+        help="a worker's stages: pack = as few nodes as fit (default), spread = one stage per node",
+    )
     c = p.add_argument_group("prefix cache")
     c.add_argument(
         "--no-prefix-cache",

@@ -7,6 +7,7 @@ loopback instead of rewriting 127.0.0.1 to the routable address) and an explicit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,10 @@ class ClusterSpec:
     decode_workers: int = 1
     colocated: int = 0
     address: str | None = None  # None: start a local cluster on 127.0.0.1
-    threads_per_worker: int = 0  # 0: the local cores divided among the workers
+    threads_per_worker: int = 0  # 0: the local cores divided among the processes that compute
+    prefill_stages: int = 1  # pipeline stages per worker of each pool (engine.stage_actors)
+    decode_stages: int = 1
+    colocated_stages: int = 1
 
     @property
     def mode(self) -> ServeMode:
@@ -43,6 +47,19 @@ class ClusterSpec:
     @property
     def num_workers(self) -> int:
         return self.colocated or (self.prefill_workers + self.decode_workers)
+
+    def stages(self, role: Role) -> int:
+        return {Role.PREFILL: self.prefill_stages, Role.DECODE: self.decode_stages}.get(role, self.colocated_stages)
+
+    def workers(self, role: Role) -> int:
+        if self.colocated:
+            return self.colocated if role is Role.COLOCATED else 0
+        return {Role.PREFILL: self.prefill_workers, Role.DECODE: self.decode_workers}.get(role, 0)
+
+    @property
+    def num_processes(self) -> int:
+        """Processes that run the model: a worker itself, or each of its stages (its driver only schedules)."""
+        return sum(self.workers(r) * self.stages(r) for r in Role)
 
 
 def connect_ray(spec: ClusterSpec) -> Any:
@@ -56,14 +73,11 @@ def connect_ray(spec: ClusterSpec) -> Any:
             "Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: a local cluster would bind beyond "
             "loopback"
         )
-    threads = spec.threads_per_worker or max(1, len(os.sched_getaffinity(0)) // spec.num_workers)
+    threads = spec.threads_per_worker or max(1, len(os.sched_getaffinity(0)) // spec.num_processes)
     env = {"env_vars": {**{k: os.environ[k] for k in RAY_LOOPBACK_ENV}, "TVM_NUM_THREADS": str(threads)}}
     if spec.address is None:
-        resources = {
-            Role.PREFILL.value: spec.prefill_workers,
-            Role.DECODE.value: spec.decode_workers,
-            Role.COLOCATED.value: spec.colocated,
-        }
+        resources = {r.value: spec.workers(r) for r in Role}
+        resources |= {r.stage_resource: spec.workers(r) * spec.stages(r) for r in Role if spec.stages(r) > 1}
         ray.init(
             num_cpus=max(2, spec.num_workers),
             include_dashboard=False,
@@ -106,7 +120,9 @@ def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions, stall_timeo
     handles = []
     for i, (role, cls, client_cls, pool) in enumerate(plan):
         name = f"{role.value}-{i}"
-        handle = ray.remote(cls).options(resources={role.value: 1}, num_gpus=gpus, **actor).remote(options)
+        opts = dataclasses.replace(options, stages=spec.stages(role))
+        gpu = gpus if opts.stages == 1 else 0  # a pipelined worker's GPUs are its stages'
+        handle = ray.remote(cls).options(resources={role.value: 1}, num_gpus=gpu, **actor).remote(opts)
         slot = WorkerSlot(name, role, None)
         slot.client = client_cls(ray, handle, name, stall_timeout_s, alive=lambda s=slot: s.alive)
         pool.append(slot)

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.faults import Fault, FaultPlan
-from engine.messages import WorkerOptions
+from engine.messages import StagePlacement, WorkerOptions
 from engine.speculation import SpecMode
 from kvtransfer.auth import InternalTLS, new_cluster_token
 from kvtransfer.net import is_loopback
 from llama_relax.errors import UserError
 from llama_relax.kv_dtype import resolve_kv_dtype
+from llama_relax.loader import load_config, resolve_model
 from router.cluster import ClusterSpec
 from router.router import RouterOptions
 
@@ -89,6 +90,7 @@ class ServeConfig:
     drain_timeout_s: float
     router: RouterOptions
     faults: FaultPlan
+    stage_placement: StagePlacement = StagePlacement.PACK
     # internal gRPC services (KV pushes) require it: one random token per serve, handed to every worker actor
     cluster_token: str = dataclasses.field(default_factory=new_cluster_token, repr=False)
     internal_tls: InternalTLS | None = dataclasses.field(default=None, repr=False)
@@ -107,6 +109,22 @@ class ServeConfig:
             "replaces --prefill-workers/--decode-workers; give one or the other",
         )
         _check(a.threads_per_worker >= 0, "--threads-per-worker", f"must be >= 0, got {a.threads_per_worker}")
+        for flag, value in (
+            ("--prefill-stages", a.prefill_stages),
+            ("--decode-stages", a.decode_stages),
+            ("--stages", a.stages),
+        ):
+            _check(value >= 1, flag, f"must be >= 1, got {value}")
+        _check(
+            a.stages == 1 or a.colocated > 0,
+            "--stages",
+            "splits --colocated workers; use --prefill-stages/--decode-stages",
+        )
+        _check(
+            not (a.colocated and (a.prefill_stages != 1 or a.decode_stages != 1)),
+            "--prefill-stages",
+            "and --decode-stages split the P/D pools; with --colocated use --stages",
+        )
         for flag, port in (("--port", a.port), ("--http-port", a.http_port), ("--metrics-port", a.metrics_port)):
             _check(0 <= port < 65536, flag, f"must be in [0, 65535], got {port}")
         _check(a.max_total_seq_len > 0, "--max-total-seq-len", f"must be > 0, got {a.max_total_seq_len}")
@@ -135,6 +153,15 @@ class ServeConfig:
             raise UserError(str(e)) from None
         caching = not a.no_prefix_cache
         model = a.model or default_model()
+        most = max(a.prefill_stages, a.decode_stages, a.stages)
+        if most > 1:
+            layers = load_config(resolve_model(Path(model))).num_hidden_layers
+            for flag, value in (
+                ("--prefill-stages", a.prefill_stages),
+                ("--decode-stages", a.decode_stages),
+                ("--stages", a.stages),
+            ):
+                _check(value <= layers, flag, f"must be at most the model's {layers} layers, got {value}")
         return cls(
             model=str(Path(model).resolve()),
             cache_dir=str(Path(a.cache_dir).resolve()),
@@ -148,7 +175,11 @@ class ServeConfig:
                 colocated=a.colocated,
                 address=a.address,
                 threads_per_worker=a.threads_per_worker,
+                prefill_stages=a.prefill_stages,
+                decode_stages=a.decode_stages,
+                colocated_stages=a.stages,
             ),
+            stage_placement=StagePlacement(a.stage_placement),
             host=a.host,
             port=a.port,
             http_port=a.http_port,
@@ -210,4 +241,5 @@ class ServeConfig:
             speculative=self.speculative,
             num_speculative_tokens=self.num_speculative_tokens,
             faults=self.faults,
+            stage_placement=self.stage_placement,
         )

@@ -62,7 +62,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def prepare_model(config: ServeConfig) -> ServedModel:
-    """Compile the model into the cache (once: every worker then hits it) and describe what is served."""
+    """Compile the model into the cache (once: every worker then hits it; each stage's library for pipelined
+    pools) and describe what is served."""
     from llama_relax.compile import compile_model, resolve_target
     from llama_relax.loader import load_config, quant_plan, resolve_model
     from llama_relax.models import load_tokenizer
@@ -73,7 +74,15 @@ def prepare_model(config: ServeConfig) -> ServedModel:
     mc = load_config(src)
     target = resolve_target(config.target)
     plan = quant_plan(src, mc, config.quantization, target.kind)
-    compile_model(mc, config.dtype, target, cache_dir=config.cache_dir, plan=plan, kv_dtype=config.kv_cache_dtype)
+    from engine.messages import Role
+    from llama_relax.stage_model import StageSpec
+
+    counts = sorted({config.cluster.stages(r) for r in Role if config.cluster.workers(r)})
+    stages = [None if n == 1 else StageSpec(i, n) for n in counts for i in range(n)]  # every library the pools open
+    for stage in stages:
+        compile_model(
+            mc, config.dtype, target, cache_dir=config.cache_dir, plan=plan, kv_dtype=config.kv_cache_dtype, stage=stage
+        )
     limits = ModelLimits.of(mc)
     return ServedModel(src.path.name, config.dtype, limits, mc.num_hidden_layers, mc.hidden_size, load_tokenizer(src))
 

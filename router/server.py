@@ -115,6 +115,18 @@ class GenerationService(pb_grpc.GenerationServicer):
                     kv_bytes_per_token=w.info.kv_bytes_per_token if w.info is not None else 0,
                     kv_cache_bytes=w.info.kv_cache_bytes if w.info is not None else 0,
                     refused=w.refused,
+                    stages=[
+                        pb.StageStatus(
+                            index=st.index,
+                            first_layer=st.first_layer,
+                            num_layers=st.num_layers,
+                            address=st.address,
+                            pid=st.pid,
+                            node=st.node,
+                            kv_cache_bytes=st.kv_cache_bytes,
+                        )
+                        for st in (w.info.stages if w.info is not None else ())
+                    ],
                 )
             )
         return out

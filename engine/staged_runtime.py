@@ -1,0 +1,280 @@
+"""`StagedRuntime`: a worker's pipeline stages (stage servers, `engine.stages`) behind the `ModelRuntime` calls the
+engines make, so the prefill, decode and colocated engines run on S stages unchanged.
+
+What it does per call:
+  - sequence calls (add, remove, fork, popn) go to every stage, which all keep the same sequences; lengths are
+    kept here;
+  - `forward_hidden` chains the stages (hidden states `[tokens, hidden]` hop by hop) and leaves the last stage's
+    states there; `logits_at` asks the last stage for rows of them (speculative verify asks twice);
+  - `decode` flows the batch through the stages in micro-batches (`RemotePipeline.decode_microbatched`);
+  - `read_kv` gathers every stage's layers into one all-layer K/V and `append_kv` hands each stage its layers:
+    KV pushed between pools is the whole model's, whatever the stage counts on either side (P1 -> D2, P2 -> D1).
+
+Failures: a stage's refusal (bad input, no pages) is the error the one-process runtime raises (`ValueError`,
+`MemoryError`). A stage that is gone (its process died, the channel broke) makes `on_lost` run: the hosting worker
+exits there, so its requests migrate and Ray restarts the worker with new stages (`engine.stage_actors`).
+
+Call order: one thread (the engine's) makes every call, as with `ModelRuntime`; `close()` last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tvm
+
+from engine.stages import RemotePipeline, StageClient, from_array
+from llama_relax.config import LlamaConfig
+from llama_relax.kv_dtype import kv_storage
+from llama_relax.runtime import KVCacheConfig, model_fingerprint
+
+_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT: ValueError,
+    grpc.StatusCode.FAILED_PRECONDITION: ValueError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: MemoryError,
+}
+
+
+class StageLost(RuntimeError):
+    """A stage of this worker is gone (its process died or its channel broke)."""
+
+
+@dataclass(frozen=True)
+class PipelineLibrary:
+    """What the engines read of a runtime's `compiled`: the dtypes every stage was built with, and a path in the
+    cache named for this pipeline (files measured for it sit beside it, e.g. the speculation cost curve)."""
+
+    dtype: str
+    kv_dtype: str
+    lib_path: Path
+    stage: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The last stage's states of one forward (`forward_hidden`), read by `logits_at` until the next forward."""
+
+    forward: int
+
+
+class StagedRuntime(RemotePipeline):
+    """A pipeline of stage servers with the `ModelRuntime` surface the engines use; see the module docstring."""
+
+    host_kv = False  # the pages live in the stage processes: KV leaves through `read_kv`
+    device = tvm.cpu()  # this process computes nothing; KV and logits come to host memory
+
+    def __init__(
+        self,
+        clients: list[StageClient],
+        config: LlamaConfig,
+        kv_config: KVCacheConfig,
+        on_lost: Callable[[BaseException], None],
+        cache_dir: Path,
+    ) -> None:
+        self.on_lost = on_lost
+        self.clients = clients
+        infos = [self._rpc(c.describe) for c in clients]
+        super().__init__(clients, config.vocab_size, min(i.prefill_chunk for i in infos))
+        self.infos = infos
+        kinds = {(i.dtype, i.kv_dtype, i.page_size) for i in infos}
+        if len(kinds) != 1:
+            raise ValueError(f"stages built differently (dtype, KV dtype, page size): {sorted(kinds)}")
+        dtype, kv_dtype, page_size = kinds.pop()
+        if page_size != kv_config.page_size:
+            raise ValueError(f"stages use page size {page_size}, this worker {kv_config.page_size}")
+        layers = [(i.state.first_layer, i.state.num_layers) for i in infos]
+        if layers != [(r.start, len(r)) for r in config.layer_ranges(len(clients))]:
+            raise ValueError(f"stage layer ranges {layers} do not split the model's {config.num_hidden_layers}")
+        self.config, self.kv_config = config, kv_config
+        self.kv_elem, self.kv_row = kv_storage(kv_dtype, config.head_dim)
+        self.num_kv_layers = config.num_hidden_layers
+        self.prefill_chunk_size = self.prefill_chunk
+        self.kv_cache_bytes = sum(i.kv_cache_bytes for i in infos)
+        digests = {name: d for i in infos for name, d in i.weight_digests.items()}
+        self._fingerprint = model_fingerprint(config, dtype, kv_dtype, page_size, digests)
+        name = f"pipeline-{self._fingerprint[:16]}-{len(clients)}stages"
+        self.compiled = PipelineLibrary(dtype, kv_dtype, Path(cache_dir) / name)
+        self._seq_lens: dict[int, int] = {}
+        self._forwards = 0
+        self._pool = futures.ThreadPoolExecutor(len(clients), thread_name_prefix="stage-call")
+
+    # ---- errors -------------------------------------------------------------------------------------------
+    def _rpc(self, fn: Callable, *args):
+        """`fn(*args)` (a stage call, or a future's `result`) with gRPC errors turned into the runtime's."""
+        try:
+            return fn(*args)
+        except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            if code in _REFUSALS:
+                raise _REFUSALS[code](e.details()) from None
+            lost = StageLost(f"a pipeline stage is gone: {code}: {e.details() if isinstance(e, grpc.Call) else e}")
+            self.on_lost(lost)
+            raise lost from None
+
+    def _all(self, call: Callable[[StageClient], grpc.Future]) -> list:
+        """`call` on every stage at once; their results in stage order."""
+        pending = [call(c) for c in self.clients]
+        return [self._rpc(f.result) for f in pending]
+
+    def _sequences(self, **change) -> None:
+        self._all(lambda c: self._pool.submit(c.sequences, **change))
+
+    # ---- sequences ----------------------------------------------------------------------------------------
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self._seq_lens:
+            raise ValueError(f"sequence {seq_id} already exists")
+        self._sequences(add=[seq_id])
+        self._seq_lens[seq_id] = 0
+
+    def remove_sequence(self, seq_id: int) -> None:
+        if self._seq_lens.pop(seq_id, None) is not None:
+            self._sequences(remove=[seq_id])
+
+    def fork_sequence(self, parent_id: int, child_id: int, length: int | None = None) -> None:
+        have = self._seq_lens[parent_id]
+        length = have if length is None else length
+        if child_id in self._seq_lens:
+            raise ValueError(f"sequence {child_id} already exists")
+        if not 0 <= length <= have:
+            raise ValueError(f"fork: cannot take {length} of the {have} tokens of sequence {parent_id}")
+        self._sequences(fork=[(parent_id, child_id, length)])
+        self._seq_lens[child_id] = length
+
+    def popn(self, seq_id: int, n: int) -> None:
+        if not 0 <= n <= self._seq_lens[seq_id]:
+            raise ValueError(f"popn: cannot pop {n} of {self._seq_lens[seq_id]} tokens")
+        self._sequences(pop=[(seq_id, n)])
+        self._seq_lens[seq_id] -= n
+
+    def sequence_length(self, seq_id: int) -> int:
+        return self._seq_lens[seq_id]
+
+    def sequence_ids(self) -> list[int]:
+        return list(self._seq_lens)
+
+    def has_sequence(self, seq_id: int) -> bool:
+        return seq_id in self._seq_lens
+
+    def free_pages(self) -> int:
+        """The fewest free pages of any stage (they hold the same sequences, so they agree when all is well)."""
+        return min(s.free_pages for s in self._all(lambda c: self._pool.submit(c.sequences)))
+
+    def pages_needed(self, seq_id: int | None, n_new: int) -> int:
+        cur = 0 if seq_id is None else self._seq_lens[seq_id]
+        ps = self.kv_config.page_size
+        return -(-(cur + n_new) // ps) - -(-cur // ps)
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def _appended(self, seq_ids: Sequence[int], lengths: Sequence[int], run: Callable[[], object]):
+        """Run a forward appending `lengths[i]` tokens to `seq_ids[i]` on every stage. If it fails, the sequences
+        are removed everywhere (stages before the failing one appended already), as `ModelRuntime` does."""
+        for sid, n in zip(seq_ids, lengths, strict=True):
+            if self._seq_lens[sid] + n > self.config.context_window_size:
+                raise ValueError(
+                    f"sequence {sid}: {self._seq_lens[sid] + n} tokens exceed the context window "
+                    f"({self.config.context_window_size})"
+                )
+        try:
+            out = run()
+        except StageLost:
+            raise
+        except BaseException:
+            for sid in seq_ids:
+                self.remove_sequence(sid)
+            raise
+        for sid, n in zip(seq_ids, lengths, strict=True):
+            self._seq_lens[sid] += n
+        return out
+
+    def _stage(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
+        return self._rpc(super()._stage, i, seq_ids, lengths, x, rows)
+
+    def _forward(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]], rows: Sequence[int]) -> np.ndarray:
+        return self._appended(
+            seq_ids, [len(c) for c in chunks], lambda: super(StagedRuntime, self)._forward(seq_ids, chunks, rows)
+        )
+
+    def forward_hidden(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> _Kept:
+        """Append `chunks[i]` to `seq_ids[i]` on every stage; a handle on the last stage's states for `logits_at`."""
+        lengths = [len(c) for c in chunks]
+        if sum(lengths) > self.prefill_chunk_size:
+            raise ValueError(f"forward of {sum(lengths)} tokens exceeds the prefill chunk ({self.prefill_chunk_size})")
+
+        def run() -> None:
+            x = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=sum(lengths))
+            for i in range(self.num_stages - 1):
+                x = self._stage(i, seq_ids, lengths, x, ())
+            req = self._request(self.num_stages - 1, seq_ids, lengths, x, ())
+            req.keep_hidden = True
+            self._rpc(self.clients[-1].forward, req)
+
+        self._appended(seq_ids, lengths, run)
+        self._forwards += 1
+        return _Kept(self._forwards)
+
+    def logits_at(self, hidden: _Kept, positions: Sequence[int]) -> np.ndarray:
+        """Float32 logits [len(positions), V] of rows of the forward `hidden` names (the latest one only)."""
+        if hidden.forward != self._forwards:
+            raise ValueError("logits_at: only the latest forward's states are kept")
+        return self._rpc(self.clients[-1].logits, list(positions))
+
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One token per sequence, micro-batched across the stages; float32 logits [b, V]."""
+        return self._appended(seq_ids, [1] * len(seq_ids), lambda: self._rpc(self.decode_microbatched, seq_ids, tokens))
+
+    # ---- KV -----------------------------------------------------------------------------------------------
+    def kv_shape(self, n_tokens: int) -> tuple[int, int, int, int]:
+        return (self.num_kv_layers, n_tokens, self.config.num_key_value_heads, self.kv_row)
+
+    def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of tokens [begin, end), every layer: [L, n, Hkv, d] each (each stage's layers, in order)."""
+        if seq_id not in self._seq_lens:
+            raise KeyError(f"sequence {seq_id} was not added")
+        if not 0 <= begin < end <= self._seq_lens[seq_id]:
+            raise ValueError(f"read_kv: range [{begin}, {end}) outside sequence {seq_id} of {self._seq_lens[seq_id]}")
+        blocks = self._all(lambda c: c.read_kv_future(seq_id, begin, end))
+        k = np.concatenate([from_array(b.k, "k") for b in blocks])
+        v = np.concatenate([from_array(b.v, "v") for b in blocks])
+        return k, v
+
+    def append_kv(self, seq_id: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Append n tokens of every layer's K/V ([L, n, Hkv, d]): each stage takes its own layers. Checked here
+        first; if a stage fails after others appended, the sequence is removed everywhere and the error raised."""
+        if seq_id not in self._seq_lens:
+            raise KeyError(f"sequence {seq_id} was not added")
+        n = k.shape[1] if k.ndim == 4 else -1
+        if k.shape != self.kv_shape(n) or v.shape != k.shape or n <= 0:
+            raise ValueError(f"append_kv: expected K/V of shape {self.kv_shape(max(n, 1))}, got {k.shape}, {v.shape}")
+        if str(k.dtype) != self.kv_elem or str(v.dtype) != self.kv_elem:
+            raise ValueError(
+                f"append_kv: expected {self.kv_elem} ({self.compiled.kv_dtype} KV), got {k.dtype}/{v.dtype}"
+            )
+        ranges = self.config.layer_ranges(self.num_stages)
+
+        def run() -> None:
+            calls = [
+                c.append_kv_future(seq_id, k[r.start : r.stop], v[r.start : r.stop])
+                for c, r in zip(self.clients, ranges, strict=True)
+            ]
+            errors = []
+            for call in calls:
+                try:
+                    self._rpc(call.result)
+                except (ValueError, MemoryError) as e:
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+
+        self._appended([seq_id], [n], run)
+
+    def kv_fingerprint(self) -> str:
+        return self._fingerprint
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        super().close()
