@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from decode_worker.engine import DecodeEngine
 from engine.faults import FaultInjector
-from engine.hosting import HostedEngine, open_worker_model
+from engine.hosting import HostedEngine, internal_host, open_worker_model
 from engine.messages import Admission, GenerationRequest, Output, Role, WorkerOptions
 from kvtransfer.runtime_io import make_receiver
 from kvtransfer.transport import KVReceiver
@@ -41,7 +41,7 @@ class DecodeWorker(HostedEngine):
                 self.receiver, self._kv_address = make_receiver(
                     self.model.runtime,
                     self.engine.import_kv,
-                    options.kv_host,
+                    internal_host(options),
                     0,
                     self.engine.orphaned,
                     options.cluster_token,

@@ -126,6 +126,28 @@ def pdserve_findings(config: dict[str, Any]) -> list[Finding]:
         head = config.get("head_node_type")
         if head and head not in types:
             out.append(Finding("head_node_type", f"{head!r} is not among available_node_types", "pdserve"))
+    out += _stage_findings(config, head_cmds, worker_cmds)
+    return out
+
+
+_STAGE_FLAGS = {"--prefill-stages": "prefill_stage", "--decode-stages": "decode_stage", "--stages": "colocated_stage"}
+
+
+def _stage_findings(config: dict[str, Any], head_cmds: str, worker_cmds: str) -> list[Finding]:
+    """A pipelined pool (`--decode-stages 2`, ...) needs nodes that offer its stage resource (`decode_stage`)."""
+    out = []
+    types = config.get("available_node_types") or {}
+    offered = head_cmds + "\n" + worker_cmds + "\n" + " ".join(str((t or {}).get("resources")) for t in types.values())
+    for flag, res in _STAGE_FLAGS.items():
+        m = re.search(rf"pdserve\s+serve\b[^\n]*{flag}[ =](\d+)", head_cmds)
+        if m and int(m.group(1)) > 1 and res not in offered:
+            out.append(
+                Finding(
+                    "available_node_types" if types else "head_start_ray_commands",
+                    f"`{flag} {m.group(1)}` needs nodes that offer the `{res}` resource (one per stage)",
+                    "pdserve",
+                )
+            )
     return out
 
 

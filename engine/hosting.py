@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Protocol
 from engine.loop import EngineLoop
 from engine.messages import Role, WorkerInfo, WorkerLoad, WorkerOptions
 from engine.stage_actors import StagedModel, open_staged_model
+from kvtransfer.net import WILDCARD_HOSTS, is_loopback
 from llama_relax.compile import resolve_target
 from llama_relax.kv_dtype import kv_bytes_per_token
 from llama_relax.models import OpenModel, open_model
@@ -42,6 +44,19 @@ def open_worker_model(options: WorkerOptions, role: Role) -> OpenModel | StagedM
         quantization=options.quantization,
         kv_cache_dtype=options.kv_cache_dtype,
     )
+
+
+def internal_host(options: WorkerOptions) -> str:
+    """The address this process's internal services (KV receiver, pipeline stage) bind and advertise: a loopback
+    `--host` as given (a one-machine cluster); otherwise this node's own address as Ray knows it, never a
+    wildcard, so they are reached by the cluster's nodes and listen on no other interface."""
+    if is_loopback(options.kv_host):
+        return options.kv_host
+    import ray
+
+    if ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    return socket.gethostbyname(socket.gethostname()) if options.kv_host in WILDCARD_HOSTS else options.kv_host
 
 
 class HostableEngine(Protocol):

@@ -61,7 +61,10 @@ class StageHost:
             quantization=options.quantization,
             kv_cache_dtype=options.kv_cache_dtype,
         )
-        self.server = StageServer(self.runtime, options.kv_host, options.cluster_token, options.internal_tls)
+        from engine.hosting import internal_host  # (hosting imports this module)
+
+        host = internal_host(options)
+        self.server = StageServer(self.runtime, host, options.cluster_token, options.internal_tls)
         self.address = self.server.start()
         self._done = threading.Event()
 

@@ -56,3 +56,15 @@ def test_not_yaml_is_one_clear_error(tmp_path):
     cfg.write_text("a: b: c\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         check_file(cfg)
+
+
+def test_a_pipelined_pool_needs_its_stage_resource(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    serve = "pdserve serve --address auto --decode-stages 2"
+    cfg.write_text(
+        "cluster_name: x\nprovider: {type: local, head_ip: 10.0.0.1, worker_ips: []}\n"
+        f"head_start_ray_commands: ['ray start --head --resources={{\"prefill\": 1, \"decode\": 1}}', '{serve}']\n"
+    )
+    assert [f.message for f in check_file(cfg) if "`decode_stage`" in f.message and "--decode-stages 2" in f.message]
+    cfg.write_text(cfg.read_text().replace('"decode": 1}', '"decode": 1, "decode_stage": 2}'))
+    assert check_file(cfg) == []

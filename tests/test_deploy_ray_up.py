@@ -7,6 +7,7 @@ nothing of the real root's dotfiles changes; the account is removed at the end."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -46,7 +47,7 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # one login for both cases (ssh reuses its connection for a few seconds)
 def sshd_and_alias(compiled_gqa, cache_dir):
     if os.geteuid() != 0 or shutil.which("sshd") is None or shutil.which("rsync") is None:
         pytest.fail("the deploy test needs root, sshd and rsync (see .ci/run)")
@@ -101,12 +102,15 @@ def _ours(new: set[int], before: set[int]) -> set[int]:
     return mine
 
 
-def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
+@pytest.mark.parametrize("decode_stages", [1, 2], ids=["one-process", "2-stage-decode"])
+def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias, decode_stages):
+    """The second case runs the decode pool as 2 pipeline stages (stage actors on the node's decode_stage slots)."""
     base, key, model, cache_dir = sshd_and_alias
+    resources = {"prefill": 1, "decode": 1} | ({"decode_stage": decode_stages} if decode_stages > 1 else {})
     grpc_port, ray_port = free_port(), free_port()
     tmpl = string.Template((REPO / "deploy" / "loopback.yaml").read_text())
-    temp_dir = base / "ray"
-    config = base / "cluster.yaml"
+    temp_dir = base / f"ray{decode_stages}"
+    config = base / f"cluster{decode_stages}.yaml"
     config.write_text(
         tmpl.substitute(
             ssh_user=ALIAS,
@@ -116,6 +120,8 @@ def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
             cache_dir=cache_dir,
             model=model,
             grpc_port=grpc_port,
+            resources=json.dumps(resources),
+            stage_flags=f"--decode-stages {decode_stages}",
         )
     )
     check = run([sys.executable, "-m", "pdserve", "deploy", "check", str(config)])
@@ -146,6 +152,9 @@ def test_ray_up_serves_and_ray_down_cleans_up(sshd_and_alias):
         )
         responses = list(pb_grpc.GenerationStub(channel).Generate(req, timeout=120))
         assert [len(r.token_ids) for r in responses] == [1, 1, 1, 1] and responses[-1].finish_reason == "length"
+        status = pb_grpc.GenerationStub(channel).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+        [decode] = [w for w in status.workers if w.role == "decode"]
+        assert len(decode.stages) == (decode_stages if decode_stages > 1 else 0)
         channel.close()
         started = _ours({p.pid for p in psutil.process_iter()} - before, before)
         names = " ".join(_cmdline(p) for p in started)

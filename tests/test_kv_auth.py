@@ -111,3 +111,14 @@ def test_tls_flags(cert):
     ):
         with pytest.raises(UserError, match=named):
             config(*model, *flags)
+
+
+def test_internal_services_bind_loopback_or_the_nodes_own_address():
+    """#28: an internal service binds the node's own address only when the cluster is not on loopback, and never
+    a wildcard (it would listen on every interface)."""
+    from engine.hosting import internal_host
+    from engine.messages import WorkerOptions
+    from kvtransfer.net import WILDCARD_HOSTS
+
+    assert internal_host(WorkerOptions("m", "c", kv_host="127.0.0.1")) == "127.0.0.1"
+    assert internal_host(WorkerOptions("m", "c", kv_host="0.0.0.0")) not in WILDCARD_HOSTS
