@@ -120,11 +120,8 @@ class ServeConfig:
             "--stages",
             "splits --colocated workers; use --prefill-stages/--decode-stages",
         )
-        _check(
-            not (a.colocated and (a.prefill_stages != 1 or a.decode_stages != 1)),
-            "--prefill-stages",
-            "and --decode-stages split the P/D pools; with --colocated use --stages",
-        )
+        for flag, value in (("--prefill-stages", a.prefill_stages), ("--decode-stages", a.decode_stages)):
+            _check(not (a.colocated and value != 1), flag, "splits a P/D pool; with --colocated use --stages")
         for flag, port in (("--port", a.port), ("--http-port", a.http_port), ("--metrics-port", a.metrics_port)):
             _check(0 <= port < 65536, flag, f"must be in [0, 65535], got {port}")
         _check(a.max_total_seq_len > 0, "--max-total-seq-len", f"must be > 0, got {a.max_total_seq_len}")

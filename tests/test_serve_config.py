@@ -53,6 +53,10 @@ BAD = [
     (("--num-speculative-tokens", "0"), "--num-speculative-tokens"),
     (("--num-speculative-tokens", "33"), "--num-speculative-tokens"),
     (("--inject-fault", "decode_step:explode"), "--inject-fault"),
+    (("--decode-stages", "0"), "--decode-stages"),
+    (("--prefill-stages", "-1"), "--prefill-stages"),
+    (("--stages", "2"), "--stages"),
+    (("--colocated", "1", "--decode-stages", "2"), "--decode-stages"),
     (("--inject-fault", "decode_step:corrupt"), "kv_send only"),
 ]
 
@@ -93,3 +97,16 @@ def test_serve_with_a_bad_flag_prints_one_line_and_starts_nothing():
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
     assert r.stderr.startswith("pdserve: error: --max-batch-size: must be >= 0")
+
+
+def test_more_stages_than_layers_names_the_flag(tmp_path):
+    from conftest import TINY_GQA
+    from model_files import write_hf_dir
+    from reference import random_params
+
+    model = write_hf_dir(tmp_path, TINY_GQA, random_params(TINY_GQA, seed=1))
+    with pytest.raises(UserError, match=r"^--decode-stages: must be at most the model's 2 layers, got 3$"):
+        config("--model", str(model), "--decode-stages", "3")
+    c = config("--model", str(model), "--decode-stages", "2", "--stage-placement", "spread")
+    assert (c.cluster.decode_stages, c.cluster.prefill_stages, c.stage_placement.value) == (2, 1, "spread")
+    assert c.cluster.num_processes == 3  # the prefill worker and the two decode stages compute
