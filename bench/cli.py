@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.arrivals import arrival_offsets, check_burstiness, check_rate
+from bench.arrivals import RateSchedule, arrival_offsets, check_burstiness, check_rate, schedule_offsets
 from bench.client import BenchClient, ClientOptions, LaunchedServer, ServerInfo
 from bench.faults import FaultSchedule, FaultSpec, fault_impact, is_local
 from bench.margins import mismatch_line, mismatches
@@ -75,6 +75,7 @@ class BenchConfig:
     faults: tuple[FaultSpec, ...] = ()
     multiturn: MultiturnSpec | None = None  # --dataset multiturn
     slo_grid: SloGrid | None = None  # --slo-grid
+    schedule: RateSchedule | None = None  # --rate-schedule: piecewise rates (one run; labelled by its mean rate)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
@@ -100,8 +101,13 @@ class BenchConfig:
             targets = (*targets, Target("B", addr=args.compare_addr))
         for t in targets:
             _split_flags(t.serve_flags)
-        if args.sweep_rates is not None and args.request_rate is not None:
-            raise ValueError("give --request-rate or --sweep-rates, not both")
+        given = [f for f, v in (("--request-rate", args.request_rate), ("--sweep-rates", args.sweep_rates)) if v]
+        given += ["--rate-schedule"] if args.rate_schedule else []
+        if len(given) > 1:
+            raise ValueError(
+                f"give one of --request-rate, --sweep-rates and --rate-schedule, not {' and '.join(given)}"
+            )
+        schedule = RateSchedule.parse(args.rate_schedule) if args.rate_schedule else None
         if args.sweep_rates is not None:
             rates = tuple(_rate(x) for x in args.sweep_rates.split(",") if x.strip())
             if not rates:
@@ -165,6 +171,7 @@ class BenchConfig:
             tuple(FaultSpec.parse(f) for f in args.fault),
             multiturn,
             SloGrid.parse(args.slo_grid) if args.slo_grid else None,
+            schedule,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -296,6 +303,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
     a.add_argument("--max-concurrency", type=int, default=None, help="cap on in-flight requests")
     a.add_argument("--sweep-rates", default=None, metavar="R1,R2,...", help="run each rate in turn")
+    a.add_argument(
+        "--rate-schedule",
+        default=None,
+        metavar="T:R,...",
+        help='piecewise rates over time, e.g. "0:0.2,60:2,120:0.2" (from second T on, R req/s)',
+    )
     a.add_argument("--warmup", type=int, default=0, help="uncounted warm-up requests before each server's runs")
     o = p.add_argument_group("measurement and output")
     o.add_argument("--slo", default=None, metavar="ttft=MS,tpot=MS", help="SLOs for goodput (e2e=MS also)")
@@ -427,12 +440,13 @@ def _measure(
     if cfg.multiturn is not None:
         convs = build_conversations(cfg.multiturn, info.vocab_size, info.context_window_size)
         for rate in cfg.rates:
-            offsets = arrival_offsets(len(convs), rate, cfg.burstiness, cfg.workload.seed)
+            offsets = _offsets(cfg, len(convs), rate)
             result = run_conversations(client, convs, offsets, desc=f"{target.label} @ {rate_text(rate)}")
             runs.append(_outcome(cfg, target, addr, rate, result.records, result.duration_s))
         return workload, info, launched, runs
     for rate in cfg.rates:
-        offsets = arrival_offsets(len(workload.requests), rate, cfg.burstiness, cfg.workload.seed)
+        offsets = _offsets(cfg, len(workload.requests), rate)
+        rate = len(offsets) / offsets[-1] if cfg.schedule is not None and offsets[-1] > 0 else rate  # its mean
         schedule = FaultSchedule(cfg.faults, client.worker_pid)
         result = client.run(
             workload.requests, offsets, desc=f"{target.label} @ {rate_text(rate)}", on_start=schedule.start
@@ -440,6 +454,13 @@ def _measure(
         impacts = tuple(fault_impact(e, result.records, result.start) for e in schedule.join())
         runs.append(_outcome(cfg, target, addr, rate, result.records, result.duration_s, impacts))
     return workload, info, launched, runs
+
+
+def _offsets(cfg: BenchConfig, n: int, rate: float):
+    """Send times of `n` requests: at `rate`, or under `--rate-schedule`."""
+    if cfg.schedule is not None:
+        return schedule_offsets(n, cfg.schedule, cfg.burstiness, cfg.workload.seed)
+    return arrival_offsets(n, rate, cfg.burstiness, cfg.workload.seed)
 
 
 def _outcome(

@@ -16,8 +16,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     from llama_relax.cli import add_model_args
 
     add_model_args(p)
-    p.add_argument("--prefill-workers", type=int, default=1)
-    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument(
+        "--prefill-workers", default="1", metavar="N|MIN:MAX", help="prefill pool size, or a range the planner sizes"
+    )
+    p.add_argument(
+        "--decode-workers", default="1", metavar="N|MIN:MAX", help="decode pool size, or a range the planner sizes"
+    )
     p.add_argument("--colocated", type=int, default=0, metavar="N", help="serve with N colocated engines instead")
     p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default loopback only)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
@@ -56,6 +60,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill-chunk-size", type=int, default=512)
     p.add_argument("--threads-per-worker", type=int, default=0, help="TVM threads per worker (0: cores / workers)")
+    pl = p.add_argument_group("planner (on when a pool's size is a range)")
+    pl.add_argument("--slo", default=None, metavar="ttft=MS,itl=MS", help="the targets the planner sizes pools to")
+    pl.add_argument("--planner-interval-s", type=float, default=10.0, help="seconds between planner ticks (10)")
     pp = p.add_argument_group("pipeline stages (a model split across processes or nodes)")
     pp.add_argument("--prefill-stages", type=int, default=1, help="stage actors per prefill worker (default 1)")
     pp.add_argument("--decode-stages", type=int, default=1, help="stage actors per decode worker (default 1)")

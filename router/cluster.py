@@ -31,8 +31,10 @@ def loopback_ray_env() -> None:
 class ClusterSpec:
     """What to run: `colocated > 0` serves with that many colocated engines instead of the P/D pools."""
 
-    prefill_workers: int = 1
+    prefill_workers: int = 1  # at start (a planned pool's MIN)
     decode_workers: int = 1
+    prefill_max: int = 0  # the most the planner may run (0: the start size)
+    decode_max: int = 0
     colocated: int = 0
     address: str | None = None  # None: start a local cluster on 127.0.0.1
     threads_per_worker: int = 0  # 0: the local cores divided among the processes that compute
@@ -50,6 +52,16 @@ class ClusterSpec:
 
     def stages(self, role: Role) -> int:
         return {Role.PREFILL: self.prefill_stages, Role.DECODE: self.decode_stages}.get(role, self.colocated_stages)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefill_max", max(self.prefill_max, self.prefill_workers))
+        object.__setattr__(self, "decode_max", max(self.decode_max, self.decode_workers))
+
+    def most(self, role: Role) -> int:
+        """The most workers of `role` that may run at once (a local cluster offers that many slots)."""
+        if self.colocated:
+            return self.colocated if role is Role.COLOCATED else 0
+        return {Role.PREFILL: self.prefill_max, Role.DECODE: self.decode_max}.get(role, 0)
 
     def workers(self, role: Role) -> int:
         if self.colocated:
@@ -76,8 +88,8 @@ def connect_ray(spec: ClusterSpec) -> Any:
     threads = spec.threads_per_worker or max(1, len(os.sched_getaffinity(0)) // spec.num_processes)
     env = {"env_vars": {**{k: os.environ[k] for k in RAY_LOOPBACK_ENV}, "TVM_NUM_THREADS": str(threads)}}
     if spec.address is None:
-        resources = {r.value: spec.workers(r) for r in Role}
-        resources |= {r.stage_resource: spec.workers(r) * spec.stages(r) for r in Role if spec.stages(r) > 1}
+        resources = {r.value: spec.most(r) for r in Role}
+        resources |= {r.stage_resource: spec.most(r) * spec.stages(r) for r in Role if spec.stages(r) > 1}
         ray.init(
             num_cpus=max(2, spec.num_workers),
             include_dashboard=False,
@@ -99,33 +111,43 @@ class Cluster:
     pools: Pools
 
 
-def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions, stall_timeout_s: float = 30.0) -> Cluster:
-    """Create the worker actors (on the custom resource named by their role) and wait until each has loaded its
-    model; the pools are refreshed once, so every worker's KV address and load are known.
+ACTOR = {"max_concurrency": 256, "num_cpus": 0, "max_restarts": -1, "max_task_retries": 0}
 
-    Ray restarts a worker whose process died, without a cap (`max_restarts=-1`); the router's pool monitor sees
-    the new incarnation and readmits it. A call slower than `stall_timeout_s` treats the worker as failed."""
+
+def start_worker(
+    ray: Any, role: Role, spec: ClusterSpec, options: WorkerOptions, name: str, stall_timeout_s: float
+) -> tuple[Any, WorkerSlot]:
+    """Create one worker actor of `role` (on the custom resource named by its role; it loads its model in the
+    background) and the router's slot for it. Ray restarts its process if it dies, without a cap."""
     from decode_worker.worker import ColocatedWorker, DecodeWorker
     from prefill_worker.worker import PrefillWorker
 
-    actor = {"max_concurrency": 256, "num_cpus": 0, "max_restarts": -1, "max_task_retries": 0}
-    gpus = 1 if options.target == "cuda" else 0  # a CUDA worker holds one GPU of its node
-    plan: list[tuple[Role, type, type, list[WorkerSlot]]] = []
+    cls, client_cls = {
+        Role.PREFILL: (PrefillWorker, RayPrefillClient),
+        Role.DECODE: (DecodeWorker, RayDecodeClient),
+        Role.COLOCATED: (ColocatedWorker, RayDecodeClient),
+    }[role]
+    opts = dataclasses.replace(options, stages=spec.stages(role))
+    gpu = 1 if options.target == "cuda" and opts.stages == 1 else 0  # a CUDA worker holds one GPU (or its stages)
+    handle = ray.remote(cls).options(resources={role.value: 1}, num_gpus=gpu, **ACTOR).remote(opts)
+    slot = WorkerSlot(name, role, None)
+    slot.client = client_cls(ray, handle, name, stall_timeout_s, alive=lambda s=slot: s.alive)
+    return handle, slot
+
+
+def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions, stall_timeout_s: float = 30.0) -> Cluster:
+    """Create the worker actors and wait until each has loaded its model; the pools are refreshed once, so every
+    worker's KV address and load are known. The router's pool monitor readmits a restarted worker's new
+    incarnation; a call slower than `stall_timeout_s` treats the worker as failed."""
     pools = Pools(kv_dtype="" if options.kv_cache_dtype == "auto" else options.kv_cache_dtype)
     if spec.colocated:
-        plan += [(Role.COLOCATED, ColocatedWorker, RayDecodeClient, pools.colocated)] * spec.colocated
+        roles = [Role.COLOCATED] * spec.colocated
     else:
-        plan += [(Role.PREFILL, PrefillWorker, RayPrefillClient, pools.prefill)] * spec.prefill_workers
-        plan += [(Role.DECODE, DecodeWorker, RayDecodeClient, pools.decode)] * spec.decode_workers
+        roles = [Role.PREFILL] * spec.prefill_workers + [Role.DECODE] * spec.decode_workers
     handles = []
-    for i, (role, cls, client_cls, pool) in enumerate(plan):
-        name = f"{role.value}-{i}"
-        opts = dataclasses.replace(options, stages=spec.stages(role))
-        gpu = gpus if opts.stages == 1 else 0  # a pipelined worker's GPUs are its stages'
-        handle = ray.remote(cls).options(resources={role.value: 1}, num_gpus=gpu, **actor).remote(opts)
-        slot = WorkerSlot(name, role, None)
-        slot.client = client_cls(ray, handle, name, stall_timeout_s, alive=lambda s=slot: s.alive)
-        pool.append(slot)
+    for i, role in enumerate(roles):
+        handle, slot = start_worker(ray, role, spec, options, f"{role.value}-{i}", stall_timeout_s)
+        pools.pool(role).append(slot)
         handles.append(handle)
     ray.get([h.ping.remote() for h in handles])
     pools.refresh()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.faults import Fault, FaultPlan
-from engine.messages import StagePlacement, WorkerOptions
+from engine.messages import Role, StagePlacement, WorkerOptions
 from engine.speculation import SpecMode
 from kvtransfer.auth import InternalTLS, new_cluster_token
 from kvtransfer.net import is_loopback
@@ -23,6 +23,7 @@ from llama_relax.errors import UserError
 from llama_relax.kv_dtype import resolve_kv_dtype
 from llama_relax.loader import load_config, resolve_model
 from router.cluster import ClusterSpec
+from router.planner import PoolRange, Slo
 from router.router import RouterOptions
 
 MAX_AUTO_BATCH = 32
@@ -55,6 +56,26 @@ def _internal_tls(cert: Path | None, key: Path | None) -> InternalTLS | None:
         _check("-----BEGIN " in text and marker in text, flag, f"{path} is not a PEM {marker.lower()}")
         texts.append(text)
     return InternalTLS(texts[0], texts[1])
+
+
+@dataclass(frozen=True)
+class PlannerSpec:
+    """The planner's settings (`router.planner`): the pools it sizes, the SLO, the tick."""
+
+    ranges: dict[Role, PoolRange]  # only the pools given as MIN:MAX with MIN < MAX
+    slo: Slo
+    interval_s: float
+
+
+def _planner(ranges: dict[Role, PoolRange], slo: Slo | None, interval_s: float) -> PlannerSpec | None:
+    """The planner is on when a pool's size is a range; a range needs an SLO and an SLO a range."""
+    ranged = {role: r for role, r in ranges.items() if not r.fixed}
+    flag = {Role.PREFILL: "--prefill-workers", Role.DECODE: "--decode-workers"}
+    for role in ranged:
+        _check(slo is not None, flag[role], "a MIN:MAX range needs --slo ttft=MS,itl=MS (what the planner sizes to)")
+    _check(slo is None or bool(ranged), "--slo", "needs a range to size: --prefill-workers or --decode-workers MIN:MAX")
+    _check(interval_s > 0, "--planner-interval-s", f"must be > 0 seconds, got {interval_s}")
+    return PlannerSpec(ranged, slo, interval_s) if ranged and slo is not None else None
 
 
 def _check(ok: bool, flag: str, message: str) -> None:
@@ -91,6 +112,7 @@ class ServeConfig:
     router: RouterOptions
     faults: FaultPlan
     stage_placement: StagePlacement = StagePlacement.PACK
+    planner: PlannerSpec | None = None  # on when a pool's size is a range
     # internal gRPC services (KV pushes) require it: one random token per serve, handed to every worker actor
     cluster_token: str = dataclasses.field(default_factory=new_cluster_token, repr=False)
     internal_tls: InternalTLS | None = dataclasses.field(default=None, repr=False)
@@ -100,14 +122,21 @@ class ServeConfig:
         """Check every flag (one `UserError` naming it); `default_model()` (it may fetch the bundled model) is
         called only when `--model` is not given, after every check passed."""
         a = args
-        for flag, value in (("--prefill-workers", a.prefill_workers), ("--decode-workers", a.decode_workers)):
-            _check(value >= 1, flag, f"must be >= 1, got {value}")
+        try:
+            ranges = {
+                Role.PREFILL: PoolRange.parse(str(a.prefill_workers), "--prefill-workers", 1),
+                Role.DECODE: PoolRange.parse(str(a.decode_workers), "--decode-workers", 1),
+            }
+            slo = Slo.parse(a.slo) if a.slo is not None else None
+        except ValueError as e:
+            raise UserError(str(e)) from None
         _check(a.colocated >= 0, "--colocated", f"must be >= 0, got {a.colocated}")
         _check(
-            not (a.colocated and (a.prefill_workers != 1 or a.decode_workers != 1)),
+            not (a.colocated and any(r != PoolRange(1, 1) for r in ranges.values())),
             "--colocated",
             "replaces --prefill-workers/--decode-workers; give one or the other",
         )
+        planner = _planner(ranges, slo, a.planner_interval_s)
         _check(a.threads_per_worker >= 0, "--threads-per-worker", f"must be >= 0, got {a.threads_per_worker}")
         for flag, value in (
             ("--prefill-stages", a.prefill_stages),
@@ -167,8 +196,10 @@ class ServeConfig:
             quantization=a.quantization,
             kv_cache_dtype=resolve_kv_dtype(a.kv_cache_dtype, a.dtype, a.target),
             cluster=ClusterSpec(
-                prefill_workers=a.prefill_workers,
-                decode_workers=a.decode_workers,
+                prefill_workers=ranges[Role.PREFILL].min,
+                decode_workers=ranges[Role.DECODE].min,
+                prefill_max=ranges[Role.PREFILL].max,
+                decode_max=ranges[Role.DECODE].max,
                 colocated=a.colocated,
                 address=a.address,
                 threads_per_worker=a.threads_per_worker,
@@ -177,6 +208,7 @@ class ServeConfig:
                 colocated_stages=a.stages,
             ),
             stage_placement=StagePlacement(a.stage_placement),
+            planner=planner,
             host=a.host,
             port=a.port,
             http_port=a.http_port,
@@ -214,7 +246,7 @@ class ServeConfig:
     @property
     def grpc_calls(self) -> int:
         """gRPC threads: every running and queued request holds one, plus spares (health, status, refusals)."""
-        running = self.max_batch_size * (self.cluster.colocated or self.cluster.decode_workers)
+        running = self.max_batch_size * (self.cluster.colocated or self.cluster.decode_max)
         return running + self.router.max_queued + API_SPARE_CALLS
 
     def worker_options(self) -> WorkerOptions:

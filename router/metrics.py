@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from router.planner import RecentSignals
 from router.pools import WorkerSlot
 from router.record import Outcome, RequestRecord
 
@@ -68,6 +70,13 @@ class Metrics:
             registry=r,
         )
         self.pool_workers = Gauge("pdserve_pool_workers", "Workers in each pool", ["role"], registry=r)
+        self.planner_decisions = Counter(
+            "pdserve_planner_decisions",
+            "Pool changes the planner decided",
+            ["role", "direction", "reason"],
+            registry=r,
+        )
+        self.recent = RecentSignals()  # what the planner reads (router.planner)
         self.pool_alive = Gauge("pdserve_pool_workers_alive", "Live workers in each pool", ["role"], registry=r)
         self.queued = Gauge(
             "pdserve_admission_queue_requests", "Requests waiting for room on the decode pool", registry=r
@@ -90,6 +99,7 @@ class Metrics:
             self.ttft.observe(now - rec.arrival)
         else:
             self.itl.observe(gap)
+            self.recent.add_gap(now, gap)
 
     def observe_request(self, rec: RequestRecord) -> None:
         """Once per request, at its end: the outcome, E2E (finished requests), queue and KV hand-off."""
@@ -103,6 +113,7 @@ class Metrics:
                 self.tpot.observe((rec.e2e_s - rec.ttft_s) / (rec.completion_tokens - 1))
         p = rec.prefill
         if p is not None and p.ok:
+            self.recent.add_prefill(time.monotonic(), rec.prompt_tokens - p.cached_tokens, p.prefill_s)
             self.queue.observe(p.queue_s)
             self.kv_seconds.observe(p.transfer_s)
             self.kv_bytes.inc(p.kv_bytes)

@@ -46,6 +46,7 @@ class WorkerSlot(Generic[C]):
     prefixes: set[int] = field(default_factory=set)  # page hashes it reported holding at the last refresh
     placed: dict[int, float] = field(default_factory=dict)  # page hashes the router sent since -> when (monotonic)
     refused: str = ""  # why this process is kept out of rotation (its KV cache cannot take the cluster's KV)
+    draining: bool = False  # the planner is removing it: placement skips it, what runs finishes or migrates
 
     @property
     def kv_address(self) -> str:
@@ -53,8 +54,8 @@ class WorkerSlot(Generic[C]):
 
     @property
     def available(self) -> bool:
-        """Alive and not cooling down: placement may pick it."""
-        return self.alive and time.monotonic() >= self.cooldown_until
+        """Alive, not draining and not cooling down: placement may pick it."""
+        return self.alive and not self.draining and time.monotonic() >= self.cooldown_until
 
 
 PLACED_TTL_S = 10.0  # a prompt the router sent counts as cached there this long, until the worker reports it
@@ -120,6 +121,18 @@ class Pools:
     @property
     def workers(self) -> list[WorkerSlot]:
         return [*self.prefill, *self.decode, *self.colocated]
+
+    def pool(self, role: Role) -> list[WorkerSlot]:
+        return {Role.PREFILL: self.prefill, Role.DECODE: self.decode, Role.COLOCATED: self.colocated}[role]
+
+    def add(self, w: WorkerSlot) -> None:
+        """A worker joins its pool while serving (a new list: placement iterating the old one is undisturbed)."""
+        with self.lock:
+            setattr(self, w.role.value, [*self.pool(w.role), w])
+
+    def remove(self, w: WorkerSlot) -> None:
+        with self.lock:
+            setattr(self, w.role.value, [x for x in self.pool(w.role) if x is not w])
 
     breaker_failures: int = 3  # calls failed in a row that take a worker out of rotation ...
     breaker_cooldown_s: float = 10.0  # ... for this long
@@ -207,27 +220,38 @@ class PoolMonitor:
     """Watches every worker on a thread of its own (a worker that does not answer never delays the others):
     its load every `interval_s`, its new incarnation after a restart. A worker whose load call does not return
     within the client's call timeout (the stall timeout: a SIGSTOPped process, a wedged engine) is marked dead
-    until it answers again; streams from a dead worker end, and their requests migrate."""
+    until it answers again; streams from a dead worker end, and their requests migrate. Workers the planner adds
+    or removes while serving are watched or unwatched with `watch` / `unwatch`."""
 
     def __init__(self, pools: Pools, interval_s: float = 0.5) -> None:
         self.pools = pools
         self.interval_s = interval_s
         self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._watch, args=(w,), name=f"watch-{w.name}", daemon=True) for w in pools.workers
-        ]
+        self._watching: dict[str, threading.Event] = {}
 
     def start(self) -> PoolMonitor:
-        for t in self._threads:
-            t.start()
+        for w in self.pools.workers:
+            self.watch(w)
         return self
+
+    def watch(self, w: WorkerSlot) -> None:
+        done = self._watching[w.name] = threading.Event()
+        threading.Thread(target=self._watch, args=(w, done), name=f"watch-{w.name}", daemon=True).start()
+
+    def unwatch(self, w: WorkerSlot) -> None:
+        done = self._watching.pop(w.name, None)
+        if done is not None:
+            done.set()
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _watch(self, w: WorkerSlot) -> None:
-        while not self._stop.is_set():
-            self.pools._apply(w, _observe(w))
+    def _watch(self, w: WorkerSlot, done: threading.Event) -> None:
+        while not self._stop.is_set() and not done.is_set():
+            observed = _observe(w)
+            if done.is_set():
+                return
+            self.pools._apply(w, observed)
             self._stop.wait(self.interval_s)
 
 

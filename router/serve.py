@@ -87,6 +87,28 @@ def prepare_model(config: ServeConfig) -> ServedModel:
     return ServedModel(src.path.name, config.dtype, limits, mc.num_hidden_layers, mc.hidden_size, load_tokenizer(src))
 
 
+def start_planner(ray: Any, c: ServeConfig, cluster: Any, monitor: Any, metrics: Any) -> Any:
+    """The planner (`router.planner`) and its hands (`router.scaling`), ticking every `--planner-interval-s`."""
+    from router.planner import Planner
+    from router.scaling import PlannerLoop, Scaler
+
+    spec = c.planner
+    planner = Planner(spec.ranges, spec.slo)
+    scaler = Scaler(
+        ray,
+        c.cluster,
+        c.worker_options(),
+        cluster,
+        monitor,
+        drain_timeout_s=c.drain_timeout_s,
+        stall_timeout_s=c.stall_timeout_s,
+        stuck_after_s=max(60.0, planner.stuck_ticks * spec.interval_s),
+    )
+    ranges = ", ".join(f"{role.value} {r.min}:{r.max}" for role, r in spec.ranges.items())
+    _say(f"pdserve: planner on ({ranges}; TTFT {spec.slo.ttft_s * 1e3:g} ms, ITL {spec.slo.itl_s * 1e3:g} ms)")
+    return PlannerLoop(planner, scaler, metrics, c.max_batch_size, spec.interval_s).start()
+
+
 class Serving:
     """The running parts of one `pdserve serve`: `start` brings them up in order, `stop` (always called, also
     after a failed start) drains and takes down whatever started, in reverse order."""
@@ -95,6 +117,7 @@ class Serving:
         self.config, self.model = config, model
         self.ray: Any = None
         self.cluster = self.router = self.monitor = self.server = self.health = self.http = None
+        self.planner: Any = None
         self.metrics: Any = None
 
     def start(self, ray: Any) -> None:
@@ -112,6 +135,8 @@ class Serving:
         self.metrics = Metrics()
         self.router = Router(pools, c.cluster.mode, c.router, self.metrics, Tracer(c.otlp_traces_endpoint))
         self.monitor = PoolMonitor(pools).start()
+        if c.planner is not None:
+            self.planner = start_planner(ray, c, self.cluster, self.monitor, self.metrics)
         if c.metrics_port:
             self.metrics.serve(c.metrics_port, c.host)
         service = GenerationService(self.router, self.model, self.metrics)
@@ -148,6 +173,8 @@ class Serving:
             _say(f"pdserve: draining (up to {self.config.drain_timeout_s:g} s for in-flight requests)")
             left = self.router.drain(self.config.drain_timeout_s)
             _say(f"pdserve: shutting down ({left} requests still running)" if left else "pdserve: shutting down")
+        if self.planner is not None:
+            self.planner.stop()
         if self.http is not None:
             self.http.stop()
         if self.server is not None:

@@ -336,6 +336,8 @@ def test_results_json_and_plots(tmp_path):
         (["--addr", "127.0.0.1:1", "--max-concurrency", "0"], "--max-concurrency"),
         (["--addr", "127.0.0.1:1", "--num-prompts", "2", "--no-progress"], "GetModelInfo"),  # nothing listens
         (["--launch", "--model 'unbalanced"], "serve flags"),
+        (["--addr", "127.0.0.1:1", "--rate-schedule", "0:1", "--request-rate", "2"], "not --request-rate and"),
+        (["--addr", "127.0.0.1:1", "--rate-schedule", "10:1"], "--rate-schedule: the first segment"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(argv, words, capsys):
@@ -580,3 +582,25 @@ def test_mismatch_margins_come_from_the_model_at_the_first_differing_token(tmp_p
         assert m.margin == pytest.approx(top2[1] - top2[0], abs=2e-3)
     assert mismatch_line(found, 3).startswith("Token mismatches: 2/3 requests; near-ties")
     assert ("NOT near-ties: 2" in mismatch_line(found, 3)) == all(m.margin >= TIE for m in found)
+
+
+def test_rate_schedule_parses_and_stretches_one_arrival_pattern():
+    from bench.arrivals import RateSchedule, arrival_offsets, schedule_offsets
+
+    s = RateSchedule.parse("0:0.2, 60:2, 120:0.2")
+    assert (s.starts, s.rates) == ((0.0, 60.0, 120.0), (0.2, 2.0, 0.2)) and s.rate_at(90) == 2.0
+    flat = schedule_offsets(50, RateSchedule.parse("0:4"), 1.0, seed=3)
+    np.testing.assert_allclose(flat, arrival_offsets(50, 4.0, 1.0, seed=3))  # one rate: the plain arrivals
+    o = schedule_offsets(400, s, 1.0, seed=0)
+    assert np.all(np.diff(o) >= 0) and o[0] == 0
+    unit = arrival_offsets(400, 1.0, 1.0, seed=0)  # the same pattern: 12 expected arrivals, then 120, then 0.2/s
+    assert ((o < 60) == (unit < 12)).all() and ((o < 120) == (unit < 132)).all()
+    np.testing.assert_allclose(o[unit >= 132], 120 + (unit[unit >= 132] - 132) / 0.2)
+    for bad, why in (
+        ("5:1", "must start at 0"),
+        ("0:1,0:2", "times must increase"),
+        ("0:0", "RATE > 0"),
+        ("0:1,x", "expected SECONDS:RATE"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            RateSchedule.parse(bad)

@@ -54,6 +54,14 @@ BAD = [
     (("--num-speculative-tokens", "33"), "--num-speculative-tokens"),
     (("--inject-fault", "decode_step:explode"), "--inject-fault"),
     (("--decode-stages", "0"), "--decode-stages"),
+    (("--decode-workers", "3:1", "--slo", "ttft=500,itl=50"), "--decode-workers: MIN 3 > MAX 1"),
+    (("--decode-workers", "0:2", "--slo", "ttft=500,itl=50"), "--decode-workers: must allow at least 1"),
+    (("--prefill-workers", "1:x"), "--prefill-workers: expected N or MIN:MAX"),
+    (("--slo", "ttft=500,itl=50"), "--slo: needs a range"),
+    (("--decode-workers", "1:3"), "--decode-workers: a MIN:MAX range needs --slo"),
+    (("--decode-workers", "1:3", "--slo", "ttft=500"), "--slo: give both"),
+    (("--decode-workers", "1:3", "--slo", "ttft=5,itl=5", "--planner-interval-s", "0"), "--planner-interval-s"),
+    (("--colocated", "1", "--decode-workers", "1:2", "--slo", "ttft=5,itl=5"), "--colocated"),
     (("--prefill-stages", "-1"), "--prefill-stages"),
     (("--stages", "2"), "--stages"),
     (("--colocated", "1", "--decode-stages", "2"), "--decode-stages"),
@@ -110,3 +118,14 @@ def test_more_stages_than_layers_names_the_flag(tmp_path):
     c = config("--model", str(model), "--decode-stages", "2", "--stage-placement", "spread")
     assert (c.cluster.decode_stages, c.cluster.prefill_stages, c.stage_placement.value) == (2, 1, "spread")
     assert c.cluster.num_processes == 3  # the prefill worker and the two decode stages compute
+
+
+def test_a_range_turns_the_planner_on():
+    from engine.messages import Role
+    from router.planner import PoolRange
+
+    c = config("--model", "m", "--decode-workers", "1:3", "--slo", "ttft=800,itl=60", "--planner-interval-s", "5")
+    assert c.planner is not None and c.planner.ranges == {Role.DECODE: PoolRange(1, 3)}
+    assert (c.planner.slo.ttft_s, c.planner.slo.itl_s, c.planner.interval_s) == (0.8, 0.06, 5.0)
+    assert (c.cluster.decode_workers, c.cluster.most(Role.DECODE), c.cluster.prefill_workers) == (1, 3, 1)
+    assert config("--model", "m", "--decode-workers", "2").planner is None  # a plain size: fixed

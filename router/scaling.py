@@ -1,0 +1,225 @@
+"""The planner's hands (#29): `Scaler` starts and drains workers while serving; `PlannerLoop` ticks the planner
+(`router.planner`) with the router's signals and carries out its decisions.
+
+Scaling up: `grow(role)` creates a worker actor (`router.cluster.start_worker`); its slot joins the pool at once,
+out of rotation until the worker answers (it loads its model, compiled from the shared cache; on a `ray up`
+cluster its pending resources make Ray's autoscaler launch a node of that pool's type). If no node comes for
+`stuck_after_s`, the step counts as stuck (the planner may switch a worker's role instead).
+
+Scaling down: `shrink(role)` drains the least busy worker: placement skips it at once; its running requests
+finish, or, after `drain_timeout_s`, the actor is stopped and they migrate (the router's path for a dead
+worker), so no request is lost. Then it leaves the pool and its actor exits (an idle node can be released).
+
+One step per pool at a time (`busy(role)`). Call order: `Scaler(...)` -> `PlannerLoop(...).start()` ->
+`stop()` at serve shutdown (before the pools stop)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from engine.messages import Role, WorkerOptions
+from router.cluster import Cluster, ClusterSpec, start_worker
+from router.metrics import Metrics
+from router.planner import Decision, DecodeSignals, Direction, Planner, PrefillSignals
+from router.pools import PoolMonitor, WorkerSlot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Step:
+    role: Role
+    direction: Direction
+    slot: WorkerSlot
+    started: float
+
+
+class Scaler:
+    """Adds and drains workers of the P/D pools; see the module docstring."""
+
+    def __init__(
+        self,
+        ray: Any,
+        spec: ClusterSpec,
+        options: WorkerOptions,
+        cluster: Cluster,
+        monitor: PoolMonitor,
+        *,
+        drain_timeout_s: float,
+        stall_timeout_s: float,
+        stuck_after_s: float,
+    ) -> None:
+        self.ray, self.spec, self.options = ray, spec, options
+        self.cluster, self.pools, self.monitor = cluster, cluster.pools, monitor
+        self.drain_timeout_s, self.stall_timeout_s, self.stuck_after_s = drain_timeout_s, stall_timeout_s, stuck_after_s
+        self._steps: dict[Role, _Step] = {}
+        self._lock = threading.Lock()
+        self._names = itertools.count(len(self.pools.workers))
+        self._handles: dict[str, Any] = {}  # slot name -> actor, for workers this scaler started
+        self.closed = threading.Event()
+
+    def busy(self, role: Role) -> bool:
+        with self._lock:
+            return role in self._steps
+
+    def stuck(self, role: Role) -> bool:
+        """A worker of `role` was asked for `stuck_after_s` ago and has not answered (no node for it)."""
+        with self._lock:
+            step = self._steps.get(role)
+        return (
+            step is not None and step.direction is Direction.UP and time.monotonic() - step.started > self.stuck_after_s
+        )
+
+    def workers(self, role: Role) -> list[WorkerSlot]:
+        """The pool's workers that count: not draining."""
+        return [w for w in self.pools.pool(role) if not w.draining]
+
+    def grow(self, role: Role) -> WorkerSlot:
+        name = f"{role.value}-{next(self._names)}"
+        handle, slot = start_worker(self.ray, role, self.spec, self.options, name, self.stall_timeout_s)
+        slot.alive = False  # out of rotation until it answers
+        self._handles[name] = handle
+        self.cluster.handles.append(handle)
+        self.pools.add(slot)
+        with self._lock:
+            self._steps[role] = _Step(role, Direction.UP, slot, time.monotonic())
+        threading.Thread(target=self._await_ready, args=(slot, handle), name=f"grow-{name}", daemon=True).start()
+        return slot
+
+    def _await_ready(self, slot: WorkerSlot, handle: Any) -> None:
+        while not self.closed.is_set():
+            ready, _ = self.ray.wait([handle.ping.remote()], timeout=self.stuck_after_s)
+            if ready:
+                try:
+                    self.ray.get(ready[0])
+                except Exception as e:  # its constructor failed: Ray restarts it; keep waiting
+                    log.warning("%s failed to start (%s); waiting for its restart", slot.name, type(e).__name__)
+                    time.sleep(1.0)
+                    continue
+                self.monitor.watch(slot)  # the monitor describes it and puts it in rotation
+                log.info("planner: %s is up", slot.name)
+                break
+            log.warning("planner: %s still waits for a node (%.0f s)", slot.name, self.stuck_after_s)
+        with self._lock:
+            self._steps.pop(slot.role, None)
+
+    def shrink(self, role: Role) -> WorkerSlot | None:
+        """Drain the least busy worker of `role`, the newest of equally busy ones (what scaling up added goes
+        first, so its node can be released). None: none may go."""
+        workers = self.workers(role)
+        if len(workers) <= 1:
+            return None
+        age = {w.name: i for i, w in enumerate(workers)}
+        slot = min(workers, key=lambda w: (not w.alive, w.active, w.load.running, w.queued_tokens, -age[w.name]))
+        slot.draining = True
+        with self._lock:
+            self._steps[role] = _Step(role, Direction.DOWN, slot, time.monotonic())
+        threading.Thread(target=self._drain, args=(slot,), name=f"drain-{slot.name}", daemon=True).start()
+        return slot
+
+    def _drain(self, slot: WorkerSlot) -> None:
+        end = time.monotonic() + self.drain_timeout_s
+        while time.monotonic() < end and not self.closed.is_set() and not _idle(slot):
+            time.sleep(0.1)
+        left = slot.active
+        log.info(
+            "planner: %s drained%s; stopping it",
+            slot.name,
+            f" ({left} requests migrate after --drain-timeout)" if left else "",
+        )
+        handle = self._handle(slot)
+        with contextlib.suppress(Exception):  # it may be gone already
+            self.ray.get(handle.shutdown.remote(), timeout=5 if left == 0 else 0.1)
+        with contextlib.suppress(Exception):
+            self.ray.kill(handle, no_restart=True)  # running requests (if any) see it die and migrate
+        self.monitor.unwatch(slot)
+        self.pools.remove(slot)
+        with contextlib.suppress(ValueError):
+            self.cluster.handles.remove(handle)
+        with self._lock:
+            self._steps.pop(slot.role, None)
+
+    def _handle(self, slot: WorkerSlot) -> Any:
+        return self._handles.get(slot.name) or slot.client.handle
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def _idle(slot: WorkerSlot) -> bool:
+    """Nothing runs on it that the router placed, and its own last report agrees."""
+    load = slot.load
+    return slot.active == 0 and load.queued == 0 and load.running == 0 and load.reserved == 0 and load.transferring == 0
+
+
+class PlannerLoop:
+    """Every `interval_s`: the signals -> `Planner.tick` -> each decision logged, counted and carried out."""
+
+    def __init__(
+        self, planner: Planner, scaler: Scaler, metrics: Metrics, slots_per_worker: int, interval_s: float
+    ) -> None:
+        self.planner, self.scaler, self.metrics = planner, scaler, metrics
+        self.slots, self.interval_s = slots_per_worker, interval_s
+        self._stop = threading.Event()
+        self._last = time.monotonic()
+        self.decisions: list[Decision] = []  # every decision so far (status, tests)
+
+    def start(self) -> PlannerLoop:
+        threading.Thread(target=self._run, name="planner", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scaler.close()
+
+    def signals(self) -> tuple[PrefillSignals, DecodeSignals]:
+        s, now = self.scaler, time.monotonic()
+        prefill = s.workers(Role.PREFILL)
+        decode = s.workers(Role.DECODE)
+        total = sum(w.load.total_pages for w in decode if w.alive)
+        free = sum(w.load.free_pages + w.load.cached_pages for w in decode if w.alive)
+        p = PrefillSignals(
+            len(prefill),
+            sum(w.queued_tokens for w in prefill),
+            self.metrics.recent.prefill_rate(),
+            busy=s.busy(Role.PREFILL),
+            stuck=s.stuck(Role.PREFILL),
+        )
+        d = DecodeSignals(
+            len(decode),
+            sum(max(w.active, w.load.running + w.load.reserved) for w in decode),
+            self.slots,
+            1.0 - free / total if total else 0.0,
+            self.metrics.recent.p90_itl(self._last),
+            busy=s.busy(Role.DECODE),
+            stuck=s.stuck(Role.DECODE),
+        )
+        self._last = now
+        return p, d
+
+    def tick(self) -> list[Decision]:
+        decisions = self.planner.tick(*self.signals())
+        for d in decisions:
+            log.info("%s", d)
+            self.metrics.planner_decisions.labels(d.role.value, d.direction.value, d.reason.value).inc()
+            self.decisions.append(d)
+            if d.direction is Direction.UP:
+                self.scaler.grow(d.role)
+            elif d.direction is Direction.DOWN:
+                self.scaler.shrink(d.role)
+            else:  # SWITCH: not carried out yet; the pool that cannot grow waits for a node
+                log.warning("planner: role switch (%s) is not available; waiting for a node", d)
+        return decisions
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception:  # the planner must never take serving down
+                log.exception("planner tick failed")
