@@ -16,8 +16,40 @@ from decode_worker.engine import DecodeEngine
 from engine.faults import FaultInjector
 from engine.hosting import HostedEngine, internal_host, open_worker_model
 from engine.messages import Admission, GenerationRequest, Output, Role, WorkerOptions
+from engine.stage_actors import StagedModel
 from kvtransfer.runtime_io import make_receiver
 from kvtransfer.transport import KVReceiver
+from llama_relax.models import OpenModel
+
+
+def start_decode(
+    model: OpenModel | StagedModel, options: WorkerOptions, role: Role
+) -> tuple[DecodeEngine, KVReceiver | None, str]:
+    """A decode (or colocated) engine on `model`, not yet started, and for DECODE its started KV receiver and the
+    address it publishes."""
+    engine = DecodeEngine(
+        model.runtime, model.tokenizer, options, faults=FaultInjector(options.faults), name=role.value
+    )
+    if role is not Role.DECODE:
+        return engine, None, ""
+    receiver, address = make_receiver(
+        model.runtime,
+        engine.import_kv,
+        internal_host(options),
+        0,
+        engine.orphaned,
+        options.cluster_token,
+        options.internal_tls,
+    )
+    return engine, receiver, address
+
+
+def reserve_events(engine: DecodeEngine, req: GenerationRequest) -> Iterator[Admission | tuple[Output, ...]]:
+    """The admission, then the request's events in chunks (`OutputStream.chunks`: one Ray item per step)."""
+    admission, stream = engine.reserve(req)
+    yield admission
+    if stream is not None:
+        yield from stream.chunks()
 
 
 class DecodeWorker(HostedEngine):
@@ -28,25 +60,7 @@ class DecodeWorker(HostedEngine):
         self.options = options
         self.model = open_worker_model(options, self.role)
         try:
-            self.engine = DecodeEngine(
-                self.model.runtime,
-                self.model.tokenizer,
-                options,
-                faults=FaultInjector(options.faults),
-                name=self.role.value,
-            )
-            self.receiver: KVReceiver | None = None
-            self._kv_address = ""
-            if self.role is Role.DECODE:
-                self.receiver, self._kv_address = make_receiver(
-                    self.model.runtime,
-                    self.engine.import_kv,
-                    internal_host(options),
-                    0,
-                    self.engine.orphaned,
-                    options.cluster_token,
-                    options.internal_tls,
-                )
+            self.engine, self.receiver, self._kv_address = start_decode(self.model, options, self.role)
         except BaseException:  # a pipelined worker's stage actors go with it
             self.model.close()
             raise
@@ -56,11 +70,7 @@ class DecodeWorker(HostedEngine):
         return self._kv_address
 
     def reserve(self, req: GenerationRequest) -> Iterator[Admission | tuple[Output, ...]]:
-        """The admission, then the request's events in chunks (`OutputStream.chunks`: one Ray item per step)."""
-        admission, stream = self.engine.reserve(req)
-        yield admission
-        if stream is not None:
-            yield from stream.chunks()
+        yield from reserve_events(self.engine, req)
 
     def prefill_local(self, request_id: str) -> Admission:
         return self.engine.prefill_local(request_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from engine.messages import Admission, GenerationRequest, Output, PrefillResult, WorkerInfo, WorkerLoad
+from engine.messages import Admission, GenerationRequest, Output, PrefillResult, Role, WorkerInfo, WorkerLoad
 from llama_relax.generation import TokenEvent
 
 
@@ -40,6 +40,10 @@ class WorkerAPI(Protocol):
     def ping(self) -> None: ...
 
     def shutdown(self) -> None: ...
+
+    def switch(self, role: Role) -> WorkerInfo:
+        """A worker that can change role (`router.role_worker.RoleWorker`) becomes a `role` worker."""
+        ...
 
 
 class PrefillAPI(WorkerAPI, Protocol):

@@ -191,6 +191,9 @@ class StagedRuntime(RemotePipeline):
             self._seq_lens[sid] += n
         return out
 
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self._rpc(super()._embed, ids)
+
     def _stage(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
         return self._rpc(super()._stage, i, seq_ids, lengths, x, rows)
 
@@ -206,7 +209,7 @@ class StagedRuntime(RemotePipeline):
             raise ValueError(f"forward of {sum(lengths)} tokens exceeds the prefill chunk ({self.prefill_chunk_size})")
 
         def run() -> None:
-            x = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=sum(lengths))
+            x = self._first_input(np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=sum(lengths)))
             for i in range(self.num_stages - 1):
                 x = self._stage(i, seq_ids, lengths, x, ())
             req = self._request(self.num_stages - 1, seq_ids, lengths, x, ())

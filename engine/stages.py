@@ -58,6 +58,7 @@ class StageServer:
             raise ValueError("StageServer needs a pipeline stage's library (compile_model(stage=...))")
         self.runtime = runtime
         self.index, self.count = runtime.compiled.stage
+        self.embeds = runtime.config.embedding_stage(self.count) == self.index
         self._lock = threading.Lock()
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
         self._server = grpc.server(
@@ -70,6 +71,7 @@ class StageServer:
             "Describe": (self._describe, pb.SequencesRequest, pb.StageInfo),
             "Sequences": (self._sequences, pb.SequencesRequest, pb.StageState),
             "Forward": (self._forward, pb.ForwardRequest, pb.ForwardReply),
+            "Embed": (self._embed, pb.ForwardRequest, pb.ForwardReply),
             "Logits": (self._logits, pb.LogitsRequest, pb.ForwardReply),
             "ReadKV": (self._read_kv, pb.ReadKVRequest, pb.KVBlock),
             "AppendKV": (self._append_kv, pb.AppendKVRequest, pb.StageState),
@@ -104,6 +106,7 @@ class StageServer:
             num_layers=len(layers),
             free_pages=rt.free_pages(),
             sequences=len(rt.sequence_ids()),
+            embeds=self.embeds,
         )
 
     def _describe(self, req: pb.SequencesRequest, context: grpc.ServicerContext) -> pb.StageInfo:
@@ -134,6 +137,18 @@ class StageServer:
             except (ValueError, KeyError) as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sequences: {e}")
             return self._state()
+
+    def _embed(self, req: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardReply:
+        if not self.embeds:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"embed: stage {self.index} does not hold the table")
+        try:
+            ids = from_array(req.token_ids, "token_ids").astype(np.int32)
+            if ids.ndim != 1 or not ids.size:
+                raise ValueError(f"token_ids: expected [tokens], got {list(ids.shape)}")
+            with self._lock:
+                return pb.ForwardReply(hidden=to_array(self.runtime.embed(ids).numpy()))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def _logits(self, req: pb.LogitsRequest, context: grpc.ServicerContext) -> pb.ForwardReply:
         with self._lock:
@@ -169,7 +184,7 @@ class StageServer:
             seq_ids, lengths = [int(s) for s in req.seq_ids], [int(n) for n in req.lengths]
             if not seq_ids or len(seq_ids) != len(lengths) or min(lengths) < 1:
                 raise ValueError("lengths: one length >= 1 per sequence id")
-            if self.index == 0:
+            if self.index == 0 and self.embeds:
                 x = from_array(req.token_ids, "token_ids").astype(np.int32)
                 if x.shape != (sum(lengths),):
                     raise ValueError(f"token_ids: expected [{sum(lengths)}], got {list(x.shape)}")
@@ -205,6 +220,7 @@ class StageClient:
         self._describe = method("Describe", pb.SequencesRequest, pb.StageInfo)
         self._seq = method("Sequences", pb.SequencesRequest, pb.StageState)
         self._fwd = method("Forward", pb.ForwardRequest, pb.ForwardReply)
+        self._embed = method("Embed", pb.ForwardRequest, pb.ForwardReply)
         self._logits = method("Logits", pb.LogitsRequest, pb.ForwardReply)
         self._read = method("ReadKV", pb.ReadKVRequest, pb.KVBlock)
         self._append = method("AppendKV", pb.AppendKVRequest, pb.StageState)
@@ -221,6 +237,10 @@ class StageClient:
             pop=[pb.Pop(seq_id=s, n=n) for s, n in pop],
         )
         return self._seq(req, metadata=self._meta, timeout=self._timeout)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        req = pb.ForwardRequest(token_ids=to_array(np.asarray(ids, dtype=np.int32)))
+        return from_array(self._embed(req, metadata=self._meta, timeout=self._timeout).hidden, "hidden")
 
     def logits(self, rows: Sequence[int]) -> np.ndarray:
         reply = self._logits(pb.LogitsRequest(rows=rows), metadata=self._meta, timeout=self._timeout)
@@ -256,10 +276,14 @@ class RemotePipeline(StageChain):
             len(clients)
         }:
             raise ValueError(f"stages out of order or of another split: {[(s.index, s.count) for s in self.states]}")
+        self.embedding_stage = next(s.index for s in self.states if s.embeds)
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.clients[self.embedding_stage].embed(ids)
 
     def _request(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
         req = pb.ForwardRequest(seq_ids=seq_ids, lengths=lengths, logit_rows=rows if i == self.num_stages - 1 else ())
-        if i == 0:
+        if i == 0 and np.issubdtype(np.asarray(x).dtype, np.integer):
             req.token_ids.CopyFrom(to_array(np.asarray(x, dtype=np.int32)))
         else:
             req.hidden.CopyFrom(to_array(x))
@@ -276,8 +300,9 @@ class RemotePipeline(StageChain):
         parts = min(parts or self.num_stages, len(seq_ids))
         cuts = np.array_split(np.arange(len(seq_ids)), parts)
         inputs: dict[tuple[int, int], object] = {}  # (stage, micro-batch) -> its input
+        first = self._first_input(np.asarray(tokens, dtype=np.int32))  # ids, or their rows [b, h] (one call)
         for m, idx in enumerate(cuts):
-            inputs[0, m] = np.asarray([tokens[i] for i in idx], dtype=np.int32)
+            inputs[0, m] = first[idx]
         out = np.empty((len(seq_ids), self.vocab_size), np.float32)
         for t in range(self.num_stages + parts - 1):
             calls = []

@@ -166,7 +166,7 @@ def cache_key(
     stage: StageSpec | None = None,
 ) -> str:
     material = {
-        "stage": stage.key() if stage is not None else None,
+        "stage": stage.cache_key(config) if stage is not None else None,
         "config": config.to_dict(),
         "dtype": dtype,
         "kv_dtype": kv_dtype or dtype,

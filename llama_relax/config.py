@@ -9,6 +9,7 @@ from the context window. Invalid values raise `ValueError` naming the field.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -173,20 +174,47 @@ class LlamaConfig:
         return self.num_key_value_heads * self.head_dim
 
     def layer_partition(self) -> list[int]:
-        """Stage boundaries as an indptr: stage s holds layers [p[s], p[s+1]); contiguous, sizes differ by <= 1."""
-        n, s = self.num_hidden_layers, self.pipeline_parallel_stages
-        return [n * i // s for i in range(s + 1)]
+        """Stage boundaries as an indptr: stage s holds layers [p[s], p[s+1]) (`layer_ranges`)."""
+        ranges = self.stage_layer_ranges()
+        return [0, *(r.stop for r in ranges)]
 
     def stage_layer_ranges(self) -> list[range]:
         return self.layer_ranges(self.pipeline_parallel_stages)
 
+    def embedding_stage(self, stages: int) -> int:
+        """The stage that looks token ids up: the first, or, when the table is tied to the LM head and there are
+        several stages, the last (which holds the table anyway), so the table is in memory once."""
+        return stages - 1 if self.tie_word_embeddings and stages > 1 else 0
+
+    def table_layers(self) -> float:
+        """A vocabulary table's parameters in units of one decoder layer's."""
+        h, i = self.hidden_size, self.intermediate_size
+        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i
+        return self.vocab_size * h / layer
+
     def layer_ranges(self, stages: int) -> list[range]:
-        """The layers of each of `stages` contiguous pipeline stages (sizes differ by at most 1)."""
+        """The layers of each of `stages` contiguous pipeline stages, balanced by parameters: every layer weighs
+        the same, and a stage holding a vocabulary table (the embedding on the first unless it is tied, the LM
+        head or tied table on the last) carries the table's weight too, so it gets fewer layers. The split
+        minimizes the heaviest stage (memory, and compute per token, both scale with it); of equally heavy
+        splits, the earlier stages take the extra layers."""
         n = self.num_hidden_layers
         if not 1 <= stages <= n:
             raise ValueError(f"stages must be in [1, num_hidden_layers={n}], got {stages}")
-        p = [n * i // stages for i in range(stages + 1)]
-        return [range(p[i], p[i + 1]) for i in range(stages)]
+        if stages == 1:
+            return [range(n)]
+        table = self.table_layers()
+        extra = [0.0] * stages
+        extra[-1] += table
+        if not self.tie_word_embeddings:
+            extra[0] += table
+        caps = sorted({m + t for m in range(1, n + 1) for t in {0.0, extra[0], extra[-1], extra[0] + extra[-1]}})
+        for cap in caps:
+            sizes = _pack(n, extra, cap)
+            if sizes is not None:
+                bounds = [0, *itertools.accumulate(sizes)]
+                return [range(bounds[k], bounds[k + 1]) for k in range(stages)]
+        raise AssertionError("unreachable: the last cap holds every layer")  # pragma: no cover
 
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
@@ -282,3 +310,18 @@ class LlamaConfig:
         }
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def _pack(n: int, extra: list[float], cap: float) -> list[int] | None:
+    """Layers per stage, front-loaded: each stage takes as many as keep it within `cap` (and leave one for each
+    later stage); None if the last stage would exceed `cap`."""
+    sizes, left = [], n
+    for k, e in enumerate(extra[:-1]):
+        take = min(int(cap - e + 1e-9), left - (len(extra) - 1 - k))
+        if take < 1:
+            return None
+        sizes.append(take)
+        left -= take
+    if left + extra[-1] > cap + 1e-9:
+        return None
+    return [*sizes, left]

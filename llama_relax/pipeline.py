@@ -25,8 +25,8 @@ from llama_relax.stage_model import StageSpec
 
 
 def stage_weight_names(config: LlamaConfig, stage: StageSpec) -> set[str]:
-    """The checkpoint weights one stage reads: its layers, the embedding on the first (and on a last stage that
-    ties it to the LM head), the final norm and LM head on the last."""
+    """The checkpoint weights one stage reads: its layers, the embedding table where it is held
+    (`StageSpec.holds_table`), the final norm and LM head on the last."""
     layers = stage.layers(config)
     names = set()
     for name in expected_param_shapes(config):
@@ -34,7 +34,7 @@ def stage_weight_names(config: LlamaConfig, stage: StageSpec) -> set[str]:
             if int(name.split(".")[2]) in layers:
                 names.add(name)
         elif name == "model.embed_tokens.weight":
-            if stage.first or (stage.last and config.tie_word_embeddings):
+            if stage.holds_table(config):
                 names.add(name)
         elif stage.last:
             names.add(name)
@@ -86,15 +86,25 @@ class StageChain:
     num_stages: int
     vocab_size: int
     prefill_chunk: int
+    embedding_stage: int  # the stage that looks ids up (`LlamaConfig.embedding_stage`)
 
     def _stage(self, i: int, seq_ids: Sequence[int], lengths: Sequence[int], x, rows: Sequence[int]):
         """Stage `i`'s forward of `x` (token ids on stage 0, else the previous stage's output); the last stage
         returns float32 logits [len(rows), V] of those rows, the others their hidden states."""
         raise NotImplementedError
 
+    def _embed(self, ids: np.ndarray):
+        """The embedding stage's rows of `ids` ([n, h]): stage 0's input when another stage embeds."""
+        raise NotImplementedError
+
+    def _first_input(self, ids: np.ndarray):
+        """Stage 0's input: the ids, or their embeddings when another stage holds the table."""
+        return ids if self.embedding_stage == 0 else self._embed(ids)
+
     def _forward(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]], rows: Sequence[int]) -> np.ndarray:
         lengths = [len(c) for c in chunks]
-        x = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=sum(lengths))
+        ids = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=sum(lengths))
+        x = self._first_input(ids)
         for i in range(self.num_stages):
             x = self._stage(i, seq_ids, lengths, x, rows)
         return x
@@ -123,6 +133,10 @@ class LocalPipeline(StageChain):
         self.num_stages = len(stages)
         self.vocab_size = stages[0].config.vocab_size
         self.prefill_chunk = min(rt.prefill_chunk_size for rt in stages)
+        self.embedding_stage = self.config.embedding_stage(len(stages))
+
+    def _embed(self, ids: np.ndarray):
+        return self.stages[self.embedding_stage].embed(ids)
 
     @property
     def config(self) -> LlamaConfig:

@@ -258,6 +258,11 @@ class ModelRuntime:
         emb = self._fn["embed"](tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params)  # [n, h]
         return _RESHAPE(emb, ShapeTuple(list(shape)))
 
+    def embed(self, ids: np.ndarray) -> tvm.runtime.Tensor:
+        """The embedding rows of `ids`, [n, h] (a pipeline's embedding stage, for the first stage's input)."""
+        ids = np.asarray(ids)
+        return self._embed(ids, (len(ids), self.config.hidden_size))
+
     def _begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         if len(seq_ids) > self.kv_config.max_batch_size:
             raise ValueError(

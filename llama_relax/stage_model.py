@@ -1,6 +1,9 @@
 """One pipeline stage of the Llama model: a contiguous range of decoder layers, compiled as a library of its own.
 
-Stage 0 also embeds; the last stage also holds the final norm and the LM head (the embedding table when tied).
+Stage 0 also embeds, unless the embedding is tied to the LM head: then the last stage, which holds the table for
+the LM head, embeds too (the driver asks it for stage 0's input), so the table is in memory once. The last stage
+also holds the final norm and the LM head. Layers are split by `LlamaConfig.layer_ranges` (balanced with the
+table's weight).
 What moves between stages is the hidden states `[tokens, hidden]`; every stage runs the same `begin_forward` on
 its own paged KV cache, which holds only its layers. Parameters are named locally (`model.layers.{j}` for the
 stage's j-th layer); `StageSpec.global_name` maps them to the checkpoint's names.
@@ -49,15 +52,29 @@ class StageSpec:
     def layers(self, config: LlamaConfig) -> range:
         return config.layer_ranges(self.count)[self.index]
 
+    def embeds(self, config: LlamaConfig) -> bool:
+        """Whether this stage looks token ids up (`LlamaConfig.embedding_stage`: the first, or the last when the
+        table is tied; then the driver asks it for the first stage's input)."""
+        return self.index == config.embedding_stage(self.count)
+
+    def holds_table(self, config: LlamaConfig) -> bool:
+        """Whether this stage holds the embedding table (to embed, or as the tied LM head)."""
+        return self.embeds(config) or (self.last and config.tie_word_embeddings)
+
+    def key(self) -> list[int]:
+        return [self.index, self.count]
+
+    def cache_key(self, config: LlamaConfig) -> list[int]:
+        """What a stage library depends on: its place and its layers (the split is the config's policy)."""
+        layers = self.layers(config)
+        return [self.index, self.count, layers.start, len(layers), int(self.embeds(config))]
+
     def global_name(self, config: LlamaConfig, local: str) -> str:
         """The checkpoint name of a stage parameter (`model.layers.{j}.` -> `model.layers.{first layer + j}.`)."""
         m = _LAYER.match(local)
         if m is None:
             return local
         return f"model.layers.{self.layers(config)[int(m.group(1))]}." + local[m.end() :]
-
-    def key(self) -> list[int]:
-        return [self.index, self.count]
 
     def local_plan(self, config: LlamaConfig, plan: QuantPlan) -> QuantPlan:
         """`plan` with the stage's layers under their local names (what the stage's modules look up)."""
@@ -75,7 +92,7 @@ class StageSpec:
 class LlamaStage(nn.Module):
     """The layers of one stage plus, on the first, the embedding and, on the last, the final norm and LM head.
 
-    Methods (exported by `get_default_spec`): `embed` (first stage), `prefill_forward` ([1, s, h] -> [1, s, h]),
+    Methods (exported by `get_default_spec`): `embed` (the embedding stage), `prefill_forward` ([1, s, h] -> [1, s, h]),
     `decode_forward` ([b, 1, h] -> [b, 1, h]), `get_logits` and `batch_select_last_hidden_states` (last stage),
     `create_paged_kv_cache` (this stage's layers only). The last stage's forwards return final-normed states."""
 
@@ -141,7 +158,7 @@ class LlamaStage(nn.Module):
             },
             "create_paged_kv_cache": kv_cache_spec(),
         }
-        if self.stage.first:
+        if self.stage.embeds(self.config):
             spec["embed"] = {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": effect}
         if self.stage.last:
             spec["get_logits"] = {"hidden_states": nn.spec.Tensor(["seq_len", h], dt), "$": effect}
@@ -167,7 +184,7 @@ class _StageBody(nn.Module):
     def __init__(self, full: LlamaForCausalLM, stage: StageSpec, config: LlamaConfig) -> None:
         self.layers = full.model.layers
         self.last = stage.last
-        if stage.first or (stage.last and config.tie_word_embeddings):
+        if stage.holds_table(config):
             self.embed_tokens = full.model.embed_tokens
         if stage.last:
             self.norm = full.model.norm

@@ -49,6 +49,11 @@ class StageStub:
                 request_serializer=stage__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=stage__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/Embed',
+                request_serializer=stage__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=stage__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.Logits = channel.unary_unary(
                 '/pdserve.stage.v1.Stage/Logits',
                 request_serializer=stage__pb2.LogitsRequest.SerializeToString,
@@ -84,9 +89,16 @@ class StageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request, context):
-        """Append lengths[i] tokens to seq_ids[i] in one forward: the first stage takes token_ids, the others the
-        previous stage's hidden states. The reply holds this stage's hidden states; the last stage's reply holds the
+        """Append lengths[i] tokens to seq_ids[i] in one forward: the first stage takes token_ids (or, when another
+        stage embeds, the Embed reply's hidden states), the others the previous stage's hidden states. The reply holds this stage's hidden states; the last stage's reply holds the
         logits of the rows listed in logit_rows instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """The embedding stage: embedding rows of token_ids ([tokens, hidden] in the reply), nothing appended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +140,11 @@ def add_StageServicer_to_server(servicer, server):
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
+                    request_deserializer=stage__pb2.ForwardRequest.FromString,
+                    response_serializer=stage__pb2.ForwardReply.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
                     request_deserializer=stage__pb2.ForwardRequest.FromString,
                     response_serializer=stage__pb2.ForwardReply.SerializeToString,
             ),
@@ -226,6 +243,33 @@ class Stage:
             request,
             target,
             '/pdserve.stage.v1.Stage/Forward',
+            stage__pb2.ForwardRequest.SerializeToString,
+            stage__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/Embed',
             stage__pb2.ForwardRequest.SerializeToString,
             stage__pb2.ForwardReply.FromString,
             options,

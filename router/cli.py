@@ -63,6 +63,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     pl = p.add_argument_group("planner (on when a pool's size is a range)")
     pl.add_argument("--slo", default=None, metavar="ttft=MS,itl=MS", help="the targets the planner sizes pools to")
     pl.add_argument("--planner-interval-s", type=float, default=10.0, help="seconds between planner ticks (10)")
+    pl.add_argument(
+        "--planner-node-wait-s",
+        type=float,
+        default=120.0,
+        help="seconds a new worker may wait for a node before a worker of the other pool switches role (120)",
+    )
     pp = p.add_argument_group("pipeline stages (a model split across processes or nodes)")
     pp.add_argument("--prefill-stages", type=int, default=1, help="stage actors per prefill worker (default 1)")
     pp.add_argument("--decode-stages", type=int, default=1, help="stage actors per decode worker (default 1)")

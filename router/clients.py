@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from engine.messages import Admission, GenerationRequest, Output, PrefillResult, WorkerInfo, WorkerLoad
+from engine.messages import Admission, GenerationRequest, Output, PrefillResult, Role, WorkerInfo, WorkerLoad
 from engine.protocols import WorkerFault, WorkerGone
 from llama_relax.generation import TokenEvent
 
@@ -83,6 +83,10 @@ class RayWorkerClient:
 
     def shutdown(self) -> None:
         self._get(self.handle.shutdown.remote(), self.call_timeout_s)
+
+    def switch(self, role: Role) -> WorkerInfo:
+        """A `RoleWorker` becomes a `role` worker (drained first); what it describes then."""
+        return self._get(self.handle.switch.remote(role), self.call_timeout_s)
 
 
 class RayPrefillClient(RayWorkerClient):

@@ -41,6 +41,7 @@ class ClusterSpec:
     prefill_stages: int = 1  # pipeline stages per worker of each pool (engine.stage_actors)
     decode_stages: int = 1
     colocated_stages: int = 1
+    switchable: bool = False  # P/D workers are `RoleWorker`s (the planner may switch their role)
 
     @property
     def mode(self) -> ServeMode:
@@ -118,21 +119,29 @@ def start_worker(
     ray: Any, role: Role, spec: ClusterSpec, options: WorkerOptions, name: str, stall_timeout_s: float
 ) -> tuple[Any, WorkerSlot]:
     """Create one worker actor of `role` (on the custom resource named by its role; it loads its model in the
-    background) and the router's slot for it. Ray restarts its process if it dies, without a cap."""
+    background) and the router's slot for it. Ray restarts its process if it dies, without a cap. With
+    `spec.switchable` (the planner is on) a prefill or decode worker is a `RoleWorker`."""
     from decode_worker.worker import ColocatedWorker, DecodeWorker
     from prefill_worker.worker import PrefillWorker
+    from router.role_worker import RoleWorker
 
-    cls, client_cls = {
-        Role.PREFILL: (PrefillWorker, RayPrefillClient),
-        Role.DECODE: (DecodeWorker, RayDecodeClient),
-        Role.COLOCATED: (ColocatedWorker, RayDecodeClient),
-    }[role]
+    cls = {Role.PREFILL: PrefillWorker, Role.DECODE: DecodeWorker, Role.COLOCATED: ColocatedWorker}[role]
     opts = dataclasses.replace(options, stages=spec.stages(role))
     gpu = 1 if options.target == "cuda" and opts.stages == 1 else 0  # a CUDA worker holds one GPU (or its stages)
-    handle = ray.remote(cls).options(resources={role.value: 1}, num_gpus=gpu, **ACTOR).remote(opts)
+    place = {"resources": {role.value: 1}, "num_gpus": gpu, **ACTOR}
+    if spec.switchable and role is not Role.COLOCATED:
+        handle = ray.remote(RoleWorker).options(**place).remote(opts, role)
+    else:
+        handle = ray.remote(cls).options(**place).remote(opts)
+    return handle, worker_slot(ray, role, handle, name, stall_timeout_s)
+
+
+def worker_slot(ray: Any, role: Role, handle: Any, name: str, stall_timeout_s: float) -> WorkerSlot:
+    """The router's slot for a worker actor serving `role` (a role switch makes a new one on the same actor)."""
+    client_cls = RayPrefillClient if role is Role.PREFILL else RayDecodeClient
     slot = WorkerSlot(name, role, None)
     slot.client = client_cls(ray, handle, name, stall_timeout_s, alive=lambda s=slot: s.alive)
-    return handle, slot
+    return slot
 
 
 def start_pools(ray: Any, spec: ClusterSpec, options: WorkerOptions, stall_timeout_s: float = 30.0) -> Cluster:

@@ -65,9 +65,12 @@ class PlannerSpec:
     ranges: dict[Role, PoolRange]  # only the pools given as MIN:MAX with MIN < MAX
     slo: Slo
     interval_s: float
+    node_wait_s: float = 120.0  # a new worker not up by then found no node: the planner may switch a role
 
 
-def _planner(ranges: dict[Role, PoolRange], slo: Slo | None, interval_s: float) -> PlannerSpec | None:
+def _planner(
+    ranges: dict[Role, PoolRange], slo: Slo | None, interval_s: float, node_wait_s: float
+) -> PlannerSpec | None:
     """The planner is on when a pool's size is a range; a range needs an SLO and an SLO a range."""
     ranged = {role: r for role, r in ranges.items() if not r.fixed}
     flag = {Role.PREFILL: "--prefill-workers", Role.DECODE: "--decode-workers"}
@@ -75,7 +78,8 @@ def _planner(ranges: dict[Role, PoolRange], slo: Slo | None, interval_s: float) 
         _check(slo is not None, flag[role], "a MIN:MAX range needs --slo ttft=MS,itl=MS (what the planner sizes to)")
     _check(slo is None or bool(ranged), "--slo", "needs a range to size: --prefill-workers or --decode-workers MIN:MAX")
     _check(interval_s > 0, "--planner-interval-s", f"must be > 0 seconds, got {interval_s}")
-    return PlannerSpec(ranged, slo, interval_s) if ranged and slo is not None else None
+    _check(node_wait_s > 0, "--planner-node-wait-s", f"must be > 0 seconds, got {node_wait_s}")
+    return PlannerSpec(ranged, slo, interval_s, node_wait_s) if ranged and slo is not None else None
 
 
 def _check(ok: bool, flag: str, message: str) -> None:
@@ -136,7 +140,7 @@ class ServeConfig:
             "--colocated",
             "replaces --prefill-workers/--decode-workers; give one or the other",
         )
-        planner = _planner(ranges, slo, a.planner_interval_s)
+        planner = _planner(ranges, slo, a.planner_interval_s, a.planner_node_wait_s)
         _check(a.threads_per_worker >= 0, "--threads-per-worker", f"must be >= 0, got {a.threads_per_worker}")
         for flag, value in (
             ("--prefill-stages", a.prefill_stages),
@@ -206,6 +210,7 @@ class ServeConfig:
                 prefill_stages=a.prefill_stages,
                 decode_stages=a.decode_stages,
                 colocated_stages=a.stages,
+                switchable=planner is not None,
             ),
             stage_placement=StagePlacement(a.stage_placement),
             planner=planner,

@@ -11,9 +11,10 @@ Policy, per tick (`--planner-interval-s`):
     ticks: one fewer.
   - the MIN:MAX bounds win over both (a pool below MIN grows, above MAX shrinks), and nothing moves while a step
     of that pool is still under way (`busy`).
-  - role switch: when one pool must grow but cannot (at MAX, or its new worker found no node for
-    `stuck_ticks` ticks) and the other may shrink (above its MIN, not growing), a worker of the other pool
-    changes role instead.
+  - role switch: when one pool must grow but cannot (at MAX, or its new worker found no node: `stuck`) and the
+    other may give a worker (above its MIN, not growing, not needing one), a worker of the other pool changes
+    role instead. While a pool waits for a new worker, the other pool's shrink is held: that worker may be the
+    one to switch.
 
 Call order: `Planner(ranges, slo)` once; `tick(signals)` every interval -> `Decision`s (each with its reason, for
 the log and `pdserve_planner_decisions_total`)."""
@@ -104,7 +105,8 @@ class PrefillSignals:
     queued_tokens: int  # prompt tokens waiting or being prefilled, all workers
     tokens_per_s: float  # measured prefill tokens/s of one worker (0: not measured yet)
     busy: bool = False  # a step of this pool is under way
-    stuck: bool = False  # a worker asked for found no node for `stuck_ticks`
+    growing: bool = False  # that step is a new worker not up yet
+    stuck: bool = False  # ... which found no node: the pool cannot grow
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class DecodeSignals:
     kv_use: float  # pages in use / pages, all workers (0..1)
     p90_itl_s: float | None  # over the last interval; None: no tokens streamed
     busy: bool = False
+    growing: bool = False
     stuck: bool = False
 
 
@@ -139,33 +142,40 @@ class Planner:
     ranges: dict[Role, PoolRange]
     slo: Slo
     down_ticks: int = 2  # ticks in a row a pool must be idle before it shrinks
-    stuck_ticks: int = 2  # ticks a requested worker may wait for a node before a role switch is tried
     low_water: float = 0.5  # shrink only if the SLO holds at this fraction of the target with one worker fewer
     high_use: float = 0.9  # grow above this share of batch slots or KV pages in use
     low_use: float = 0.6  # shrink only if what runs fits one worker fewer at this share
     _idle: dict[Role, int] = field(default_factory=dict)
 
     def tick(self, prefill: PrefillSignals, decode: DecodeSignals) -> list[Decision]:
+        sig: dict[Role, PrefillSignals | DecodeSignals] = {Role.PREFILL: prefill, Role.DECODE: decode}
         wants = {Role.PREFILL: self._prefill(prefill), Role.DECODE: self._decode(decode)}
-        stuck = {Role.PREFILL: prefill.stuck, Role.DECODE: decode.stuck}
-        sizes = {Role.PREFILL: prefill.workers, Role.DECODE: decode.workers}
+        sizes = {role: s.workers for role, s in sig.items()}
+        pairs = ((Role.DECODE, Role.PREFILL), (Role.PREFILL, Role.DECODE))
+        for role, other in pairs:  # a pool waiting for a worker holds the other's shrink: that worker may switch
+            if sig[role].growing and _is(wants[other], Direction.DOWN):
+                wants[other] = None
         out = []
-        for role, other in ((Role.DECODE, Role.PREFILL), (Role.PREFILL, Role.DECODE)):
-            want = wants[role]
-            if want is None or role not in self.ranges:
+        for role, other in pairs:
+            if role not in self.ranges:
                 continue
-            if want.direction is Direction.UP and (sizes[role] >= self.ranges[role].max or stuck[role]):
-                if self._can_give(other, sizes, wants):
-                    out.append(Decision(role, Direction.SWITCH, Reason.NO_NODE, sizes[role] + 1, other, want.detail))
+            want = wants[role]
+            at_max = _is(want, Direction.UP) and sizes[role] >= self.ranges[role].max
+            if sig[role].stuck or at_max:  # it must grow and cannot: a worker of the other pool may switch
+                if self._can_give(other, sizes, wants, sig):
+                    why = want.detail if want is not None else "its new worker found no node"
+                    out.append(Decision(role, Direction.SWITCH, Reason.NO_NODE, sizes[role] + 1, other, why))
                     wants[other] = None
                 continue
-            out.append(want)
+            if want is not None:
+                out.append(want)
         return out
 
-    def _can_give(self, role: Role, sizes: dict[Role, int], wants: dict[Role, Decision | None]) -> bool:
+    def _can_give(self, role: Role, sizes: dict[Role, int], wants: dict[Role, Decision | None], sig: dict) -> bool:
         r = self.ranges.get(role)
-        want = wants[role]
-        return r is not None and sizes[role] > r.min and (want is None or want.direction is Direction.DOWN)
+        if r is None or sizes[role] <= r.min or sig[role].growing:
+            return False
+        return wants[role] is None or wants[role].direction is Direction.DOWN
 
     def _bounds(self, role: Role, workers: int) -> Decision | None:
         r = self.ranges[role]
@@ -231,6 +241,10 @@ class Planner:
         fast = s.p90_itl_s is None or s.p90_itl_s < self.low_water * self.slo.itl_s
         idle = f"{s.running} running fit {fewer} workers" if (fits and fast) else None
         return self._step(Role.DECODE, s.workers, up, idle)
+
+
+def _is(d: Decision | None, direction: Direction) -> bool:
+    return d is not None and d.direction is direction
 
 
 class RecentSignals:

@@ -259,7 +259,13 @@ def _observe(w: WorkerSlot) -> tuple[WorkerLoad, WorkerInfo | None] | None:
     """(load, info if the process is new to us) or None when the worker does not answer."""
     try:
         load = w.client.load()
-        fresh = w.info is None or w.info.incarnation != load.incarnation
-        return load, (w.client.describe() if fresh else None)
+        if w.info is not None and w.info.incarnation == load.incarnation:
+            return load, None
+        info = w.client.describe()
+        if info.role is not w.role:  # a RoleWorker restarted in the role it was created with: switch it back
+            log.warning("%s restarted as %s; switching it back to %s", w.name, info.role.value, w.role.value)
+            info = w.client.switch(w.role)
+            load = w.client.load()
+        return load, info
     except Exception:  # any failure (died, restarting, timeout, a broken engine) means "not alive now"
         return None

@@ -6,6 +6,10 @@ out of rotation until the worker answers (it loads its model, compiled from the 
 cluster its pending resources make Ray's autoscaler launch a node of that pool's type). If no node comes for
 `stuck_after_s`, the step counts as stuck (the planner may switch a worker's role instead).
 
+Role switch: `switch(role, source)` (the planner's answer when a pool must grow and no node can come): a pending
+new worker is cancelled, a worker of the other pool is drained, switched in place (`router.role_worker`: the same
+weights, its caches flushed) and moved to the pool that needed it.
+
 Scaling down: `shrink(role)` drains the least busy worker: placement skips it at once; its running requests
 finish, or, after `drain_timeout_s`, the actor is stopped and they migrate (the router's path for a dead
 worker), so no request is lost. Then it leaves the pool and its actor exits (an idle node can be released).
@@ -20,11 +24,11 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.messages import Role, WorkerOptions
-from router.cluster import Cluster, ClusterSpec, start_worker
+from router.cluster import Cluster, ClusterSpec, start_worker, worker_slot
 from router.metrics import Metrics
 from router.planner import Decision, DecodeSignals, Direction, Planner, PrefillSignals
 from router.pools import PoolMonitor, WorkerSlot
@@ -38,6 +42,7 @@ class _Step:
     direction: Direction
     slot: WorkerSlot
     started: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class Scaler:
@@ -68,6 +73,11 @@ class Scaler:
         with self._lock:
             return role in self._steps
 
+    def growing(self, role: Role) -> bool:
+        with self._lock:
+            step = self._steps.get(role)
+        return step is not None and step.direction is Direction.UP
+
     def stuck(self, role: Role) -> bool:
         """A worker of `role` was asked for `stuck_after_s` ago and has not answered (no node for it)."""
         with self._lock:
@@ -87,14 +97,16 @@ class Scaler:
         self._handles[name] = handle
         self.cluster.handles.append(handle)
         self.pools.add(slot)
+        step = _Step(role, Direction.UP, slot, time.monotonic())
         with self._lock:
-            self._steps[role] = _Step(role, Direction.UP, slot, time.monotonic())
-        threading.Thread(target=self._await_ready, args=(slot, handle), name=f"grow-{name}", daemon=True).start()
+            self._steps[role] = step
+        threading.Thread(target=self._await_ready, args=(step, handle), name=f"grow-{name}", daemon=True).start()
         return slot
 
-    def _await_ready(self, slot: WorkerSlot, handle: Any) -> None:
-        while not self.closed.is_set():
-            ready, _ = self.ray.wait([handle.ping.remote()], timeout=self.stuck_after_s)
+    def _await_ready(self, step: _Step, handle: Any) -> None:
+        slot = step.slot
+        while not self.closed.is_set() and not step.cancelled.is_set():
+            ready, _ = self.ray.wait([handle.ping.remote()], timeout=min(5.0, self.stuck_after_s))
             if ready:
                 try:
                     self.ray.get(ready[0])
@@ -105,9 +117,9 @@ class Scaler:
                 self.monitor.watch(slot)  # the monitor describes it and puts it in rotation
                 log.info("planner: %s is up", slot.name)
                 break
-            log.warning("planner: %s still waits for a node (%.0f s)", slot.name, self.stuck_after_s)
         with self._lock:
-            self._steps.pop(slot.role, None)
+            if self._steps.get(slot.role) is step:
+                self._steps.pop(slot.role)
 
     def shrink(self, role: Role) -> WorkerSlot | None:
         """Drain the least busy worker of `role`, the newest of equally busy ones (what scaling up added goes
@@ -144,6 +156,72 @@ class Scaler:
             self.cluster.handles.remove(handle)
         with self._lock:
             self._steps.pop(slot.role, None)
+
+    def switch(self, role: Role, source: Role) -> WorkerSlot | None:
+        """A worker of `source` becomes one of `role` in place: a pending new `role` worker (no node came) is
+        cancelled; the least busy `source` worker (the newest of equals) is drained, switched (`RoleWorker`) and
+        moved to the other pool. If it is still busy after `drain_timeout_s`, the switch is abandoned (nothing is
+        interrupted) and the worker goes back into rotation. None: no worker may go."""
+        workers = self.workers(source)
+        if len(workers) <= 1:
+            return None
+        with self._lock:
+            pending = self._steps.get(role)
+        if pending is not None and pending.direction is Direction.UP:
+            self._cancel_grow(pending)
+        age = {w.name: i for i, w in enumerate(workers)}
+        slot = min(workers, key=lambda w: (not w.alive, w.active, w.load.running, w.queued_tokens, -age[w.name]))
+        slot.draining = True
+        step = _Step(role, Direction.SWITCH, slot, time.monotonic())
+        with self._lock:
+            self._steps[role] = self._steps[source] = step
+        threading.Thread(target=self._switch, args=(step, source), name=f"switch-{slot.name}", daemon=True).start()
+        return slot
+
+    def _switch(self, step: _Step, source: Role) -> None:
+        slot, role = step.slot, step.role
+        try:
+            end = time.monotonic() + self.drain_timeout_s
+            while time.monotonic() < end and not self.closed.is_set() and not _idle(slot):
+                time.sleep(0.1)
+            if not _idle(slot):
+                log.warning("planner: %s still busy after %.0f s; switch abandoned", slot.name, self.drain_timeout_s)
+                slot.draining = False
+                return
+            handle = self._handle(slot)
+            slot.client.switch(role)
+            name = f"{role.value}-{next(self._names)}"
+            moved = worker_slot(self.ray, role, handle, name, self.stall_timeout_s)
+            self._handles[name] = handle
+            self.monitor.unwatch(slot)
+            self.pools.remove(slot)
+            self.pools.add(moved)
+            self.monitor.watch(moved)  # described again (a new incarnation: role, KV address), then in rotation
+            log.info("planner: %s is now %s (%s)", slot.name, role.value, name)
+        except Exception as e:  # the worker died meanwhile: Ray restarts it in its old role, in its old pool
+            log.warning("planner: switching %s failed (%s); it stays %s", slot.name, e, source.value)
+            slot.draining = False
+        finally:
+            with self._lock:
+                for r in (role, source):
+                    if self._steps.get(r) is step:
+                        self._steps.pop(r)
+
+    def _cancel_grow(self, step: _Step) -> None:
+        """Give up on a new worker that found no node: its actor (pending) goes, and its slot."""
+        step.cancelled.set()
+        handle = self._handles.pop(step.slot.name, None)
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                self.ray.kill(handle, no_restart=True)
+            with contextlib.suppress(ValueError):
+                self.cluster.handles.remove(handle)
+        self.monitor.unwatch(step.slot)
+        self.pools.remove(step.slot)
+        with self._lock:
+            if self._steps.get(step.role) is step:
+                self._steps.pop(step.role)
+        log.info("planner: %s cancelled (no node for it)", step.slot.name)
 
     def _handle(self, slot: WorkerSlot) -> Any:
         return self._handles.get(slot.name) or slot.client.handle
@@ -189,6 +267,7 @@ class PlannerLoop:
             sum(w.queued_tokens for w in prefill),
             self.metrics.recent.prefill_rate(),
             busy=s.busy(Role.PREFILL),
+            growing=s.growing(Role.PREFILL),
             stuck=s.stuck(Role.PREFILL),
         )
         d = DecodeSignals(
@@ -198,6 +277,7 @@ class PlannerLoop:
             1.0 - free / total if total else 0.0,
             self.metrics.recent.p90_itl(self._last),
             busy=s.busy(Role.DECODE),
+            growing=s.growing(Role.DECODE),
             stuck=s.stuck(Role.DECODE),
         )
         self._last = now
@@ -213,8 +293,8 @@ class PlannerLoop:
                 self.scaler.grow(d.role)
             elif d.direction is Direction.DOWN:
                 self.scaler.shrink(d.role)
-            else:  # SWITCH: not carried out yet; the pool that cannot grow waits for a node
-                log.warning("planner: role switch (%s) is not available; waiting for a node", d)
+            elif d.source is not None:
+                self.scaler.switch(d.role, d.source)
         return decisions
 
     def _run(self) -> None:

@@ -102,7 +102,7 @@ def start_planner(ray: Any, c: ServeConfig, cluster: Any, monitor: Any, metrics:
         monitor,
         drain_timeout_s=c.drain_timeout_s,
         stall_timeout_s=c.stall_timeout_s,
-        stuck_after_s=max(60.0, planner.stuck_ticks * spec.interval_s),
+        stuck_after_s=spec.node_wait_s,
     )
     ranges = ", ".join(f"{role.value} {r.min}:{r.max}" for role, r in spec.ranges.items())
     _say(f"pdserve: planner on ({ranges}; TTFT {spec.slo.ttft_s * 1e3:g} ms, ITL {spec.slo.itl_s * 1e3:g} ms)")

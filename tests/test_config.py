@@ -120,10 +120,15 @@ def test_missing_required_field():
 
 def test_pipeline_stages_partition_layers_contiguously():
     c = LlamaConfig.from_hf_dict(HF, pipeline_parallel_stages=4)
-    assert c.layer_partition() == [0, 7, 15, 22, 30]
+    # the tied 49152 x 576 table weighs 8 layers (576 x (576 + 2 x 192) + 576^2 + 3 x 576 x 1536 parameters each)
+    # and lives on the last stage only: stages of 10, 10, 9 and 1 layers weigh 10, 10, 9 and 9
+    assert c.table_layers() == 8.0 and c.embedding_stage(4) == 3
+    assert c.layer_partition() == [0, 10, 20, 29, 30]
     ranges = c.stage_layer_ranges()
-    assert [len(r) for r in ranges] == [7, 8, 7, 8]
     assert [i for r in ranges for i in r] == list(range(30))
+    untied = c.replace(tie_word_embeddings=False)  # an embedding on the first stage and an LM head on the last
+    assert untied.layer_partition() == [0, 4, 16, 28, 30] and untied.embedding_stage(4) == 0
+    assert c.layer_ranges(2) == [range(0, 19), range(19, 30)] and c.layer_ranges(1) == [range(30)]
     with pytest.raises(ValueError, match="pipeline_parallel_stages"):
         LlamaConfig.from_hf_dict(HF, pipeline_parallel_stages=31)
 

@@ -123,3 +123,14 @@ def test_ranges_and_slos_parse():
     for bad in ("ttft=500", "ttft=5,itl=x", "ttft=0,itl=5", "latency=5,itl=5", "ttft=1,ttft=2,itl=3"):
         with pytest.raises(ValueError, match=r"^--slo: "):
             Slo.parse(bad)
+
+
+def test_a_pool_waiting_for_a_node_holds_the_others_shrink_then_takes_its_worker():
+    pl = planner(p=(1, 2), d=(1, 2))
+    waiting = decode(1, running=9, busy=True, growing=True)  # its new worker is not up yet
+    for _ in range(3):
+        assert pl.tick(prefill(2), waiting) == []  # prefill idles, but its worker may be needed: no shrink
+    [d] = pl.tick(prefill(2), decode(1, running=9, busy=True, growing=True, stuck=True))  # no node came
+    assert (d.role, d.direction, d.source, d.workers) == (Role.DECODE, Direction.SWITCH, Role.PREFILL, 2)
+    assert "found no node" in str(d)
+    assert pl.tick(prefill(2, busy=True, growing=True), decode(1)) == []  # nothing is taken from a growing pool

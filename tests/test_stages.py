@@ -39,11 +39,17 @@ def model(request, tmp_path_factory):
 
 def test_stage_weights_and_layers():
     s0, s1, s2 = (StageSpec(i, 3) for i in range(3))
-    assert [list(s.layers(CFG)) for s in (s0, s1, s2)] == [[0], [1, 2], [3, 4]]
-    assert s1.global_name(CFG, "model.layers.1.mlp.down_proj.weight") == "model.layers.2.mlp.down_proj.weight"
+    # balanced with the tables: the embedding (first) and LM head (last) weigh a third of a layer each here
+    assert [list(s.layers(CFG)) for s in (s0, s1, s2)] == [[0, 1], [2, 3], [4]]
+    assert s1.global_name(CFG, "model.layers.1.mlp.down_proj.weight") == "model.layers.3.mlp.down_proj.weight"
     names = stage_weight_names(CFG, s2)
     assert "model.norm.weight" in names and "lm_head.weight" in names and "model.embed_tokens.weight" not in names
-    assert all(int(n.split(".")[2]) in (3, 4) for n in names if n.startswith("model.layers."))
+    assert all(int(n.split(".")[2]) == 4 for n in names if n.startswith("model.layers."))
+    assert "model.embed_tokens.weight" in stage_weight_names(CFG, s0) and s0.embeds(CFG)
+    tied = CFG.replace(tie_word_embeddings=True)  # the tied table lives on the last stage only, which embeds too
+    first, last = StageSpec(0, 2), StageSpec(1, 2)
+    assert "model.embed_tokens.weight" not in stage_weight_names(tied, first) and not first.embeds(tied)
+    assert "model.embed_tokens.weight" in stage_weight_names(tied, last) and last.embeds(tied)
     with pytest.raises(ValueError, match="stage index"):
         StageSpec(3, 3)
     with pytest.raises(ValueError, match="stages must be in"):
