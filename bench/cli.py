@@ -23,6 +23,7 @@ from bench.faults import FaultSchedule, FaultSpec, fault_impact, is_local
 from bench.margins import mismatch_line, mismatches
 from bench.multiturn import Conversation, MultiturnSpec, build_conversations, run_conversations
 from bench.openai_client import BACKENDS, HttpTarget, OpenAIBenchClient
+from bench.pools import PoolSampler, run_points
 from bench.report import (
     RunOutcome,
     format_sweep,
@@ -448,11 +449,20 @@ def _measure(
         offsets = _offsets(cfg, len(workload.requests), rate)
         rate = len(offsets) / offsets[-1] if cfg.schedule is not None and offsets[-1] > 0 else rate  # its mean
         schedule = FaultSchedule(cfg.faults, client.worker_pid)
-        result = client.run(
-            workload.requests, offsets, desc=f"{target.label} @ {rate_text(rate)}", on_start=schedule.start
-        )
+        sampler = PoolSampler(client.pool_sizes)
+
+        def started(t0: float, schedule=schedule, sampler=sampler) -> None:
+            schedule.start(t0)
+            sampler.start(t0)
+
+        result = client.run(workload.requests, offsets, desc=f"{target.label} @ {rate_text(rate)}", on_start=started)
         impacts = tuple(fault_impact(e, result.records, result.start) for e in schedule.join())
-        runs.append(_outcome(cfg, target, addr, rate, result.records, result.duration_s, impacts))
+        outcome = _outcome(cfg, target, addr, rate, result.records, result.duration_s, impacts)
+        sent, gaps = run_points(result.records, result.start)
+        pools = sampler.stop()
+        runs.append(
+            dataclasses.replace(outcome, pools=pools, duration_s=result.duration_s, itl_points=gaps, sent_s=sent)
+        )
     return workload, info, launched, runs
 
 

@@ -122,6 +122,14 @@ class BenchClient:
             raise UserError(f"GetModelInfo from {self.addr} failed: {e.code().name}: {e.details()}") from None
         return ServerInfo(m.model, m.mode, m.vocab_size, m.context_window_size, m.has_tokenizer)
 
+    def pool_sizes(self) -> dict[str, int]:
+        """Live workers per role now (`bench.pools.PoolSampler`)."""
+        status = self._stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5)
+        out: dict[str, int] = {}
+        for w in status.workers:
+            out[w.role] = out.get(w.role, 0) + int(w.alive)
+        return out
+
     def worker_pid(self, role: str) -> int | None:
         """The pid of the server's first live worker of `role` (for `--fault`)."""
         status = self._stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)

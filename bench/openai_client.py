@@ -107,6 +107,9 @@ class OpenAIBenchClient(BenchClient):
     def worker_pid(self, role: str) -> int | None:
         return None  # an OpenAI server has no worker roles to fault
 
+    def pool_sizes(self) -> dict[str, int]:
+        raise NotImplementedError("an OpenAI server reports no pools")  # the sampler skips the samples
+
     def _prepare(self, req: BenchRequest) -> bytes:
         body: dict = {
             "model": self.model or None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.faults import WINDOW_AFTER_S, FaultImpact
+from bench.pools import Timeline, plot_timeline, worker_seconds
 from bench.slo_grid import SloGrid, plot_pair
 from bench.stats import Percentiles, RunMetrics
 
@@ -49,6 +50,14 @@ class RunOutcome:
     output_ids: tuple[tuple[int, ...], ...] = ()  # each request's streamed tokens, in workload order
     prompt_ids: tuple[tuple[int, ...], ...] = ()  # each request's prompt tokens (gRPC), in workload order
     slo_grid: tuple[tuple[float, ...], ...] = ()  # attainment per (TTFT, TPOT) limit pair (bench.slo_grid)
+    pools: Timeline = ()  # live workers per role over the run (gRPC; `bench.pools`)
+    duration_s: float = 0.0
+    itl_points: tuple[tuple[float, float], ...] = ()  # (seconds since start, gap ms) of every streamed gap
+    sent_s: tuple[float, ...] = ()  # each request's send time, seconds since start
+
+    @property
+    def worker_seconds(self) -> dict[str, float]:
+        return worker_seconds(self.pools, self.duration_s) if self.pools else {}
 
     @property
     def name(self) -> str:
@@ -145,6 +154,11 @@ def format_table(runs: Sequence[RunOutcome], title: str) -> str:
                 f"{_fmt(f.itl_p99_after_ms, 1)} ms"
             )
     for r in runs:
+        if r.worker_seconds:
+            used = ", ".join(f"{role} {sec:.0f}" for role, sec in sorted(r.worker_seconds.items()))
+            sizes = sorted({n for _, counts in r.pools for n in counts.values()})
+            lines.append(f"Worker-seconds ({r.name}): {used} (pool sizes seen: {sizes})")
+    for r in runs:
         if r.metrics.failures_by_code:
             codes = ", ".join(f"{k}: {v}" for k, v in r.metrics.failures_by_code.items())
             lines.append(f"Failures ({r.name}): {codes}")
@@ -206,6 +220,8 @@ def run_json(r: RunOutcome) -> dict[str, object]:
         **dataclasses.asdict(r.metrics),
         "faults": [dataclasses.asdict(f) for f in r.faults],
         "slo_grid_attainment": [list(row) for row in r.slo_grid],
+        "worker_seconds": r.worker_seconds,
+        "pool_timeline": [{"t_s": round(t, 2), **counts} for t, counts in r.pools],
         "samples_ms": r.samples_ms,
     }
 
@@ -254,6 +270,10 @@ def write_plots(out_dir: Path, runs: Sequence[RunOutcome], grid: SloGrid | None 
     written = [_plot_cdfs(plt, out_dir / "latency_cdf.png", runs)]
     if path := _plot_sweep(plt, out_dir / "sweep.png", runs):
         written.append(path)
+    for r in runs:
+        if r.pools:
+            name = f"pools_{r.label}.png".replace(" ", "_")
+            written.append(plot_timeline(plt, out_dir / name, r.pools, r.sent_s, r.samples_ms["ttft_ms"], r.itl_points))
     if grid is not None:
         for a, b in same_rate_pairs(runs):
             path = out_dir / f"slo_grid_{rate_text(a.request_rate).replace(' ', '_').replace('/', '')}.png"

@@ -604,3 +604,44 @@ def test_rate_schedule_parses_and_stretches_one_arrival_pattern():
     ):
         with pytest.raises(ValueError, match=why):
             RateSchedule.parse(bad)
+
+
+def test_pool_sampler_timeline_and_worker_seconds():
+    import threading
+
+    from bench.pools import PoolSampler, worker_seconds
+
+    sizes = iter([{"decode": 1, "prefill": 1}, {"decode": 2, "prefill": 1}] + [{"decode": 1, "prefill": 1}] * 10**6)
+    seen = threading.Event()
+
+    def status():
+        seen.set()
+        return next(sizes)
+
+    sampler = PoolSampler(status, interval_s=0.001).start(0.0)
+    seen.wait(10)
+    timeline = sampler.stop()
+    assert timeline and timeline[0][1] == {"decode": 1, "prefill": 1}
+    fixed = ((0.0, {"decode": 1, "prefill": 1}), (10.0, {"decode": 2, "prefill": 1}), (30.0, {"decode": 1}))
+    assert worker_seconds(fixed, 40.0) == {"decode": 10 + 40 + 10, "prefill": 30}
+
+    def broken():
+        raise RuntimeError("busy")
+
+    assert PoolSampler(broken, interval_s=0.001).start(0.0).stop() == ()  # failed samples are skipped
+
+
+def test_a_planned_run_reports_worker_seconds_and_plots_its_pools(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.pools import run_points
+
+    recs = timeline()
+    sent, gaps = run_points(recs, start=min(r.sent for r in recs))
+    assert len(sent) == len(latency_samples_ms(recs)["ttft_ms"]) and gaps
+    pools = ((0.0, {"prefill": 1, "decode": 1}), (1.0, {"prefill": 1, "decode": 2}), (1.5, {"prefill": 1, "decode": 1}))
+    run = dataclasses.replace(outcomes()[0], pools=pools, duration_s=2.0, itl_points=gaps, sent_s=sent)
+    assert run.worker_seconds == {"prefill": 2.0, "decode": 2.5}
+    assert "Worker-seconds (A @ 1 req/s): decode 2, prefill 2 (pool sizes seen: [1, 2])" in format_table([run], "t")
+    doc = json.loads(write_results(tmp_path, {}, [run]).read_text())["runs"][0]
+    assert doc["worker_seconds"] == {"prefill": 2.0, "decode": 2.5} and doc["pool_timeline"][1]["decode"] == 2
+    assert "pools_A.png" in [p.name for p in write_plots(tmp_path, [run])]
