@@ -192,6 +192,7 @@ class Scaler:
             slot.client.switch(role)
             name = f"{role.value}-{next(self._names)}"
             moved = worker_slot(self.ray, role, handle, name, self.stall_timeout_s)
+            moved.alive = False  # in rotation once the monitor described it (its new role and KV address)
             self._handles[name] = handle
             self.monitor.unwatch(slot)
             self.pools.remove(slot)

@@ -29,8 +29,9 @@ from serving import SLOW_DECODE, Server, assert_clean_exit, collect, request, sc
 from kvtransfer.net import free_port
 
 
-def _fake_cluster_config(head: dict) -> dict:
-    """Ray's fake multi-node provider config (the shape of its example.yaml, which the wheel does not ship)."""
+def _fake_cluster_config(head: dict, gcs_address: str) -> dict:
+    """Ray's fake multi-node provider config (the shape of its example.yaml, which the wheel does not ship); its
+    nodes join the head at `gcs_address` (the provider's default is port 6379)."""
     return {
         "cluster_name": "pdserve-fake",
         "max_workers": 1,
@@ -39,6 +40,7 @@ def _fake_cluster_config(head: dict) -> dict:
             "use_node_id_as_ip": True,
             "disable_node_updaters": True,
             "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
         },
         "available_node_types": {
             "ray.head.default": {"resources": head, "node_config": {}, "max_workers": 0},
@@ -76,7 +78,7 @@ def _alive_nodes(address: str) -> int:
 def autoscaling_cluster(tmp_path):
     port = free_port()
     config = tmp_path / "fake.json"
-    config.write_text(json.dumps(_fake_cluster_config({"CPU": 2, "prefill": 1, "decode": 1})))
+    config.write_text(json.dumps(_fake_cluster_config({"CPU": 2, "prefill": 1, "decode": 1}, f"127.0.0.1:{port}")))
     env = {**os.environ, **LOOPBACK_ENV, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
     ray_cli = str(Path(sys.executable).parent / "ray")
     cmd = [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
@@ -121,7 +123,8 @@ def test_a_load_ramp_grows_the_decode_pool_and_idling_shrinks_it(autoscaling_clu
         assert sorted(got) == list(range(len(prompts)))  # every client got its tokens (asserted as they came)
         wait_until(lambda: len([w for w in server.workers() if w.role == "decode"]) == 1, 240, "back to 1 decode")
         assert scrape_metric(metrics, "pdserve_planner_decisions_total", 'reason="idle"') >= 1
-        assert scrape_metric(metrics, "pdserve_pool_workers", 'role="decode"') == 1
+        gauge = lambda: scrape_metric(metrics, "pdserve_pool_workers{", 'role="decode"')  # noqa: E731
+        wait_until(lambda: gauge() == 1, 30, "the pool gauge at 1")  # refreshed every second
         wait_until(lambda: _alive_nodes(address) == 1, 240, "the idle node terminated")
         assert tokens_of(collect(server.stub, request(prompts[0], max_tokens=12))) == want[0]
         assert server.pages_all_free()

@@ -110,30 +110,34 @@ def test_switches_under_load_lose_no_request(serving):
     want = {i: tokens(router, request(i, "ref")) for i in range(12)}  # one at a time, before any switch
     pids = {w.info.pid for w in cluster.pools.prefill}
     load = Load(router, want)
-    wait_until(lambda: load.done >= 4, 120, "requests flowing")
-    moved = scaler.switch(Role.DECODE, Role.PREFILL)
-    assert moved is not None and moved.role is Role.PREFILL
-    wait_until(lambda: len(_pool(cluster, Role.DECODE)) == 2 and not scaler.busy(Role.DECODE), 120, "2 decode")
-    assert len(cluster.pools.prefill) == 1
-    switched = next(w for w in cluster.pools.decode if w.info.pid in pids)  # the same process: no reload
-    assert switched.info.role is Role.DECODE and switched.kv_address
-    done = load.done
-    wait_until(lambda: load.done >= done + 8, 120, "requests on the new layout")
-    assert switched.load.steps > 0 or switched.client.load().steps > 0  # it decodes now
+    try:
+        wait_until(lambda: load.done >= 4, 120, "requests flowing")
+        moved = scaler.switch(Role.DECODE, Role.PREFILL)
+        assert moved is not None and moved.role is Role.PREFILL
+        wait_until(lambda: len(_pool(cluster, Role.DECODE)) == 2 and not scaler.busy(Role.DECODE), 120, "2 decode")
+        assert len(cluster.pools.prefill) == 1
+        switched = next(w for w in cluster.pools.decode if w.info.pid in pids)  # the same process: no reload
+        assert switched.info.role is Role.DECODE and switched.kv_address
+        done = load.done
+        wait_until(lambda: load.done >= done + 8, 120, "requests on the new layout")
+        assert switched.load.steps > 0 or switched.client.load().steps > 0  # it decodes now
 
-    os.kill(switched.info.pid, signal.SIGKILL)  # Ray restarts it as prefill; the router switches it back
-    wait_until(
-        lambda: any(w.alive and w.info.pid not in pids and w.info.role is Role.DECODE for w in cluster.pools.decode),
-        180,
-        "the restarted worker switched back to decode",
-    )
-    done = load.done
-    wait_until(lambda: load.done >= done + 8, 120, "requests after the restart")
+        old_pid = switched.info.pid
+        os.kill(old_pid, signal.SIGKILL)  # Ray restarts it as prefill; the router switches it back
+        wait_until(
+            lambda: switched.alive and switched.info.pid != old_pid and switched.info.role is Role.DECODE,
+            180,
+            "the restarted worker switched back to decode",
+        )
+        assert switched in cluster.pools.decode and switched.restarts == 1
+        done = load.done
+        wait_until(lambda: load.done >= done + 8, 120, "requests after the restart")
 
-    assert scaler.switch(Role.PREFILL, Role.DECODE) is not None  # and back, under load
-    wait_until(lambda: len(_pool(cluster, Role.PREFILL)) == 2 and not scaler.busy(Role.PREFILL), 120, "2 prefill")
-    done = load.done
-    wait_until(lambda: load.done >= done + 8, 120, "requests after switching back")
-    load.stop()
+        assert scaler.switch(Role.PREFILL, Role.DECODE) is not None  # and back, under load
+        wait_until(lambda: len(_pool(cluster, Role.PREFILL)) == 2 and not scaler.busy(Role.PREFILL), 120, "2 prefill")
+        done = load.done
+        wait_until(lambda: load.done >= done + 8, 120, "requests after switching back")
+    finally:
+        load.stop()
     assert load.errors == []
     wait_until(lambda: _no_leaks(cluster), 30, "every page free")
