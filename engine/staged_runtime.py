@@ -32,6 +32,7 @@ from engine.stages import RemotePipeline, StageClient, from_array
 from llama_relax.config import LlamaConfig
 from llama_relax.kv_dtype import kv_storage
 from llama_relax.runtime import KVCacheConfig, model_fingerprint
+from llama_relax.sequences import SequenceBook
 
 _REFUSALS = {
     grpc.StatusCode.INVALID_ARGUMENT: ValueError,
@@ -62,7 +63,7 @@ class _Kept:
     forward: int
 
 
-class StagedRuntime(RemotePipeline):
+class StagedRuntime(RemotePipeline, SequenceBook):
     """A pipeline of stage servers with the `ModelRuntime` surface the engines use; see the module docstring."""
 
     host_kv = False  # the pages live in the stage processes: KV leaves through `read_kv`
@@ -126,8 +127,7 @@ class StagedRuntime(RemotePipeline):
 
     # ---- sequences ----------------------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
-        if seq_id in self._seq_lens:
-            raise ValueError(f"sequence {seq_id} already exists")
+        self._check_new(seq_id)
         self._sequences(add=[seq_id])
         self._seq_lens[seq_id] = 0
 
@@ -136,49 +136,24 @@ class StagedRuntime(RemotePipeline):
             self._sequences(remove=[seq_id])
 
     def fork_sequence(self, parent_id: int, child_id: int, length: int | None = None) -> None:
-        have = self._seq_lens[parent_id]
-        length = have if length is None else length
-        if child_id in self._seq_lens:
-            raise ValueError(f"sequence {child_id} already exists")
-        if not 0 <= length <= have:
-            raise ValueError(f"fork: cannot take {length} of the {have} tokens of sequence {parent_id}")
+        length = self._check_fork(parent_id, child_id, length)
         self._sequences(fork=[(parent_id, child_id, length)])
         self._seq_lens[child_id] = length
 
     def popn(self, seq_id: int, n: int) -> None:
-        if not 0 <= n <= self._seq_lens[seq_id]:
-            raise ValueError(f"popn: cannot pop {n} of {self._seq_lens[seq_id]} tokens")
+        self._check_popn(seq_id, n)
         self._sequences(pop=[(seq_id, n)])
         self._seq_lens[seq_id] -= n
-
-    def sequence_length(self, seq_id: int) -> int:
-        return self._seq_lens[seq_id]
-
-    def sequence_ids(self) -> list[int]:
-        return list(self._seq_lens)
-
-    def has_sequence(self, seq_id: int) -> bool:
-        return seq_id in self._seq_lens
 
     def free_pages(self) -> int:
         """The fewest free pages of any stage (they hold the same sequences, so they agree when all is well)."""
         return min(s.free_pages for s in self._all(lambda c: self._pool.submit(c.sequences)))
 
-    def pages_needed(self, seq_id: int | None, n_new: int) -> int:
-        cur = 0 if seq_id is None else self._seq_lens[seq_id]
-        ps = self.kv_config.page_size
-        return -(-(cur + n_new) // ps) - -(-cur // ps)
-
     # ---- forward ------------------------------------------------------------------------------------------
     def _appended(self, seq_ids: Sequence[int], lengths: Sequence[int], run: Callable[[], object]):
         """Run a forward appending `lengths[i]` tokens to `seq_ids[i]` on every stage. If it fails, the sequences
         are removed everywhere (stages before the failing one appended already), as `ModelRuntime` does."""
-        for sid, n in zip(seq_ids, lengths, strict=True):
-            if self._seq_lens[sid] + n > self.config.context_window_size:
-                raise ValueError(
-                    f"sequence {sid}: {self._seq_lens[sid] + n} tokens exceed the context window "
-                    f"({self.config.context_window_size})"
-                )
+        self._check_append(seq_ids, lengths)
         try:
             out = run()
         except StageLost:
@@ -187,8 +162,7 @@ class StagedRuntime(RemotePipeline):
             for sid in seq_ids:
                 self.remove_sequence(sid)
             raise
-        for sid, n in zip(seq_ids, lengths, strict=True):
-            self._seq_lens[sid] += n
+        self._grown(seq_ids, lengths)
         return out
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -236,10 +210,7 @@ class StagedRuntime(RemotePipeline):
 
     def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """K and V of tokens [begin, end), every layer: [L, n, Hkv, d] each (each stage's layers, in order)."""
-        if seq_id not in self._seq_lens:
-            raise KeyError(f"sequence {seq_id} was not added")
-        if not 0 <= begin < end <= self._seq_lens[seq_id]:
-            raise ValueError(f"read_kv: range [{begin}, {end}) outside sequence {seq_id} of {self._seq_lens[seq_id]}")
+        self._check_range(seq_id, begin, end)
         blocks = self._all(lambda c: c.read_kv_future(seq_id, begin, end))
         k = np.concatenate([from_array(b.k, "k") for b in blocks])
         v = np.concatenate([from_array(b.v, "v") for b in blocks])

@@ -30,6 +30,7 @@ from llama_relax.config import LlamaConfig
 from llama_relax.cuda_kernels import use_prebuilt_kernels
 from llama_relax.kv_cache_args import SYMBOLS, create_kv_cache
 from llama_relax.kv_dtype import kv_storage
+from llama_relax.sequences import SequenceBook
 
 _F = tvm.get_global_func
 _ADD_SEQ = _F("vm.builtin.kv_state_add_sequence")
@@ -69,7 +70,7 @@ class KVCacheConfig:
         return -(-self.max_total_seq_len // self.page_size)
 
 
-class ModelRuntime:
+class ModelRuntime(SequenceBook):
     """Runs one compiled Llama model on one device. See the module docstring for call order."""
 
     def __init__(
@@ -196,8 +197,7 @@ class ModelRuntime:
 
     # ---- sequences ------------------------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
-        if seq_id in self._seq_lens:
-            raise ValueError(f"sequence {seq_id} already exists")
+        self._check_new(seq_id)
         _ADD_SEQ(self.kv_cache, seq_id)
         self._seq_lens[seq_id] = 0
 
@@ -209,29 +209,14 @@ class ModelRuntime:
         """A new sequence holding the first `length` tokens of `parent_id` (default: all of them). Whole pages are
         shared with the parent (both read them; neither frees them while the other holds them); a partly used
         page is copied, so the child has `length // page_size` shared pages."""
-        have = self._seq_lens[parent_id]
-        length = have if length is None else length
-        if child_id in self._seq_lens:
-            raise ValueError(f"sequence {child_id} already exists")
-        if not 0 <= length <= have:
-            raise ValueError(f"fork: cannot take {length} of the {have} tokens of sequence {parent_id}")
+        length = self._check_fork(parent_id, child_id, length)
         _FORK_SEQ(self.kv_cache, parent_id, child_id, length)
         self._seq_lens[child_id] = length
 
     def popn(self, seq_id: int, n: int) -> None:
-        if not 0 <= n <= self._seq_lens[seq_id]:
-            raise ValueError(f"popn: cannot pop {n} of {self._seq_lens[seq_id]} tokens")
+        self._check_popn(seq_id, n)
         _POPN(self.kv_cache, seq_id, n)
         self._seq_lens[seq_id] -= n
-
-    def sequence_length(self, seq_id: int) -> int:
-        return self._seq_lens[seq_id]
-
-    def sequence_ids(self) -> list[int]:
-        return list(self._seq_lens)
-
-    def has_sequence(self, seq_id: int) -> bool:
-        return seq_id in self._seq_lens
 
     def kv_length_in_cache(self, seq_id: int) -> int:
         """The cache's own count (a check against our bookkeeping)."""
@@ -239,12 +224,6 @@ class ModelRuntime:
 
     def free_pages(self) -> int:
         return int(_FREE_PAGES(self.kv_cache))
-
-    def pages_needed(self, seq_id: int | None, n_new: int) -> int:
-        """Pages a sequence needs to take `n_new` more tokens (None = a new sequence)."""
-        cur = 0 if seq_id is None else self._seq_lens[seq_id]
-        ps = self.kv_config.page_size
-        return -(-(cur + n_new) // ps) - -(-cur // ps)
 
     # ---- forward --------------------------------------------------------------------------------------------
     def _check_ids(self, ids: np.ndarray) -> None:
@@ -268,20 +247,12 @@ class ModelRuntime:
             raise ValueError(
                 f"a forward of {len(seq_ids)} sequences exceeds max_batch_size {self.kv_config.max_batch_size}"
             )
-        for sid, n in zip(seq_ids, lengths, strict=True):
-            if sid not in self._seq_lens:
-                raise KeyError(f"sequence {sid} was not added")
-            if self._seq_lens[sid] + n > self.config.context_window_size:
-                raise ValueError(
-                    f"sequence {sid}: {self._seq_lens[sid] + n} tokens exceed the context window "
-                    f"({self.config.context_window_size})"
-                )
+        self._check_append(seq_ids, lengths)
         _BEGIN(self.kv_cache, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
 
     def _end(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         _END(self.kv_cache)
-        for sid, n in zip(seq_ids, lengths, strict=True):
-            self._seq_lens[sid] += n
+        self._grown(seq_ids, lengths)
 
     def forward_hidden(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> tvm.runtime.Tensor:
         """Append `chunks[i]` to `seq_ids[i]` in one forward; hidden states of every token, [1, sum(len), h].
@@ -394,12 +365,6 @@ class ModelRuntime:
         c = self.config
         return (self.num_kv_layers, n_tokens, c.num_key_value_heads, self.kv_row)
 
-    def _check_range(self, seq_id: int, begin: int, end: int) -> None:
-        if seq_id not in self._seq_lens:
-            raise KeyError(f"sequence {seq_id} was not added")
-        if not 0 <= begin < end <= self._seq_lens[seq_id]:
-            raise ValueError(f"read_kv: range [{begin}, {end}) outside sequence {seq_id} of {self._seq_lens[seq_id]}")
-
     def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Copy K (rotated, as stored) and V of tokens [begin, end) into new host arrays [L, n, Hkv, d]."""
         if not self._host_pages:  # a GPU: read on the device, then one copy to host
@@ -459,17 +424,7 @@ class ModelRuntime:
         arrays exposing DLPack (e.g. cupy, from the NCCL path) when this runtime is on a GPU."""
         if not self.kv_pages:
             raise RuntimeError("this runtime's KV pages are not reachable (created with model_create_fn=True)")
-        if seq_id not in self._seq_lens:
-            raise KeyError(f"sequence {seq_id} was not added")
-        n = k.shape[1] if k.ndim == 4 else -1
-        if k.shape != self.kv_shape(n) or v.shape != k.shape or n <= 0:
-            raise ValueError(f"append_kv: expected K/V of shape {self.kv_shape(max(n, 1))}, got {k.shape}, {v.shape}")
-        if str(k.dtype) != self.kv_elem or str(v.dtype) != self.kv_elem:
-            raise ValueError(
-                f"append_kv: expected {self.kv_elem} ({self.compiled.kv_dtype} KV), got {k.dtype}/{v.dtype}"
-            )
-        if self._seq_lens[seq_id] + n > self.config.context_window_size:
-            raise ValueError(f"append_kv: {self._seq_lens[seq_id] + n} tokens exceed the context window")
+        n = self._check_kv(seq_id, k, v)
         if self.pages_needed(seq_id, n) > self.free_pages():
             raise MemoryError(f"append_kv: {self.pages_needed(seq_id, n)} pages needed, {self.free_pages()} free")
         compressed = list(_PREPARE_RECV(self.kv_cache, seq_id, n))  # runs BeginForward; [nseg, b1, l1, ...]
