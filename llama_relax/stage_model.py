@@ -24,7 +24,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from llama_relax.config import LlamaConfig
-from llama_relax.model import LlamaForCausalLM, TableWeight, kv_cache_spec
+from llama_relax.model import LlamaForCausalLM, kv_cache_spec
 from llama_relax.quantization import NO_QUANTIZATION, QuantPlan
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -111,7 +111,7 @@ class LlamaStage(nn.Module):
         self._kv = _KVCacheOwner(local, full.kv_dtype)
         self.model = _StageBody(full, stage, config)
         if stage.last and not config.tie_word_embeddings:
-            self.lm_head = TableWeight(config.vocab_size, config.hidden_size, dtype, plan, "lm_head.weight")
+            self.lm_head = full.lm_head
 
     def embed(self, input_ids: Tensor) -> Tensor:  # [s] int32 -> [s, h]
         return self.model.embed_tokens.lookup(input_ids)
