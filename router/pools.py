@@ -47,6 +47,7 @@ class WorkerSlot(Generic[C]):
     placed: dict[int, float] = field(default_factory=dict)  # page hashes the router sent since -> when (monotonic)
     refused: str = ""  # why this process is kept out of rotation (its KV cache cannot take the cluster's KV)
     draining: bool = False  # the planner is removing it: placement skips it, what runs finishes or migrates
+    role_lock: threading.Lock = field(default_factory=threading.Lock)  # one role change at a time (switch, restart)
 
     @property
     def kv_address(self) -> str:
@@ -249,10 +250,26 @@ class PoolMonitor:
     def _watch(self, w: WorkerSlot, done: threading.Event) -> None:
         while not self._stop.is_set() and not done.is_set():
             observed = _observe(w)
+            if observed is not None and observed[1] is not None and observed[1].role is not w.role:
+                observed = _switch_back(w, done)  # a RoleWorker restarted by Ray in the role it was created with
             if done.is_set():
                 return
             self.pools._apply(w, observed)
             self._stop.wait(self.interval_s)
+
+
+def _switch_back(w: WorkerSlot, done: threading.Event) -> tuple[WorkerLoad, WorkerInfo | None] | None:
+    """Switch a restarted `RoleWorker` back to its slot's role, unless the slot was given up meanwhile (the
+    planner moved the worker to the other pool: its own switch holds `role_lock` while it unwatches and switches)."""
+    with w.role_lock:
+        if done.is_set():
+            return None
+        try:
+            log.warning("%s restarted in its first role; switching it back to %s", w.name, w.role.value)
+            info = w.client.switch(w.role)
+            return w.client.load(), info
+        except Exception:  # not answering now: observed again at the next interval
+            return None
 
 
 def _observe(w: WorkerSlot) -> tuple[WorkerLoad, WorkerInfo | None] | None:
@@ -261,11 +278,6 @@ def _observe(w: WorkerSlot) -> tuple[WorkerLoad, WorkerInfo | None] | None:
         load = w.client.load()
         if w.info is not None and w.info.incarnation == load.incarnation:
             return load, None
-        info = w.client.describe()
-        if info.role is not w.role:  # a RoleWorker restarted in the role it was created with: switch it back
-            log.warning("%s restarted as %s; switching it back to %s", w.name, info.role.value, w.role.value)
-            info = w.client.switch(w.role)
-            load = w.client.load()
-        return load, info
+        return load, w.client.describe()
     except Exception:  # any failure (died, restarting, timeout, a broken engine) means "not alive now"
         return None

@@ -189,12 +189,13 @@ class Scaler:
                 slot.draining = False
                 return
             handle = self._handle(slot)
-            slot.client.switch(role)
+            with slot.role_lock:  # its watcher stops first, so it never switches the worker back
+                self.monitor.unwatch(slot)
+                slot.client.switch(role)
             name = f"{role.value}-{next(self._names)}"
             moved = worker_slot(self.ray, role, handle, name, self.stall_timeout_s)
             moved.alive = False  # in rotation once the monitor described it (its new role and KV address)
             self._handles[name] = handle
-            self.monitor.unwatch(slot)
             self.pools.remove(slot)
             self.pools.add(moved)
             self.monitor.watch(moved)  # described again (a new incarnation: role, KV address), then in rotation
@@ -202,6 +203,8 @@ class Scaler:
         except Exception as e:  # the worker died meanwhile: Ray restarts it in its old role, in its old pool
             log.warning("planner: switching %s failed (%s); it stays %s", slot.name, e, source.value)
             slot.draining = False
+            if slot in self.pools.pool(source):
+                self.monitor.watch(slot)
         finally:
             with self._lock:
                 for r in (role, source):
