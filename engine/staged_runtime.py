@@ -219,15 +219,7 @@ class StagedRuntime(RemotePipeline, SequenceBook):
     def append_kv(self, seq_id: int, k: np.ndarray, v: np.ndarray) -> None:
         """Append n tokens of every layer's K/V ([L, n, Hkv, d]): each stage takes its own layers. Checked here
         first; if a stage fails after others appended, the sequence is removed everywhere and the error raised."""
-        if seq_id not in self._seq_lens:
-            raise KeyError(f"sequence {seq_id} was not added")
-        n = k.shape[1] if k.ndim == 4 else -1
-        if k.shape != self.kv_shape(n) or v.shape != k.shape or n <= 0:
-            raise ValueError(f"append_kv: expected K/V of shape {self.kv_shape(max(n, 1))}, got {k.shape}, {v.shape}")
-        if str(k.dtype) != self.kv_elem or str(v.dtype) != self.kv_elem:
-            raise ValueError(
-                f"append_kv: expected {self.kv_elem} ({self.compiled.kv_dtype} KV), got {k.dtype}/{v.dtype}"
-            )
+        n = self._check_kv(seq_id, k, v)
         ranges = self.config.layer_ranges(self.num_stages)
 
         def run() -> None:
