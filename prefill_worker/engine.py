@@ -157,7 +157,7 @@ class PrefillEngine(EngineCore):
         self.stop()
         self._transfers.shutdown(wait=True)
         for job in list(self.jobs.values()):
-            self._fail(job, ErrorKind.INTERNAL, "prefill worker shutting down")
+            self._fail(job, ErrorKind.UNAVAILABLE, "prefill worker shutting down")
 
     # ---- engine thread ------------------------------------------------------------------------------------
     def _submit(

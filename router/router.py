@@ -337,8 +337,12 @@ class Router:
         tried: set[str] = set()
         reasons: list[str] = []
         while True:
-            candidates = [w for w in self.pools.prefill if w.name not in tried]
-            p = pick_prefill(candidates, rec.page_hashes, self.options.balance_tokens)
+            with self.pools.lock:  # picked and claimed at once: a worker the planner drains is never picked
+                candidates = [w for w in self.pools.prefill if w.name not in tried]  # after its drain began
+                p = pick_prefill(candidates, rec.page_hashes, self.options.balance_tokens)
+                if p is not None:
+                    p.active += 1
+                    p.queued_tokens += len(req.token_ids)
             if p is None:
                 if reasons and any(w.available for w in self.pools.prefill):
                     raise RouterError(ErrorKind.BUSY, "all prefill workers are busy (" + "; ".join(reasons) + ")")
@@ -347,8 +351,6 @@ class Router:
             rec.workers[Role.PREFILL] = p
             rec.mark(RequestState.PREFILLING)
             first: TokenEvent | None = None
-            with self.pools.lock:
-                p.queued_tokens += len(req.token_ids)
             try:
                 for item in p.client.prefill_stream(req, d.kv_address, rec.decode_cached):
                     if isinstance(item, TokenEvent):
@@ -365,11 +367,12 @@ class Router:
                         rec.cached_tokens = item.cached_tokens
                         note_placed(p, rec.page_hashes)
                         return first
-                    if first is None and item.error.kind is ErrorKind.BUSY:
+                    kind = item.error.kind
+                    if first is None and kind in (ErrorKind.BUSY, ErrorKind.UNAVAILABLE):
                         reasons.append(f"{p.name}: {item.error.message}")
-                        break  # try the next prefill worker
-                    if item.error.kind is ErrorKind.TRANSFER_FAILED:
-                        raise Migrate(item.error.message)  # already retried once by the sender: recompute
+                        break  # full, or shutting down: try the next prefill worker
+                    if kind is ErrorKind.TRANSFER_FAILED or (first is not None and kind is ErrorKind.UNAVAILABLE):
+                        raise Migrate(item.error.message)  # recompute (a transfer was already retried once)
                     raise RouterError(item.error.kind, item.error.message)
                 else:
                     raise RouterError(ErrorKind.INTERNAL, f"{p.name}: prefill stream ended without a result")
@@ -385,6 +388,7 @@ class Router:
                 raise RouterError(ErrorKind.INTERNAL, f"worker {p.name} failed: {e.message}") from e
             finally:
                 with self.pools.lock:
+                    p.active -= 1
                     p.queued_tokens = max(0, p.queued_tokens - len(req.token_ids))
 
     @staticmethod

@@ -129,7 +129,8 @@ class Scaler:
             return None
         age = {w.name: i for i, w in enumerate(workers)}
         slot = min(workers, key=lambda w: (not w.alive, w.active, w.load.running, w.queued_tokens, -age[w.name]))
-        slot.draining = True
+        with self.pools.lock:  # the router picks and claims under this lock: no pick after this line
+            slot.draining = True
         with self._lock:
             self._steps[role] = _Step(role, Direction.DOWN, slot, time.monotonic())
         threading.Thread(target=self._drain, args=(slot,), name=f"drain-{slot.name}", daemon=True).start()
@@ -137,7 +138,7 @@ class Scaler:
 
     def _drain(self, slot: WorkerSlot) -> None:
         end = time.monotonic() + self.drain_timeout_s
-        while time.monotonic() < end and not self.closed.is_set() and not _idle(slot):
+        while time.monotonic() < end and not self.closed.is_set() and not drained(slot):
             time.sleep(0.1)
         left = slot.active
         log.info(
@@ -171,7 +172,8 @@ class Scaler:
             self._cancel_grow(pending)
         age = {w.name: i for i, w in enumerate(workers)}
         slot = min(workers, key=lambda w: (not w.alive, w.active, w.load.running, w.queued_tokens, -age[w.name]))
-        slot.draining = True
+        with self.pools.lock:  # the router picks and claims under this lock: no pick after this line
+            slot.draining = True
         step = _Step(role, Direction.SWITCH, slot, time.monotonic())
         with self._lock:
             self._steps[role] = self._steps[source] = step
@@ -182,9 +184,9 @@ class Scaler:
         slot, role = step.slot, step.role
         try:
             end = time.monotonic() + self.drain_timeout_s
-            while time.monotonic() < end and not self.closed.is_set() and not _idle(slot):
+            while time.monotonic() < end and not self.closed.is_set() and not drained(slot):
                 time.sleep(0.1)
-            if not _idle(slot):
+            if not drained(slot):
                 log.warning("planner: %s still busy after %.0f s; switch abandoned", slot.name, self.drain_timeout_s)
                 slot.draining = False
                 return
@@ -234,7 +236,7 @@ class Scaler:
         self.closed.set()
 
 
-def _idle(slot: WorkerSlot) -> bool:
+def drained(slot: WorkerSlot) -> bool:
     """Nothing runs on it that the router placed, and its own last report agrees."""
     load = slot.load
     return slot.active == 0 and load.queued == 0 and load.running == 0 and load.reserved == 0 and load.transferring == 0

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -28,6 +29,7 @@ from llama_relax.generation import FinishReason, TokenEvent
 from llama_relax.sampling import SamplingParams
 from router.pools import Pools, WorkerSlot, cached_pages, decode_order, pick_prefill
 from router.router import Done, RequestState, Router, RouterError, RouterOptions, ServeMode
+from router.scaling import drained
 
 REQ = GenerationRequest("r1", (1, 2, 3), SamplingParams(max_tokens=3, temperature=0))
 
@@ -75,10 +77,12 @@ class FakePrefill(FakeWorker):
     shows in the tokens)."""
 
     role: Role = Role.PREFILL
-    behaviour: str = "ok"  # ok | dies | busy | dies_after_token | finishes | fault | transfer_fails
+    behaviour: str = "ok"  # ok | dies | busy | closing | dies_after_token | closing_after_token | finishes | fault
+    # | transfer_fails
     seen: list[GenerationRequest] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     kv_begins: list[int] = field(default_factory=list)
+    on_stream: Callable[[], None] | None = None  # called as a stream starts (to look at the router meanwhile)
 
     def prefill_stream(
         self, req: GenerationRequest, kv_target: str, kv_begin: int = 0
@@ -86,6 +90,8 @@ class FakePrefill(FakeWorker):
         self.seen.append(req)
         self.targets.append(kv_target)
         self.kv_begins.append(kv_begin)
+        if self.on_stream is not None:
+            self.on_stream()
         rid, behaviour = req.request_id, self.behaviour
         if behaviour.endswith("_once"):
             behaviour, self.behaviour = behaviour.removesuffix("_once"), "ok"
@@ -96,10 +102,16 @@ class FakePrefill(FakeWorker):
         if behaviour == "busy":
             yield PrefillResult(rid, None, RequestError(rid, ErrorKind.BUSY, "prefill queue full"))
             return
+        if behaviour == "closing":
+            yield PrefillResult(rid, None, RequestError(rid, ErrorKind.UNAVAILABLE, "prefill worker shutting down"))
+            return
         first = tok(10 + len(req.resume_ids), last=behaviour == "finishes")
         yield first
         if behaviour == "dies_after_token":
             raise WorkerGone("actor died")
+        if behaviour == "closing_after_token":
+            yield PrefillResult(rid, first, RequestError(rid, ErrorKind.UNAVAILABLE, "prefill worker shutting down"))
+            return
         if behaviour == "transfer_fails":
             error = RequestError(rid, ErrorKind.TRANSFER_FAILED, "CHECKSUM_MISMATCH after a retry")
             yield PrefillResult(rid, first, error, transfer_retries=1)
@@ -200,7 +212,7 @@ def test_tokens_come_from_prefill_then_decode_with_every_state_stamped():
     assert_settled(router)
 
 
-@pytest.mark.parametrize("first_behaviour", ["dies", "busy"])
+@pytest.mark.parametrize("first_behaviour", ["dies", "busy", "closing"])
 def test_prefill_retried_on_the_next_worker_before_a_token_went_out(first_behaviour):
     bad, good = FakePrefill(behaviour=first_behaviour), FakePrefill()
     router = make_router([bad, good], [FakeDecode()])
@@ -208,7 +220,7 @@ def test_prefill_retried_on_the_next_worker_before_a_token_went_out(first_behavi
     router.pools.prefill[0].queued_tokens = 0
     tokens, done = run(router)
     assert tokens == [10, 11, 12] and len(bad.seen) == 1 and len(good.seen) == 1
-    assert router.pools.prefill[0].alive is (first_behaviour == "busy")
+    assert router.pools.prefill[0].alive is (first_behaviour != "dies")
     assert done.record.migrations == 0
     assert_settled(router)
 
@@ -240,17 +252,32 @@ def test_a_lost_decode_stream_migrates_and_the_client_sees_no_gap_or_duplicate(f
     assert_settled(router)
 
 
+def test_a_prefill_in_flight_counts_on_its_worker_so_a_drain_waits_for_it():
+    """The router claims a prefill worker (`active`) as it picks it, under the pool lock the planner marks a
+    worker draining under: a drain that began before the pick excludes the worker, one after it sees it busy."""
+    seen: list[tuple[int, bool]] = []
+    p = FakePrefill(on_stream=lambda: seen.append((router.pools.prefill[0].active, drained(router.pools.prefill[0]))))
+    router = make_router([p], [FakeDecode()])
+    run(router)
+    assert seen == [(1, False)]
+    assert_settled(router)
+    router.pools.prefill[0].draining = True  # drained: the decode worker prefills by itself, the drained one idles
+    tokens, _ = run(router, dataclasses.replace(REQ, request_id="r2"))
+    assert tokens == [10, 11, 12] and len(p.seen) == 1
+
+
 def test_a_failed_transfer_after_the_first_token_is_recomputed_and_prefill_death_too():
     p = FakePrefill(behaviour="transfer_fails_once")
     router = make_router([p], [FakeDecode()])
     tokens, done = run(router)
     assert tokens == [10, 11, 12] and done.record.migrations == 1
     assert p.seen[1].resume_ids == (10,) and router.metrics.kv_retries._value.get() == 1
-    p2 = FakePrefill(behaviour="dies_after_token_once")
-    router = make_router([p2], [FakeDecode()])
-    tokens, done = run(router)
-    assert tokens == [10, 11, 12] and done.record.migrations == 1
-    assert_settled(router)
+    for behaviour in ("dies_after_token_once", "closing_after_token_once"):  # a worker lost or shutting down
+        p2 = FakePrefill(behaviour=behaviour)
+        router = make_router([p2], [FakeDecode()])
+        tokens, done = run(router)
+        assert tokens == [10, 11, 12] and done.record.migrations == 1
+        assert_settled(router)
 
 
 def test_migrations_stop_at_the_limit_with_an_explicit_unavailable():
