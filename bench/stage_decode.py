@@ -1,15 +1,17 @@
 """`python -m bench.stage_decode`: decode throughput at batch 16 with 2 pipeline stages against 1, on the same
 cores (#28).
 
-Each configuration runs its stages as processes of their own (`python -m engine.stages`), the cores split between
-them (`TVM_NUM_THREADS` = cores / stages), driven over gRPC by this process (`engine.stages.RemotePipeline`):
-- 1 stage: the whole model in one process, `decode` of the batch;
-- 2 stages: `decode_microbatched` (the batch cut in two micro-batches flowing through the stages at once), and plain
-  `decode` (one batch, the stages one after the other) for comparison.
-The configurations alternate per round; tokens/s is the median over rounds. Also printed: the hidden-state bytes
-one hop carries per step.
+Every configuration runs the decode engine's own step (`engine.decode_batch.DecodeBatch`: plan, forward, greedy
+sampling, streaming) over `batch` sequences with 64-token prompts, in a fresh process of its own:
+- `1 stage`: a one-stage decode worker's runtime, the whole model in this process (`TVM_NUM_THREADS` = cores);
+- `2 stages, pipelined`: the stages as processes of their own (`python -m engine.stages`, cores / 2 threads each)
+  behind `engine.staged_runtime.StagedRuntime`; the step keeps 2 groups of 8 in flight across steps (what a
+  pipelined decode worker runs);
+- `2 stages, micro-batched per step`: the same stages, each step's batch cut in 2 micro-batches that flow through
+  the stages at once, the step waiting for both (the runtime's synchronous `decode`).
+Rounds alternate the order; tokens/s is the median over rounds. Also printed: what one hop carries per step.
 
-    python -m bench.stage_decode [--model GGUF] [--batch 16] [--steps 32] [--rounds 3]
+    python -m bench.stage_decode [--model GGUF] [--batch 16] [--steps 24] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+CONFIGS = ("1 stage", "2 stages, pipelined", "2 stages, micro-batched per step")
+PROMPT = 64
 
-def _start(model: Path, cache: Path, stages: int, token: str) -> tuple[list[subprocess.Popen], list[str]]:
+
+def _start_stages(model: Path, cache: Path, stages: int, token: str) -> tuple[list[subprocess.Popen], list[str]]:
     threads = max(1, len(os.sched_getaffinity(0)) // stages)
     env = {**os.environ, "PDSERVE_CLUSTER_TOKEN": token, "TVM_NUM_THREADS": str(threads)}
     procs = []
@@ -44,71 +49,123 @@ def _start(model: Path, cache: Path, stages: int, token: str) -> tuple[list[subp
     return procs, addresses
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.stdin.close()
-        p.wait(60)
+def _decode(runtime, config, batch: int, steps: int, depth: int) -> float:
+    """Tokens/s of the engine's decode step over `batch` prefilled sequences (greedy), after a warm-up."""
+    from engine.decode_batch import DecodeBatch, DecodeSequence, DecodeState
+    from engine.loop import OutputStream
+    from engine.messages import GenerationRequest
+    from engine.pages import PagePool
+    from llama_relax.generation import SequenceDecoder
+    from llama_relax.sampling import SamplingParams
 
-
-def _measure(pipe, mode: str, batch: int, steps: int, vocab: int) -> float:
-    """Tokens per second of `steps` decode steps of `batch` fresh sequences (64-token prompts)."""
     rng = np.random.default_rng(0)
-    seqs = list(range(1, batch + 1))
-    for s in seqs:
-        pipe.add_sequence(s)
+    params = SamplingParams(max_tokens=10_000, temperature=0)
+    seqs = []
+    for i in range(batch):
+        prompt = [int(t) for t in rng.integers(0, config.vocab_size, PROMPT)]
+        runtime.add_sequence(i + 1)
+        step = runtime.prefill_chunk_size
+        for c in range(0, PROMPT, step):  # the prompt in chunks the runtime takes
+            h = runtime.forward_hidden([i + 1], [prompt[c : c + step]])
+        first = int(runtime.logits_at(h, [len(prompt[c : c + step]) - 1])[0].argmax())
+        req = GenerationRequest(f"b{i}", tuple(prompt), params)
+        s = DecodeSequence(
+            req, i + 1, SequenceDecoder(params, None, PROMPT, 1 << 20, set()), OutputStream(), DecodeState.DECODING
+        )
+        s.length, s.last_token = PROMPT, first
+        seqs.append(s)
+    engine = DecodeBatch(runtime, PagePool(total=batch * 64), batch)
+    engine.depth = depth
     try:
-        pipe.prefill(seqs, [[int(t) for t in rng.integers(0, vocab, 64)] for _ in seqs])
-        tokens = [1] * batch
-        step = pipe.decode_microbatched if mode == "microbatched" else pipe.decode
-        step(seqs, tokens)  # warm
-        t0 = time.perf_counter()
+        for _ in range(4):
+            engine.step(seqs)
+        done0, t0 = sum(len(s.decoder.output_ids) for s in seqs), time.perf_counter()
         for _ in range(steps):
-            step(seqs, tokens)
-        return batch * steps / (time.perf_counter() - t0)
+            engine.step(seqs)
+        tokens = sum(len(s.decoder.output_ids) for s in seqs) - done0
+        return tokens / (time.perf_counter() - t0)
     finally:
+        while engine.flights:
+            engine.step([])
         for s in seqs:
-            pipe.remove_sequence(s)
+            runtime.remove_sequence(s.seq_id)
+
+
+def _one(label: str, model: Path, batch: int, steps: int) -> dict:
+    """Measure one configuration in this process; its tokens/s and hop figures."""
+    from kvtransfer.auth import new_cluster_token
+    from llama_relax.compile import default_cache_dir
+    from llama_relax.loader import load_config, resolve_model
+    from llama_relax.runtime import KVCacheConfig
+
+    cache = default_cache_dir()
+    config = load_config(resolve_model(model))
+    kv = KVCacheConfig(batch, 4096, prefill_chunk_size=512)
+    if label == "1 stage":
+        from llama_relax.models import open_model
+        from llama_relax.process import use_all_cores
+
+        use_all_cores()
+        m = open_model(model, cache_dir=cache, kv=kv, quiet=True)
+        try:
+            return {"tok_s": _decode(m.runtime, config, batch, steps, 1)}
+        finally:
+            m.close()
+    from engine.staged_runtime import StagedRuntime
+    from engine.stages import StageClient
+
+    token = new_cluster_token()
+    procs, addresses = _start_stages(model, cache, 2, token)
+    rt = StagedRuntime([StageClient(a, token) for a in addresses], config, kv, _lost, cache)
+    try:
+        return {"tok_s": _decode(rt, config, batch, steps, 2 if "pipelined" in label else 1)}
+    finally:
+        rt.close()
+        for p in procs:
+            p.stdin.close()
+            p.wait(60)
+
+
+def _lost(e: BaseException) -> None:
+    raise SystemExit(f"a stage died: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.stage_decode", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)  # a child: measure this configuration
     args = p.parse_args(argv)
-    from engine.stages import RemotePipeline, StageClient
-    from kvtransfer.auth import new_cluster_token
     from llama_relax.bench_model import cpu_description
     from llama_relax.compile import default_cache_dir
     from llama_relax.loader import load_config, resolve_model
     from llama_relax.models import default_model_path
 
-    cache = default_cache_dir()
-    model = args.model or default_model_path(cache)
+    model = args.model or default_model_path(default_cache_dir())
+    if args.one:
+        print(json.dumps(_one(args.one, model, args.batch, args.steps)))
+        return 0
     config = load_config(resolve_model(model))
-    token = new_cluster_token()
-    print(f"CPU: {cpu_description()}; {len(os.sched_getaffinity(0))} cores split among the stages", flush=True)
-    runs: dict[str, list[float]] = {"1 stage": [], "2 stages, micro-batched": [], "2 stages, one batch": []}
+    print(f"CPU: {cpu_description()}; {len(os.sched_getaffinity(0))} cores; batch {args.batch}", flush=True)
+    runs: dict[str, list[float]] = {c: [] for c in CONFIGS}
     for r in range(args.rounds):
-        for stages in (1, 2) if r % 2 == 0 else (2, 1):
-            procs, addresses = _start(model, cache, stages, token)
-            pipe = RemotePipeline([StageClient(a, token) for a in addresses], config.vocab_size, 512)
-            try:
-                if stages == 1:
-                    runs["1 stage"].append(_measure(pipe, "plain", args.batch, args.steps, config.vocab_size))
-                else:
-                    for mode, label in (("microbatched", "2 stages, micro-batched"), ("plain", "2 stages, one batch")):
-                        runs[label].append(_measure(pipe, mode, args.batch, args.steps, config.vocab_size))
-            finally:
-                pipe.close()
-                _stop(procs)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in runs.items()), flush=True)
+        for label in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
+            cmd = [sys.executable, "-m", "bench.stage_decode", "--one", label, "--model", str(model)]
+            cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1200).stdout
+            runs[label].append(json.loads(out.strip().splitlines()[-1])["tok_s"])
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " tok/s", flush=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
     for k, v in med.items():
-        print(f"{k:26s} {v:8.1f} tok/s = {v / med['1 stage']:.3f}x one stage")
-    hop = args.batch * config.hidden_size * 4
-    print(f"hidden states per hop and step: {hop} bytes ({args.batch} x {config.hidden_size} float32)")
+        print(f"{k:34s} {v:8.1f} tok/s = {v / med['1 stage']:.3f}x one stage")
+    group = -(-args.batch // 2)
+    hop = group * config.hidden_size * 4
+    print(
+        f"per hop and group ({group} sequences): {hop} bytes of hidden states ({group} x {config.hidden_size} "
+        f"float32) stage 0 -> 1, {group * config.vocab_size * 4} bytes of logits back to the driver"
+    )
     print(json.dumps({"median_tok_s": med, "rounds": runs, "hop_bytes": hop}))
     return 0
 

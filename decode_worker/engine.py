@@ -70,6 +70,8 @@ class DecodeEngine(EngineCore):
         self.max_seqs = runtime.kv_config.max_batch_size  # requests held at once: each needs a cache sequence
         self.prefill = PrefillBatch(runtime, self.max_seqs)
         spec = options.speculative
+        if spec is SpecMode.AUTO and runtime.pipeline_depth > 1:  # on pipeline stages `auto` keeps every stage
+            spec = SpecMode.OFF  # busy with groups in flight (a verify step cannot overlap others)
         self.decode = DecodeBatch(
             runtime,
             self.pool,
@@ -205,7 +207,7 @@ class DecodeEngine(EngineCore):
             for ft in firsts:
                 self._start(ft)
         running = [s for s in self.seqs.values() if s.state is DecodeState.DECODING]
-        if running:
+        if running or self.decode.flights:  # (a group in flight lands even when its sequences have all ended)
             self.faults.hit(Stage.DECODE_STEP)
             self.cache.evict(min(len(running), self.decode.max_batch))  # a step grows each sequence <= 1 page
             worked, ended = self.decode.step(running)

@@ -8,14 +8,22 @@ Call order (engine thread only): the engine passes its DECODING sequences (admis
 each iteration -> the batch grows their page reservations, decodes one token each and streams it to the
 sequence's `OutputStream` -> it returns the sequences that ended in this step (finished, evicted or failed), and the
 engine releases them (its one release path). The batch frees only what eviction must free before the forward: an
-evicted sequence's reservation and its sequence in the runtime, so the pages it held are there for the others."""
+evicted sequence's reservation and its sequence in the runtime, so the pages it held are there for the others.
+
+On a pipelined runtime (`pipeline_depth` S > 1: stages in processes of their own) without speculation, a step
+keeps up to S groups of sequences in flight (vLLM's virtual engines): it submits the running sequences that are not
+in flight as one group (about 1/S of the batch) and lands the oldest group (samples, streams, ends) once S are in
+flight, so the stages work on different groups at once. A sequence the engine ends while in flight (cancelled,
+failed) is skipped when its group lands; the runtime waits for its forward before removing it."""
 
 from __future__ import annotations
 
 import enum
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from engine.loop import OutputStream
 from engine.messages import ErrorKind, GenerationRequest, RequestError
@@ -64,6 +72,14 @@ class DecodeSequence:
 
 
 @dataclass(frozen=True)
+class InFlight:
+    """A group submitted to a pipelined runtime (`decode_submit`), landed by a later step."""
+
+    batch: list[DecodeSequence]
+    flight: object  # the runtime's handle for `decode_collect`
+
+
+@dataclass(frozen=True)
 class Ended:
     """A sequence that left the batch this step: `error` is None when it finished normally."""
 
@@ -93,16 +109,61 @@ class DecodeBatch:
         self.batch_sizes: Counter[int] = Counter()  # decode batch size -> steps (observability, tests)
         self.draft_tokens = 0  # counters read by load(): draft tokens verified, and those accepted
         self.accepted_tokens = 0
+        self.depth = runtime.pipeline_depth if spec is SpecMode.OFF else 1  # groups in flight at once
+        self.flights: deque[InFlight] = deque()  # submitted, oldest first (pipelined runtimes only)
 
     def step(self, running: Sequence[DecodeSequence]) -> tuple[bool, list[Ended]]:
         """schedule -> execute -> update for each running sequence (up to `max_batch`): one token, or a verified
         draft. Returns (did work, the sequences that ended)."""
-        by_id = {s.request_id: s for s in running}
+        if self.depth > 1:
+            return self._pipelined(running)
         drafts = self._drafts(running[: self.max_batch]) if self.spec is not SpecMode.OFF else {}
-        plan = self._plan(running, drafts)
+        plan = self._plan(running, drafts, self.max_batch)
         if plan.evict and drafts:  # pages are short: speculate another time rather than evict for it
             drafts = {}
-            plan = self._plan(running, drafts)
+            plan = self._plan(running, drafts, self.max_batch)
+        batch, ended = self._take(running, plan)
+        if not batch:
+            return bool(ended), ended
+        if any(drafts.get(s.request_id) for s in batch):
+            return True, ended + self._verify(batch, drafts)
+        try:
+            logits = self.runtime.decode([s.seq_id for s in batch], [s.last_token for s in batch])  # [b, V]
+        except Exception as e:  # the forward failed: the runtime dropped these sequences; they fail alone
+            return True, ended + _failed(batch, f"decode failed: {type(e).__name__}: {e}")
+        return True, ended + self._sampled(batch, logits)
+
+    def _pipelined(self, running: Sequence[DecodeSequence]) -> tuple[bool, list[Ended]]:
+        """One step with groups in flight (see the module docstring): submit the free sequences, land the oldest
+        group when `depth` are in flight or nothing else was submitted."""
+        flying = {s.request_id for f in self.flights for s in f.batch}
+        free = [s for s in running if s.request_id not in flying]
+        group = -(-min(len(running), self.max_batch) // self.depth)  # ceil(batch / depth)
+        plan = self._plan(free, {}, max(0, min(group, self.max_batch - len(flying))))
+        batch, ended = self._take(free, plan)
+        if batch:
+            try:
+                flight = self.runtime.decode_submit([s.seq_id for s in batch], [s.last_token for s in batch])
+            except Exception as e:  # refused before it started: the runtime dropped nothing; they fail alone
+                ended += _failed(batch, f"decode failed: {type(e).__name__}: {e}")
+            else:
+                self.flights.append(InFlight(batch, flight))
+        landed = bool(self.flights) and (len(self.flights) >= self.depth or not batch)
+        if landed:
+            f = self.flights.popleft()
+            live = [s for s in f.batch if s.state is DecodeState.DECODING]  # not ended while in flight
+            try:
+                logits = self.runtime.decode_collect(f.flight)  # [b, V]
+            except Exception as e:  # the runtime dropped these sequences; they fail alone
+                ended += _failed(live, f"decode failed: {type(e).__name__}: {e}")
+            else:
+                rows = {s.request_id: row for s, row in zip(f.batch, logits, strict=True)}
+                ended += self._sampled(live, [rows[s.request_id] for s in live])
+        return bool(batch or ended or landed), ended
+
+    def _take(self, seqs: Sequence[DecodeSequence], plan: DecodePlan) -> tuple[list[DecodeSequence], list[Ended]]:
+        """Carry out `plan`'s evictions and page growth; the sequences of its batch, and the evicted."""
+        by_id = {s.request_id: s for s in seqs}
         ended = [
             Ended(by_id[rid], RequestError(rid, ErrorKind.EVICTED, "KV pages exhausted on the decode worker"))
             for rid in plan.evict
@@ -113,16 +174,12 @@ class DecodeBatch:
         for rid, n in plan.grow:
             if not self.pool.reserve(rid, n):
                 raise RuntimeError(f"decode scheduler granted {n} pages to {rid} that are not free")
-        if not plan.batch:
-            return bool(ended), ended
-        batch = [by_id[rid] for rid in plan.batch]
-        if any(drafts.get(s.request_id) for s in batch):
-            return True, ended + self._verify(batch, drafts)
-        try:
-            logits = self.runtime.decode([s.seq_id for s in batch], [s.last_token for s in batch])  # [b, V]
-        except Exception as e:  # the forward failed: the runtime dropped these sequences; they fail alone
-            return True, ended + _failed(batch, f"decode failed: {type(e).__name__}: {e}")
+        return [by_id[rid] for rid in plan.batch], ended
+
+    def _sampled(self, batch: Sequence[DecodeSequence], logits: Sequence[np.ndarray]) -> list[Ended]:
+        """Each sequence's token from its logits row: appended, streamed, stop-checked; those that finished."""
         self.batch_sizes[len(batch)] += 1
+        ended = []
         for s, row in zip(batch, logits, strict=True):
             s.length += 1
             event = s.decoder.sample_and_append(row)
@@ -130,7 +187,7 @@ class DecodeBatch:
             s.out.put(event)
             if event.finish_reason is not None:
                 ended.append(self._finished(s))
-        return True, ended
+        return ended
 
     def _finished(self, s: DecodeSequence) -> Ended:
         if self.index is not None:
@@ -144,12 +201,12 @@ class DecodeBatch:
             s.drafter = NgramDrafter()
             s.drafter.extend(s.req.prompt_ids)
 
-    def _plan(self, running: Sequence[DecodeSequence], drafts: dict[str, list[int]]) -> DecodePlan:
+    def _plan(self, running: Sequence[DecodeSequence], drafts: dict[str, list[int]], limit: int) -> DecodePlan:
         seqs = [
             DecodeSeq(s.request_id, s.length, s.hit.shared_pages, 1 + len(drafts.get(s.request_id, ())))
             for s in running
         ]
-        return schedule_decode(seqs, self.pool, self.max_batch)
+        return schedule_decode(seqs, self.pool, limit)
 
     def _drafts(self, running: Sequence[DecodeSequence]) -> dict[str, list[int]]:
         """Each sequence's draft for this step: at most `max_draft` tokens, fewer where its `max_tokens`, the

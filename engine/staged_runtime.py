@@ -7,6 +7,10 @@ What it does per call:
   - `forward_hidden` chains the stages (hidden states `[tokens, hidden]` hop by hop) and leaves the last stage's
     states there; `logits_at` asks the last stage for rows of them (speculative verify asks twice);
   - `decode` flows the batch through the stages in micro-batches (`RemotePipeline.decode_microbatched`);
+  - `decode_submit` / `decode_collect` keep up to `pipeline_depth` (= S) decode forwards of different sequences
+    in flight across engine steps (vLLM's virtual engines): while the engine samples one group's tokens and
+    submits its next step, the other groups are in the other stages, so every stage works all the time. A call
+    on a sequence in flight (remove, fork, popn, KV, another forward) first waits for its forward to land;
   - `read_kv` gathers every stage's layers into one all-layer K/V and `append_kv` hands each stage its layers:
     KV pushed between pools is the whole model's, whatever the stage counts on either side (P1 -> D2, P2 -> D1).
 
@@ -14,7 +18,8 @@ Failures: a stage's refusal (bad input, no pages) is the error the one-process r
 `MemoryError`). A stage that is gone (its process died, the channel broke) makes `on_lost` run: the hosting worker
 exits there, so its requests migrate and Ray restarts the worker with new stages (`engine.stage_actors`).
 
-Call order: one thread (the engine's) makes every call, as with `ModelRuntime`; `close()` last.
+Call order: one thread (the engine's) makes every call, as with `ModelRuntime` (a submitted decode runs on a
+thread of this object's, its result read by `decode_collect` on the engine's); `close()` last.
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ class PipelineLibrary:
     kv_dtype: str
     lib_path: Path
     stage: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Flight:
+    """One decode forward in flight (`decode_submit`): its sequences and the future of its logits [b, V]."""
+
+    seq_ids: tuple[int, ...]
+    future: futures.Future
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,9 @@ class StagedRuntime(RemotePipeline, SequenceBook):
         self._seq_lens: dict[int, int] = {}
         self._forwards = 0
         self._pool = futures.ThreadPoolExecutor(len(clients), thread_name_prefix="stage-call")
+        self.pipeline_depth = len(clients)  # decode forwards the engine may keep in flight
+        self._flying: dict[int, Flight] = {}  # sequence id -> the decode forward it is in
+        self._flights = futures.ThreadPoolExecutor(len(clients), thread_name_prefix="stage-flight")
 
     # ---- errors -------------------------------------------------------------------------------------------
     def _rpc(self, fn: Callable, *args):
@@ -132,15 +148,19 @@ class StagedRuntime(RemotePipeline, SequenceBook):
         self._seq_lens[seq_id] = 0
 
     def remove_sequence(self, seq_id: int) -> None:
+        self._settle([seq_id])
+        self._flying.pop(seq_id, None)
         if self._seq_lens.pop(seq_id, None) is not None:
             self._sequences(remove=[seq_id])
 
     def fork_sequence(self, parent_id: int, child_id: int, length: int | None = None) -> None:
+        self._settle([parent_id])
         length = self._check_fork(parent_id, child_id, length)
         self._sequences(fork=[(parent_id, child_id, length)])
         self._seq_lens[child_id] = length
 
     def popn(self, seq_id: int, n: int) -> None:
+        self._settle([seq_id])
         self._check_popn(seq_id, n)
         self._sequences(pop=[(seq_id, n)])
         self._seq_lens[seq_id] -= n
@@ -153,6 +173,7 @@ class StagedRuntime(RemotePipeline, SequenceBook):
     def _appended(self, seq_ids: Sequence[int], lengths: Sequence[int], run: Callable[[], object]):
         """Run a forward appending `lengths[i]` tokens to `seq_ids[i]` on every stage. If it fails, the sequences
         are removed everywhere (stages before the failing one appended already), as `ModelRuntime` does."""
+        self._settle(seq_ids)
         self._check_append(seq_ids, lengths)
         try:
             out = run()
@@ -204,12 +225,46 @@ class StagedRuntime(RemotePipeline, SequenceBook):
         """One token per sequence, micro-batched across the stages; float32 logits [b, V]."""
         return self._appended(seq_ids, [1] * len(seq_ids), lambda: self._rpc(self.decode_microbatched, seq_ids, tokens))
 
+    def decode_submit(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> Flight:
+        """Start `decode` of `seq_ids` (a token each, none of them in flight) and return at once. The caller
+        keeps at most `pipeline_depth` flights and reads each with `decode_collect`, oldest first."""
+        lengths = [1] * len(seq_ids)
+        self._settle(seq_ids)
+        self._check_append(seq_ids, lengths)
+        flight = Flight(tuple(seq_ids), self._flights.submit(self.decode_microbatched, list(seq_ids), list(tokens), 1))
+        for sid in seq_ids:
+            self._flying[sid] = flight
+        self._grown(seq_ids, lengths)  # as if it succeeds; if it fails, `decode_collect` removes the sequences
+        return flight
+
+    def decode_collect(self, flight: Flight) -> np.ndarray:
+        """Float32 logits [b, V] of a submitted decode (waiting for it). If it failed, its sequences are removed
+        everywhere and the error raised, as `decode` does."""
+        try:
+            return self._rpc(flight.future.result)
+        except StageLost:
+            raise
+        except BaseException:
+            for sid in flight.seq_ids:
+                self.remove_sequence(sid)
+            raise
+        finally:
+            for sid in flight.seq_ids:
+                if self._flying.get(sid) is flight:
+                    del self._flying[sid]
+
+    def _settle(self, seq_ids: Sequence[int]) -> None:
+        """Wait until no decode forward of `seq_ids` is running (its result stays for `decode_collect`)."""
+        if self._flying:
+            futures.wait({self._flying[sid].future for sid in seq_ids if sid in self._flying})
+
     # ---- KV -----------------------------------------------------------------------------------------------
     def kv_shape(self, n_tokens: int) -> tuple[int, int, int, int]:
         return (self.num_kv_layers, n_tokens, self.config.num_key_value_heads, self.kv_row)
 
     def read_kv(self, seq_id: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """K and V of tokens [begin, end), every layer: [L, n, Hkv, d] each (each stage's layers, in order)."""
+        self._settle([seq_id])
         self._check_range(seq_id, begin, end)
         blocks = self._all(lambda c: c.read_kv_future(seq_id, begin, end))
         k = np.concatenate([from_array(b.k, "k") for b in blocks])
@@ -219,6 +274,7 @@ class StagedRuntime(RemotePipeline, SequenceBook):
     def append_kv(self, seq_id: int, k: np.ndarray, v: np.ndarray) -> None:
         """Append n tokens of every layer's K/V ([L, n, Hkv, d]): each stage takes its own layers. Checked here
         first; if a stage fails after others appended, the sequence is removed everywhere and the error raised."""
+        self._settle([seq_id])
         n = self._check_kv(seq_id, k, v)
         ranges = self.config.layer_ranges(self.num_stages)
 
@@ -242,5 +298,6 @@ class StagedRuntime(RemotePipeline, SequenceBook):
         return self._fingerprint
 
     def close(self) -> None:
+        self._flights.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False)
         super().close()

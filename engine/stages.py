@@ -62,7 +62,7 @@ class StageServer:
         self._lock = threading.Lock()
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(4, thread_name_prefix="stage"),
+            futures.ThreadPoolExecutor(8, thread_name_prefix="stage"),
             options=opts,
             interceptors=[TokenInterceptor(token)] if token else None,
         )
@@ -193,8 +193,9 @@ class StageServer:
                 if h.shape != (sum(lengths), self.runtime.config.hidden_size):
                     raise ValueError(f"hidden: expected [{sum(lengths)}, hidden], got {list(h.shape)}")
                 x = tvm.runtime.tensor(np.ascontiguousarray(h, dtype=self.runtime.compiled.dtype), self.runtime.device)
-            with self._lock:
-                self._kept = None
+            with self._lock:  # only a forward that keeps its states replaces the kept ones: a decode of other
+                if last and req.keep_hidden:  # sequences may run between a forward and its `Logits` calls
+                    self._kept = None
                 out = self.runtime.stage_forward(seq_ids, lengths, x)
                 if last and req.keep_hidden:
                     self._kept = out

@@ -73,6 +73,8 @@ class KVCacheConfig:
 class ModelRuntime(SequenceBook):
     """Runs one compiled Llama model on one device. See the module docstring for call order."""
 
+    pipeline_depth = 1  # decode forwards a caller may keep in flight: its calls return when done
+
     def __init__(
         self,
         compiled: CompiledModel,

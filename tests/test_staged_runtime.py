@@ -90,6 +90,46 @@ def test_staged_runtime_equals_the_local_chain(setup):
     assert [s.runtime.sequence_ids() for s in servers] == [[], []]
 
 
+def test_decode_flights_equal_decode_while_other_calls_interleave(setup):
+    """Two groups in flight at once (the decode engine's pipelined step), a prefill of another sequence between
+    them whose kept states survive the groups landing, and a sequence removed while its group flies."""
+    cfg, staged, local, _, servers, _ = setup
+    free = staged.free_pages()
+    rng = np.random.default_rng(5)
+    prompts = {sid: [int(t) for t in rng.integers(0, cfg.vocab_size, 6 + sid % 3)] for sid in (21, 22, 23, 24, 25)}
+    for sid in prompts:
+        staged.add_sequence(sid)
+        local.add_sequence(sid)
+    four = [21, 22, 23, 24]
+    h = staged.forward_hidden(four, [prompts[s] for s in four])
+    ends = list(np.cumsum([len(prompts[s]) for s in four]) - 1)
+    tokens = dict(zip(four, (int(t) for t in staged.logits_at(h, ends).argmax(-1)), strict=True))
+    local._forward(four, [prompts[s] for s in four], ends)
+    a = staged.decode_submit([21, 22], [tokens[21], tokens[22]])
+    b = staged.decode_submit([23, 24], [tokens[23], tokens[24]])
+    h = staged.forward_hidden([25], [prompts[25]])  # between the flights, on other sequences
+    got_a, got_b = staged.decode_collect(a), staged.decode_collect(b)
+    np.testing.assert_array_equal(got_a, local.decode([21, 22], [tokens[21], tokens[22]]))
+    np.testing.assert_array_equal(got_b, local.decode([23, 24], [tokens[23], tokens[24]]))
+    want = local._forward([25], [prompts[25]], [len(prompts[25]) - 1])
+    np.testing.assert_array_equal(staged.logits_at(h, [len(prompts[25]) - 1]), want)  # kept across the landings
+    c = staged.decode_submit([21, 22], [int(t) for t in got_a.argmax(-1)])
+    staged.remove_sequence(22)  # in flight: waits for its forward, then goes from every stage
+    got_c = staged.decode_collect(c)
+    np.testing.assert_array_equal(got_c, local.decode([21, 22], [int(t) for t in got_a.argmax(-1)]))
+    assert staged.sequence_length(21) == len(prompts[21]) + 2 and not staged.has_sequence(22)
+    bad = staged.decode_submit([23], [cfg.vocab_size + 3])  # refused by stage 0: the flight's sequence goes
+    with pytest.raises(ValueError, match="token id"):
+        staged.decode_collect(bad)
+    assert not staged.has_sequence(23)
+    for sid in (21, 24, 25):
+        staged.remove_sequence(sid)
+    for sid in prompts:
+        local.remove_sequence(sid)
+    assert staged.sequence_ids() == [] and staged.free_pages() == free
+    assert [s.runtime.sequence_ids() for s in servers] == [[], []]
+
+
 def test_refusals_are_the_runtimes_errors_and_leave_nothing(setup):
     cfg, staged, _, _, _, lost = setup
     free = staged.free_pages()
