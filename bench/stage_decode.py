@@ -118,12 +118,42 @@ def _one(label: str, model: Path, batch: int, steps: int) -> dict:
     procs, addresses = _start_stages(model, cache, 2, token)
     rt = StagedRuntime([StageClient(a, token) for a in addresses], config, kv, _lost, cache)
     try:
-        return {"tok_s": _decode(rt, config, batch, steps, 2 if "pipelined" in label else 1)}
+        out = {"tok_s": _decode(rt, config, batch, steps, 2 if "pipelined" in label else 1)}
+        return out | ({"hops_ms": _hops(rt, -(-batch // 2))} if "pipelined" in label else {})
     finally:
         rt.close()
         for p in procs:
             p.stdin.close()
             p.wait(60)
+
+
+def _hops(rt, group: int, calls: int = 16) -> dict[str, float]:
+    """Median ms of each call of one group's decode forward, alone (nothing else in flight): the lookup of stage
+    0's input rows (on the last stage, which holds the tied table), stage 0 (token rows in, hidden states out) and
+    stage 1 (hidden states in, logits out), each as the driver sees it (serialization and the hop included)."""
+    from engine.stages import from_array
+
+    ids = list(range(101, 101 + group))
+    times: dict[str, list[float]] = {"lookup": [], "stage 0": [], "stage 1": []}
+    for sid in ids:
+        rt.add_sequence(sid)
+        rt.forward_hidden([sid], [[1] * 8])
+    try:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            x = rt._first_input(np.ones(group, np.int32))
+            t1 = time.perf_counter()
+            h = from_array(rt.clients[0].forward(rt._request(0, ids, [1] * group, x, ())).hidden, "hidden")
+            t2 = time.perf_counter()
+            rt.clients[1].forward(rt._request(1, ids, [1] * group, h, list(range(group))))
+            t3 = time.perf_counter()
+            for k, a, b in (("lookup", t0, t1), ("stage 0", t1, t2), ("stage 1", t2, t3)):
+                times[k].append(1000 * (b - a))
+            rt._grown(ids, [1] * group)  # the stages appended a token each
+    finally:
+        for sid in ids:
+            rt.remove_sequence(sid)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _lost(e: BaseException) -> None:
@@ -150,23 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(resolve_model(model))
     print(f"CPU: {cpu_description()}; {len(os.sched_getaffinity(0))} cores; batch {args.batch}", flush=True)
     runs: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    hops: list[dict[str, float]] = []
     for r in range(args.rounds):
         for label in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
             cmd = [sys.executable, "-m", "bench.stage_decode", "--one", label, "--model", str(model)]
             cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1200).stdout
-            runs[label].append(json.loads(out.strip().splitlines()[-1])["tok_s"])
+            result = json.loads(out.strip().splitlines()[-1])
+            runs[label].append(result["tok_s"])
+            hops += [result["hops_ms"]] if "hops_ms" in result else []
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " tok/s", flush=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
     for k, v in med.items():
         print(f"{k:34s} {v:8.1f} tok/s = {v / med['1 stage']:.3f}x one stage")
     group = -(-args.batch // 2)
-    hop = group * config.hidden_size * 4
-    print(
-        f"per hop and group ({group} sequences): {hop} bytes of hidden states ({group} x {config.hidden_size} "
-        f"float32) stage 0 -> 1, {group * config.vocab_size * 4} bytes of logits back to the driver"
-    )
-    print(json.dumps({"median_tok_s": med, "rounds": runs, "hop_bytes": hop}))
+    rows, logits = group * config.hidden_size * 4, group * config.vocab_size * 4
+    hop_ms = {k: statistics.median(h[k] for h in hops) for k in hops[0]}
+    print(f"one group of {group} alone, per call as the driver sees it (medians):")
+    print(f"  lookup  {hop_ms['lookup']:6.2f} ms  ids -> {rows} bytes of input rows, from the last stage")
+    print(f"  stage 0 {hop_ms['stage 0']:6.2f} ms  {rows} bytes of rows in, {rows} bytes of hidden states out")
+    print(f"  stage 1 {hop_ms['stage 1']:6.2f} ms  {rows} bytes of hidden states in, {logits} bytes of logits out")
+    print(json.dumps({"median_tok_s": med, "rounds": runs, "hop_bytes": rows, "hop_ms": hop_ms}))
     return 0
 
 

@@ -59,7 +59,10 @@ class StageServer:
         self.runtime = runtime
         self.index, self.count = runtime.compiled.stage
         self.embeds = runtime.config.embedding_stage(self.count) == self.index
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one forward (or sequence change) at a time
+        # lookups beside the forwards (another group's next input while this stage runs a group), one at a time
+        self._lookup = runtime.side_embedder() if self.embeds else None
+        self._lookup_lock = threading.Lock()
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(8, thread_name_prefix="stage"),
@@ -145,8 +148,8 @@ class StageServer:
             ids = from_array(req.token_ids, "token_ids").astype(np.int32)
             if ids.ndim != 1 or not ids.size:
                 raise ValueError(f"token_ids: expected [tokens], got {list(ids.shape)}")
-            with self._lock:
-                return pb.ForwardReply(hidden=to_array(self.runtime.embed(ids).numpy()))
+            with self._lookup_lock:
+                return pb.ForwardReply(hidden=to_array(self._lookup(ids)))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 

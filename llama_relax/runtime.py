@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,7 @@ class ModelRuntime(SequenceBook):
             use_prebuilt_kernels(compiled.lib_path)  # TVM's CUDA runtime asks for each module's cubin at load
         lib = tvm.runtime.load_module(str(compiled.lib_path))
         self.vm = relax.VirtualMachine(lib, self.device)
+        self._lib = lib
         self.params, self._param_samples = self._upload(params)
         self._fingerprint: str | None = None
         prefill_chunk = min(kv_config.prefill_chunk_size, self.config.prefill_chunk_size)
@@ -238,6 +239,18 @@ class ModelRuntime(SequenceBook):
         self._check_ids(ids)
         emb = self._fn["embed"](tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params)  # [n, h]
         return _RESHAPE(emb, ShapeTuple(list(shape)))
+
+    def side_embedder(self) -> Callable[[np.ndarray], np.ndarray]:
+        """`embed` for another thread, as host rows [n, h]: a VM of its own over the same (read-only) weights, so
+        a pipeline's embedding stage answers lookups while a forward runs on this runtime's VM."""
+        fn = relax.VirtualMachine(self._lib, self.device)["embed"]
+
+        def embed(ids: np.ndarray) -> np.ndarray:
+            ids = np.asarray(ids)
+            self._check_ids(ids)
+            return fn(tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params).numpy()
+
+        return embed
 
     def embed(self, ids: np.ndarray) -> tvm.runtime.Tensor:
         """The embedding rows of `ids`, [n, h] (a pipeline's embedding stage, for the first stage's input)."""
