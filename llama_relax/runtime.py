@@ -235,22 +235,19 @@ class ModelRuntime(SequenceBook):
             bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
-    def _embed(self, ids: np.ndarray, shape: Sequence[int]) -> tvm.runtime.Tensor:
+    def _lookup(self, fn, ids: np.ndarray) -> tvm.runtime.Tensor:
+        """Rows [n, h] of checked `ids` through a VM's `embed` function `fn`."""
         self._check_ids(ids)
-        emb = self._fn["embed"](tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params)  # [n, h]
-        return _RESHAPE(emb, ShapeTuple(list(shape)))
+        return fn(tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params)
+
+    def _embed(self, ids: np.ndarray, shape: Sequence[int]) -> tvm.runtime.Tensor:
+        return _RESHAPE(self._lookup(self._fn["embed"], ids), ShapeTuple(list(shape)))
 
     def side_embedder(self) -> Callable[[np.ndarray], np.ndarray]:
         """`embed` for another thread, as host rows [n, h]: a VM of its own over the same (read-only) weights, so
         a pipeline's embedding stage answers lookups while a forward runs on this runtime's VM."""
         fn = relax.VirtualMachine(self._lib, self.device)["embed"]
-
-        def embed(ids: np.ndarray) -> np.ndarray:
-            ids = np.asarray(ids)
-            self._check_ids(ids)
-            return fn(tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params).numpy()
-
-        return embed
+        return lambda ids: self._lookup(fn, np.asarray(ids)).numpy()
 
     def embed(self, ids: np.ndarray) -> tvm.runtime.Tensor:
         """The embedding rows of `ids`, [n, h] (a pipeline's embedding stage, for the first stage's input)."""

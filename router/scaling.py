@@ -127,13 +127,19 @@ class Scaler:
         workers = self.workers(role)
         if len(workers) <= 1:
             return None
-        age = {w.name: i for i, w in enumerate(workers)}
-        slot = min(workers, key=lambda w: (not w.alive, w.active, w.load.running, w.queued_tokens, -age[w.name]))
-        with self.pools.lock:  # the router picks and claims under this lock: no pick after this line
-            slot.draining = True
+        slot = self._mark_draining(workers)
         with self._lock:
             self._steps[role] = _Step(role, Direction.DOWN, slot, time.monotonic())
         threading.Thread(target=self._drain, args=(slot,), name=f"drain-{slot.name}", daemon=True).start()
+        return slot
+
+    def _mark_draining(self, workers: list[WorkerSlot]) -> WorkerSlot:
+        """The least busy of `workers` (the newest of equals), out of placement from now on: the router picks and
+        claims workers under the pool lock, so no pick lands on it after this."""
+        age = {w.name: i for i, w in enumerate(workers)}
+        slot = min(workers, key=lambda w: (not w.alive, w.active, w.load.running, w.queued_tokens, -age[w.name]))
+        with self.pools.lock:
+            slot.draining = True
         return slot
 
     def _drain(self, slot: WorkerSlot) -> None:
@@ -170,10 +176,7 @@ class Scaler:
             pending = self._steps.get(role)
         if pending is not None and pending.direction is Direction.UP:
             self._cancel_grow(pending)
-        age = {w.name: i for i, w in enumerate(workers)}
-        slot = min(workers, key=lambda w: (not w.alive, w.active, w.load.running, w.queued_tokens, -age[w.name]))
-        with self.pools.lock:  # the router picks and claims under this lock: no pick after this line
-            slot.draining = True
+        slot = self._mark_draining(workers)
         step = _Step(role, Direction.SWITCH, slot, time.monotonic())
         with self._lock:
             self._steps[role] = self._steps[source] = step
