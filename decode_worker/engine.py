@@ -15,6 +15,9 @@ Request lifecycle (`DecodeState`):
                   steps on the engine thread. Only the last piece carries the first token: its import starts the
                   sequence decoding at once. A piece out of order is rejected (SHAPE_MISMATCH) and changes
                   nothing; a piece again (a retry whose ack was lost) is acknowledged without a second import.
+                  With pipeline stages on either side a piece comes as parts (some layers each, held by the
+                  `landing`: this worker, or its stages' own receivers) and then a manifest, whose import commits
+                  the parts: every layer is checked to be held before any is appended (`kvtransfer.route`).
   3. DECODING     each step samples one token per running sequence and streams it to the request's `OutputStream`.
   4. FINISHED / CANCELLED / FAILED   stop condition, `cancel(request_id)`, eviction or error: in the same step
                   (`_end`, the one release path) a finished sequence (prompt + output) becomes a prefix-cache
@@ -42,7 +45,8 @@ from engine.prefill_batch import FirstToken, PrefillBatch
 from engine.scheduler import decode_reservation
 from engine.speculation import SpecMode
 from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
-from kvtransfer.runtime_io import import_into
+from kvtransfer.route import Landing
+from kvtransfer.runtime_io import LocalLanding, import_into
 from llama_relax.generation import TokenizerLike
 from llama_relax.runtime import ModelRuntime
 from llama_relax.spec_cost import StepCost, load_or_measure
@@ -81,6 +85,11 @@ class DecodeEngine(EngineCore):
             cost=step_cost or (load_or_measure(runtime, options.max_batch_size) if spec is SpecMode.AUTO else None),
         )
         self.seqs: dict[str, DecodeSequence] = {}  # every request held, admission order
+        self.landing: Landing = (  # where KV parts wait for their manifest
+            runtime
+            if isinstance(runtime, Landing)
+            else LocalLanding(runtime, max(runtime.kv_cache_bytes, 64 << 20), options.kv_lease_s)
+        )
 
     # ---- control (any thread) -----------------------------------------------------------------------------
     def reserve(self, req: GenerationRequest) -> tuple[Admission, OutputStream | None]:
@@ -178,6 +187,16 @@ class DecodeEngine(EngineCore):
         if seq.last_piece == (header.begin, header.end):  # a retried piece whose first ack was lost: it is in
             return
         n, partial = len(seq.req.token_ids), is_partial(header.meta)
+        if not header.is_manifest and header.num_layers != self.runtime.num_kv_layers:  # a part: held until its
+            if header.begin < seq.length or header.end > n:  # manifest (the receiver checked its layers)
+                raise PayloadError(
+                    ErrorCode.SHAPE_MISMATCH,
+                    f"a part of tokens [{header.begin}, {header.end}) of a "
+                    f"{n}-token prompt whose first {seq.length} are here",
+                )
+            self.landing.hold(header, k, v)
+            seq.t_lease = self.clock()
+            return
         if (header.end >= n) if partial else (header.end != n):
             what = "a piece of the KV must end before" if partial else "the last piece of the KV must end at"
             raise PayloadError(ErrorCode.SHAPE_MISMATCH, f"{what} token {n}, this one ends at {header.end}")
@@ -185,7 +204,10 @@ class DecodeEngine(EngineCore):
         if first is not None and first.finish_reason is not None:
             raise PayloadError(ErrorCode.MALFORMED, "a request that ended with its first token sends no KV")
         self.faults.hit(Stage.DECODE_IMPORT)
-        import_into(self.runtime, seq.seq_id, header, k, v)  # SHAPE_MISMATCH unless it starts at seq.length
+        if header.is_manifest:  # every layer of the piece is held (by this worker, or by each of its stages)
+            self.landing.commit(seq.seq_id, header)
+        else:
+            import_into(self.runtime, seq.seq_id, header, k, v)  # SHAPE_MISMATCH unless it starts at seq.length
         seq.length, seq.last_piece = header.end, (header.begin, header.end)
         seq.t_lease = self.clock()  # a piece came: the lease runs from now
         if first is None:
@@ -260,6 +282,8 @@ class DecodeEngine(EngineCore):
             return
         del self.seqs[rid]
         self.prefill.drop(rid)
+        if seq.state in _AWAITING_KV:  # parts of its KV may be held for a commit that will not come
+            self.landing.drop(rid)
         held = (seq.req.prompt_ids + tuple(seq.decoder.output_ids))[: seq.length]
         self.cache.finish(seq.seq_id, rid, seq.hit, held if error is None else None)
         seq.state = DecodeState.FINISHED if error is None else _ENDED_BY.get(error.kind, DecodeState.FAILED)

@@ -17,6 +17,7 @@ from engine.faults import FaultInjector
 from engine.hosting import HostedEngine, internal_host, open_worker_model
 from engine.messages import Admission, GenerationRequest, Output, Role, WorkerOptions
 from engine.stage_actors import StagedModel
+from engine.staged_runtime import StagedRuntime
 from kvtransfer.runtime_io import make_receiver
 from kvtransfer.transport import KVReceiver
 from llama_relax.models import OpenModel
@@ -26,7 +27,7 @@ def start_decode(
     model: OpenModel | StagedModel, options: WorkerOptions, role: Role
 ) -> tuple[DecodeEngine, KVReceiver | None, str]:
     """A decode (or colocated) engine on `model`, not yet started, and for DECODE its started KV receiver and the
-    address it publishes."""
+    address it publishes: the receiver's, or with pipeline stages the route to them (`kvtransfer.route`)."""
     engine = DecodeEngine(
         model.runtime, model.tokenizer, options, faults=FaultInjector(options.faults), name=role.value
     )
@@ -41,6 +42,8 @@ def start_decode(
         options.cluster_token,
         options.internal_tls,
     )
+    if isinstance(model.runtime, StagedRuntime):
+        address = model.runtime.kv_route(address)
     return engine, receiver, address
 
 

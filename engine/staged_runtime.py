@@ -11,8 +11,12 @@ What it does per call:
     in flight across engine steps (vLLM's virtual engines): while the engine samples one group's tokens and
     submits its next step, the other groups are in the other stages, so every stage works all the time. A call
     on a sequence in flight (remove, fork, popn, KV, another forward) first waits for its forward to land;
-  - `read_kv` gathers every stage's layers into one all-layer K/V and `append_kv` hands each stage its layers:
-    KV pushed between pools is the whole model's, whatever the stage counts on either side (P1 -> D2, P2 -> D1).
+  - KV between pools moves stage to stage (`kvtransfer.route`): as a prefill worker, `push_kv` has every stage
+    send its layers of a piece to the decode endpoints holding them, at once; as a decode worker, `kv_route`
+    opens a KV receiver on every stage, which holds the parts it gets, and the manifest that follows them makes
+    `commit` check every stage holds all its layers, then append them everywhere. Any stage counts pair up
+    (P1 -> D2, P2 -> D1, P3 -> D2). `read_kv` / `append_kv` still gather and split all-layer K/V here (a whole
+    payload from a sender that does not scatter, and tests).
 
 Failures: a stage's refusal (bad input, no pages) is the error the one-process runtime raises (`ValueError`,
 `MemoryError`). A stage that is gone (its process died, the channel broke) makes `on_lost` run: the hosting worker
@@ -34,6 +38,9 @@ import numpy as np
 import tvm
 
 from engine.stages import RemotePipeline, StageClient, from_array
+from kvtransfer.payload import ErrorCode, KVHeader, PayloadError
+from kvtransfer.route import Endpoint, KVRoute, combine
+from kvtransfer.transport import TransferResult
 from llama_relax.config import LlamaConfig
 from llama_relax.kv_dtype import kv_storage
 from llama_relax.runtime import KVCacheConfig, model_fingerprint
@@ -296,6 +303,62 @@ class StagedRuntime(RemotePipeline, SequenceBook):
 
     def kv_fingerprint(self) -> str:
         return self._fingerprint
+
+    # ---- KV stage to stage (kvtransfer.route) -------------------------------------------------------------
+    def push_kv(
+        self, seq_id: int, request_id: str, begin: int, end: int, route: KVRoute, timeout_s: float
+    ) -> TransferResult:
+        """Every stage sends its layers of tokens [begin, end) of `seq_id` to the endpoints of `route` holding them,
+        all at once; one result for all (any thread: the stages read their pages under their own locks)."""
+        text = route.encode()
+        calls = [
+            c.push_kv_future(seq_id, request_id, begin, end, self._fingerprint, text, timeout_s) for c in self.clients
+        ]
+        results = []
+        for call in calls:
+            try:
+                r = self._rpc(call.result)
+            except (ValueError, MemoryError) as e:
+                results.append(TransferResult.failure(ErrorCode.IMPORT_FAILED, f"stage refused the push: {e}"))
+                continue
+            error = ErrorCode.parse(r.error) if not r.ok else None
+            results.append(TransferResult(r.ok, error, r.message, r.nbytes, r.transfer_s, r.import_s))
+        return combine(results)
+
+    def kv_route(self, commit: str) -> str:
+        """Open a KV receiver on every stage; the route a prefill worker sends to (`commit`: this worker's own)."""
+        ends = [self._rpc(c.open_kv, self._fingerprint) for c in self.clients]
+        ranges = self.config.layer_ranges(self.num_stages)
+        return KVRoute(commit, tuple(Endpoint(a, r.start, len(r)) for a, r in zip(ends, ranges, strict=True))).encode()
+
+    def hold(self, header: KVHeader, k, v) -> None:
+        raise PayloadError(ErrorCode.SHAPE_MISMATCH, "this worker's layers sit in stages: send parts to its route")
+
+    def commit(self, seq_id: int, header: KVHeader) -> None:
+        """Append the parts of `header`'s tokens that every stage holds to `seq_id`: first check that each stage
+        holds all its layers (TRUNCATED naming the stage and what is missing), then append on all at once."""
+        self._settle([seq_id])
+        rid, begin, end = header.request_id, header.begin, header.end
+        self._check_append([seq_id], [end - begin])
+        if self._seq_lens.get(seq_id) != begin:
+            raise PayloadError(
+                ErrorCode.SHAPE_MISMATCH,
+                f"payload starts at {begin}; sequence {seq_id} holds {self._seq_lens.get(seq_id)}",
+            )
+        checks = [c.commit_kv_future(rid, seq_id, begin, end, False) for c in self.clients]
+        for i, call in enumerate(checks):
+            try:
+                self._rpc(call.result)
+            except ValueError as e:
+                raise PayloadError(ErrorCode.TRUNCATED, f"stage {i}: {e}") from None
+        self._appended(
+            [seq_id], [end - begin], lambda: self._all(lambda c: c.commit_kv_future(rid, seq_id, begin, end, True))
+        )
+
+    def drop(self, request_id: str) -> None:
+        """Forget the parts the stages hold for `request_id` (it ended before they were committed)."""
+        for c in self.clients:
+            c.drop_kv_future(request_id)
 
     def close(self) -> None:
         self._flights.shutdown(wait=False, cancel_futures=True)

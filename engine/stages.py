@@ -25,12 +25,16 @@ import numpy as np
 import tvm
 
 from kvtransfer.auth import InternalTLS, TokenInterceptor, internal_channel, token_metadata
+from kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
+from kvtransfer.payload import PayloadError, expect_shape
+from kvtransfer.route import KVParts, KVRoute, push_parts
 from llama_relax.pipeline import StageChain
 from llama_relax.runtime import ModelRuntime
 from protos import stage_pb2 as pb
 
 _SERVICE = "pdserve.stage.v1.Stage"
 MAX_MESSAGE_BYTES = 256 << 20
+PARTS_TTL_S = 120.0  # a part nobody commits (its sender failed, the request ended) is dropped after this
 
 
 def to_array(a: np.ndarray) -> pb.Array:
@@ -57,7 +61,9 @@ class StageServer:
         if runtime.compiled.stage is None:
             raise ValueError("StageServer needs a pipeline stage's library (compile_model(stage=...))")
         self.runtime = runtime
+        self.host, self.token, self.tls = host, token, tls
         self.index, self.count = runtime.compiled.stage
+        self.layers = runtime.config.layer_ranges(self.count)[self.index]
         self.embeds = runtime.config.embedding_stage(self.count) == self.index
         self._lock = threading.Lock()  # one forward (or sequence change) at a time
         # lookups beside the forwards (another group's next input while this stage runs a group), one at a time
@@ -70,6 +76,13 @@ class StageServer:
             interceptors=[TokenInterceptor(token)] if token else None,
         )
         self._kept = None  # the last stage's states of the last forward with keep_hidden (for Logits)
+        # KV stage to stage: a decode stage's receiver and the parts it holds; a prefill stage's sender
+        self._kv_lock = threading.Lock()
+        self._kv_rx: GrpcKVReceiver | None = None
+        self._kv_fingerprint = ""
+        self.parts = KVParts(self.layers, max(runtime.kv_cache_bytes, 64 << 20), PARTS_TTL_S)
+        self._kv_tx: GrpcKVSender | None = None
+        self._kv_pool = futures.ThreadPoolExecutor(4, thread_name_prefix="stage-kv")
         methods = {
             "Describe": (self._describe, pb.SequencesRequest, pb.StageInfo),
             "Sequences": (self._sequences, pb.SequencesRequest, pb.StageState),
@@ -78,6 +91,10 @@ class StageServer:
             "Logits": (self._logits, pb.LogitsRequest, pb.ForwardReply),
             "ReadKV": (self._read_kv, pb.ReadKVRequest, pb.KVBlock),
             "AppendKV": (self._append_kv, pb.AppendKVRequest, pb.StageState),
+            "OpenKV": (self._open_kv, pb.OpenKVRequest, pb.OpenKVReply),
+            "PushKV": (self._push_kv, pb.PushKVRequest, pb.PushKVReply),
+            "CommitKV": (self._commit_kv, pb.CommitKVRequest, pb.StageState),
+            "DropKV": (self._drop_kv, pb.DropKVRequest, pb.StageState),
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(fn, req.FromString, rep.SerializeToString)
@@ -98,6 +115,12 @@ class StageServer:
 
     def stop(self) -> None:
         self._server.stop(None).wait()
+        with self._kv_lock:
+            if self._kv_rx is not None:
+                self._kv_rx.stop(0)
+            if self._kv_tx is not None:
+                self._kv_tx.close()
+        self._kv_pool.shutdown(wait=False, cancel_futures=True)
 
     def _state(self) -> pb.StageState:
         rt = self.runtime
@@ -110,6 +133,7 @@ class StageServer:
             free_pages=rt.free_pages(),
             sequences=len(rt.sequence_ids()),
             embeds=self.embeds,
+            kv_parts=len(self.parts),
         )
 
     def _describe(self, req: pb.SequencesRequest, context: grpc.ServicerContext) -> pb.StageInfo:
@@ -181,6 +205,91 @@ class StageServer:
         except MemoryError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"append_kv: {e}")
 
+    # ---- KV stage to stage (kvtransfer.route) ------------------------------------------------------------
+    def _open_kv(self, req: pb.OpenKVRequest, context: grpc.ServicerContext) -> pb.OpenKVReply:
+        rt, c = self.runtime, self.runtime.config
+        with self._kv_lock:
+            if self._kv_rx is None:
+                shape = expect_shape(
+                    len(self.layers),
+                    c.num_key_value_heads,
+                    rt.kv_row,
+                    rt.kv_config.page_size,
+                    c.context_window_size,
+                    first_layer=self.layers.start,
+                    parts=True,
+                )
+                self._kv_rx = GrpcKVReceiver(
+                    self.parts.add,
+                    host=self.host,
+                    expected_fingerprint=req.fingerprint,
+                    expected_dtype=rt.kv_elem,
+                    shape_check=shape,
+                    on_orphaned=lambda h: self.parts.drop(h.request_id),
+                    token=self.token,
+                    tls=self.tls,
+                )
+                self._kv_fingerprint = req.fingerprint
+                self._kv_rx.start()
+            elif req.fingerprint != self._kv_fingerprint:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "fingerprint: the KV receiver runs for another")
+            return pb.OpenKVReply(address=self._kv_rx.address)
+
+    def _push_kv(self, req: pb.PushKVRequest, context: grpc.ServicerContext) -> pb.PushKVReply:
+        try:
+            route = KVRoute.parse(req.route)
+            with self._lock:
+                k, v = self.runtime.read_kv(int(req.seq_id), int(req.begin), int(req.end))  # [layers, n, Hkv, d]
+        except (ValueError, KeyError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push_kv: {e}")
+        with self._kv_lock:
+            if self._kv_tx is None:
+                self._kv_tx = GrpcKVSender(token=self.token, tls=self.tls)
+        rt = self.runtime
+        r = push_parts(
+            self._kv_tx,
+            self._kv_pool,
+            k,
+            v,
+            self.layers.start,
+            rt.config.num_hidden_layers,
+            int(req.begin),
+            req.request_id,
+            req.fingerprint,
+            rt.kv_config.page_size,
+            route,
+            req.timeout_s,
+        )
+        return pb.PushKVReply(
+            ok=r.ok,
+            error=r.error.value if r.error else "",
+            message=r.message,
+            nbytes=r.nbytes,
+            transfer_s=r.transfer_s,
+            import_s=r.import_s,
+        )
+
+    def _commit_kv(self, req: pb.CommitKVRequest, context: grpc.ServicerContext) -> pb.StageState:
+        rid, begin, end = req.request_id, int(req.begin), int(req.end)
+        try:
+            if not req.apply:
+                self.parts.check(rid, begin, end)
+                return self._state()
+            with self._lock:
+                k, v = self.parts.take(rid, begin, end)
+                self.runtime.append_kv(int(req.seq_id), k, v)
+                return self._state()
+        except PayloadError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"commit_kv: {e.message}")
+        except (ValueError, KeyError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"commit_kv: {e}")
+        except MemoryError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"commit_kv: {e}")
+
+    def _drop_kv(self, req: pb.DropKVRequest, context: grpc.ServicerContext) -> pb.StageState:
+        self.parts.drop(req.request_id)
+        return self._state()
+
     def _forward(self, req: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardReply:
         last = self.index == self.count - 1
         try:
@@ -228,6 +337,10 @@ class StageClient:
         self._logits = method("Logits", pb.LogitsRequest, pb.ForwardReply)
         self._read = method("ReadKV", pb.ReadKVRequest, pb.KVBlock)
         self._append = method("AppendKV", pb.AppendKVRequest, pb.StageState)
+        self._open_kv = method("OpenKV", pb.OpenKVRequest, pb.OpenKVReply)
+        self._push_kv = method("PushKV", pb.PushKVRequest, pb.PushKVReply)
+        self._commit_kv = method("CommitKV", pb.CommitKVRequest, pb.StageState)
+        self._drop_kv = method("DropKV", pb.DropKVRequest, pb.StageState)
 
     def describe(self) -> pb.StageInfo:
         return self._describe(pb.SequencesRequest(), metadata=self._meta, timeout=self._timeout)
@@ -260,6 +373,33 @@ class StageClient:
 
     def forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
         return self._fwd(req, metadata=self._meta, timeout=self._timeout)
+
+    def open_kv(self, fingerprint: str) -> str:
+        """Start the stage's KV receiver (parts of its layers); its address."""
+        return self._open_kv(
+            pb.OpenKVRequest(fingerprint=fingerprint), metadata=self._meta, timeout=self._timeout
+        ).address
+
+    def push_kv_future(
+        self, seq_id: int, request_id: str, begin: int, end: int, fingerprint: str, route: str, timeout_s: float
+    ) -> grpc.Future:
+        req = pb.PushKVRequest(
+            seq_id=seq_id,
+            request_id=request_id,
+            begin=begin,
+            end=end,
+            fingerprint=fingerprint,
+            route=route,
+            timeout_s=timeout_s,
+        )
+        return self._push_kv.future(req, metadata=self._meta, timeout=timeout_s + self._timeout)
+
+    def commit_kv_future(self, request_id: str, seq_id: int, begin: int, end: int, apply: bool) -> grpc.Future:
+        req = pb.CommitKVRequest(request_id=request_id, seq_id=seq_id, begin=begin, end=end, apply=apply)
+        return self._commit_kv.future(req, metadata=self._meta, timeout=self._timeout)
+
+    def drop_kv_future(self, request_id: str) -> grpc.Future:
+        return self._drop_kv.future(pb.DropKVRequest(request_id=request_id), metadata=self._meta, timeout=self._timeout)
 
     def forward_future(self, req: pb.ForwardRequest) -> grpc.Future:
         return self._fwd.future(req, metadata=self._meta, timeout=self._timeout)

@@ -31,7 +31,9 @@ import msgpack
 import numpy as np
 import xxhash
 
-FORMAT_VERSION = 3  # 2: named per-chunk checksums (XXH3-64 or wsum64) instead of CRC32; 3: opaque `meta` bytes
+# 2: named per-chunk checksums (XXH3-64 or wsum64) instead of CRC32; 3: opaque `meta` bytes; 4: `first_layer` (a
+# payload may carry a range of layers: a pipeline stage's part) and manifests (no layers: "commit what you got")
+FORMAT_VERSION = 4
 DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2, "int8": 1}  # int8: q8_0 rows (quants + scales)
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 64 << 20
@@ -110,6 +112,7 @@ def _num_chunks(nbytes: int, chunk_bytes: int) -> int:
 
 _INT_FIELDS = (
     "page_size",
+    "first_layer",
     "num_layers",
     "num_kv_heads",
     "head_dim",
@@ -125,11 +128,17 @@ _ALL_FIELDS = frozenset((*_INT_FIELDS, *_STR_FIELDS, "chunk_checksums", "meta", 
 
 @dataclass(frozen=True)
 class KVHeader:
-    """Describes one transfer of tokens [begin, end) of a sequence; consistent by construction (validated)."""
+    """Describes one transfer of tokens [begin, end) of a sequence, layers [first_layer, first_layer + num_layers);
+    consistent by construction (validated).
+
+    Three kinds: the whole model's layers (first_layer 0, every layer: imported at once); a *part* (some layers: a
+    pipeline stage's, held by the receiver until committed); a *manifest* (no layers, no bytes: "the parts of
+    these tokens went to your stages; commit them", with the meta a whole payload would carry)."""
 
     layout_fingerprint: str  # model + KV layout hash; the receiver rejects a mismatch
     dtype: str  # "float32" | "float16"
     page_size: int
+    first_layer: int
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -160,14 +169,22 @@ class KVHeader:
         return self.k_bytes + self.v_bytes
 
     @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.first_layer + self.num_layers)
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.num_layers == 0
+
+    @property
     def layer_bytes(self) -> int:
-        """Bytes of one layer's K (or V): [end-begin, kv_heads, head_dim]."""
-        return self.k_bytes // self.num_layers
+        """Bytes of one layer's K (or V): [end-begin, kv_heads, head_dim] (0 for a manifest)."""
+        return self.k_bytes // self.num_layers if self.num_layers else 0
 
     @property
     def slab_aligned(self) -> bool:
-        """Whether every chunk holds whole layers (the receiver can use them in place)."""
-        return self.chunk_bytes % self.layer_bytes == 0
+        """Whether every chunk holds whole layers (the receiver can use them in place); a manifest has none."""
+        return self.num_layers == 0 or self.chunk_bytes % self.layer_bytes == 0
 
     @property
     def num_chunks(self) -> int:
@@ -243,9 +260,11 @@ def _validate(h: KVHeader) -> None:
         raise bad("request_id longer than 256 characters")
     if h.dtype not in DTYPE_SIZES:
         raise bad(f"dtype {h.dtype!r} not one of {sorted(DTYPE_SIZES)}")
-    for name in ("page_size", "num_layers", "num_kv_heads", "head_dim"):
+    for name in ("page_size", "num_kv_heads", "head_dim"):
         if getattr(h, name) <= 0:
             raise bad(f"{name} must be positive, got {getattr(h, name)}")
+    if h.first_layer < 0 or h.num_layers < 0:
+        raise bad(f"layers [{h.first_layer}, {h.first_layer + h.num_layers}) must not be negative")
     if not 0 <= h.begin < h.end:
         raise bad(f"token range [{h.begin}, {h.end}) is empty or negative")
     want = h.num_layers * h.num_tokens * h.num_kv_heads * h.head_dim * DTYPE_SIZES[h.dtype]
@@ -282,9 +301,11 @@ def make_payload(
     chunk_bytes: int | None = None,
     page_size: int = 16,
     meta: bytes = b"",
+    first_layer: int = 0,
 ) -> KVPayload:
     """Build a payload for tokens [begin, begin + k.shape[1]): computes sizes and per-chunk XXH3-64 checksums.
     `chunk_bytes` None: whole layer slabs of about 1 MiB (`layer_chunk_bytes`), which the receiver uses in place.
+    `first_layer`: the model layer of k[0] (a part of a pipeline stage's layers; 0 for the whole model).
 
     k, v: [layers, n_tokens, kv_heads, head_dim] in float32/float16 (K already rotated). Non-contiguous arrays are
     copied once to C order; contiguous ones are referenced, so the caller must not modify them until sent.
@@ -297,9 +318,37 @@ def make_payload(
     chunk_bytes = chunk_bytes or layer_chunk_bytes(k.nbytes // k.shape[0])
     sums = [chunk_checksum(c) for arr in (k, v) for c in _array_chunks(arr, chunk_bytes)]
     header = build_header(
-        k.shape, str(k.dtype), fingerprint, begin, request_id, chunk_bytes, page_size, sums, meta=meta
+        k.shape,
+        str(k.dtype),
+        fingerprint,
+        begin,
+        request_id,
+        chunk_bytes,
+        page_size,
+        sums,
+        meta=meta,
+        first_layer=first_layer,
     )
     return KVPayload(header, k, v)
+
+
+def make_manifest(
+    fingerprint: str,
+    dtype: str,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    begin: int,
+    end: int,
+    request_id: str,
+    meta: bytes = b"",
+) -> KVPayload:
+    """A manifest for tokens [begin, end) of `request_id` (no layers, no bytes): sent to a decode worker once every
+    part of those tokens reached its endpoints (`kvtransfer.route`), it commits them there."""
+    shape = (0, end - begin, num_kv_heads, head_dim)
+    header = build_header(shape, dtype, fingerprint, begin, request_id, 1, page_size, [], meta=meta)
+    empty = np.empty(shape, dtype)
+    return KVPayload(header, empty, empty)
 
 
 def build_header(
@@ -313,14 +362,17 @@ def build_header(
     checksums: list[int],
     checksum: str = "xxh3_64",
     meta: bytes = b"",
+    first_layer: int = 0,
 ) -> KVHeader:
-    """The header of K and V of `shape` [layers, n_tokens, kv_heads, head_dim] each, for tokens [begin, begin + n)."""
+    """The header of K and V of `shape` [layers, n_tokens, kv_heads, head_dim] each, for tokens [begin, begin + n)
+    of layers [first_layer, first_layer + layers)."""
     layers, n, heads, head_dim = shape
     nbytes = layers * n * heads * head_dim * DTYPE_SIZES[dtype]
     return KVHeader(
         layout_fingerprint=fingerprint,
         dtype=dtype,
         page_size=page_size,
+        first_layer=first_layer,
         num_layers=layers,
         num_kv_heads=heads,
         head_dim=head_dim,
@@ -337,6 +389,8 @@ def build_header(
 
 
 def _array_chunks(a: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:
+    if a.size == 0:  # a manifest's: no chunks
+        return
     flat = memoryview(a).cast("B")  # zero-copy byte view of a C-contiguous array
     for off in range(0, len(flat), chunk_bytes):
         yield flat[off : off + chunk_bytes]
@@ -354,14 +408,33 @@ ShapeCheck = Callable[[KVHeader], str | None]
 
 
 def expect_shape(
-    num_layers: int, num_kv_heads: int, head_dim: int, page_size: int | None = None, max_tokens: int | None = None
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int | None = None,
+    max_tokens: int | None = None,
+    *,
+    first_layer: int = 0,
+    parts: bool = False,
+    manifests: bool = False,
 ) -> ShapeCheck:
-    """A `ShapeCheck` for a fixed model geometry; `max_tokens` bounds `end` (e.g. the context window)."""
+    """A `ShapeCheck` for a receiver holding layers [first_layer, first_layer + num_layers) of a fixed geometry;
+    `max_tokens` bounds `end` (e.g. the context window). A payload must carry exactly those layers, or with `parts`
+    any of them (a pipeline stage's part), or with `manifests` none (a manifest)."""
+    held = range(first_layer, first_layer + num_layers)
 
     def check(h: KVHeader) -> str | None:
-        want, got = (num_layers, num_kv_heads, head_dim), (h.num_layers, h.num_kv_heads, h.head_dim)
+        want, got = (num_kv_heads, head_dim), (h.num_kv_heads, h.head_dim)
         if got != want:
-            return f"(layers, kv_heads, head_dim) {got} != expected {want}"
+            return f"(kv_heads, head_dim) {got} != expected {want}"
+        if h.is_manifest:
+            if not manifests:
+                return "a manifest (no layers) is taken only by a decode worker that gets parts"
+        elif h.layers != held and not (parts and h.first_layer >= held.start and h.layers.stop <= held.stop):
+            kind = "a part of" if parts else "exactly"
+            return (
+                f"layers [{h.layers.start}, {h.layers.stop}) are not {kind} this receiver's [{held.start}, {held.stop})"
+            )
         if page_size is not None and h.page_size != page_size:
             return f"page_size {h.page_size} != expected {page_size}"
         if max_tokens is not None and h.end > max_tokens:

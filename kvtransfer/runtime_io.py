@@ -11,6 +11,7 @@ Partial ranges: a payload for tokens [begin, end) lands on a sequence that alrea
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +34,10 @@ from kvtransfer.payload import (
     KVPayload,
     PayloadError,
     expect_shape,
+    make_manifest,
     make_payload,
 )
+from kvtransfer.route import KVParts, KVRoute, PushesKV, Scatter, push_parts
 from kvtransfer.transport import ImportSink, KVReceiver, KVSender
 from llama_relax.runtime import ModelRuntime
 
@@ -121,9 +124,66 @@ def export_for(
 
 
 def streams_to(runtime: ModelRuntime, sender: KVSender, target: str) -> bool:
-    """Whether KV for `target` can be read off the driver thread (host pages, host transport): only then is it
-    worth sending a prompt's KV in pieces while later chunks compute."""
+    """Whether KV for `target` can be read off the driver thread (host pages, host transport, or stages that send
+    their own): only then is it worth sending a prompt's KV in pieces while later chunks compute."""
+    if isinstance(runtime, PushesKV):
+        return True
     return runtime.host_kv and _device_route(sender, target) is None
+
+
+def scatters_to(runtime: ModelRuntime, route: KVRoute) -> bool:
+    """Whether KV for `route` moves as parts plus a manifest (`kvtransfer.route`): the decode side's layers sit in
+    stages, or this side's do; else as whole payloads."""
+    return bool(route.endpoints) or isinstance(runtime, PushesKV)
+
+
+def scatter_later(
+    runtime: ModelRuntime,
+    sender: KVSender,
+    pool: cf.Executor,
+    seq_id: int,
+    request_id: str,
+    begin: int,
+    end: int,
+    meta: bytes = b"",
+) -> Callable[[], Scatter]:
+    """A builder of the `Scatter` of tokens [begin, end), called once on any thread. Driver thread only.
+
+    Stages (`PushesKV`) read and send their own layers when pushed. A one-process runtime reads the token
+    positions now (host pages; else it reads the KV now) and gathers on the builder's thread; the parts go on
+    `pool`."""
+    if isinstance(runtime, PushesKV):
+        scatter = Scatter(begin, end, meta, lambda route, t: runtime.push_kv(seq_id, request_id, begin, end, route, t))
+        return lambda: scatter
+    fp, page, layers = runtime.kv_fingerprint(), runtime.kv_config.page_size, runtime.num_kv_layers
+
+    def scatter_of(k: np.ndarray, v: np.ndarray) -> Scatter:
+        def push(route: KVRoute, timeout_s: float):
+            return push_parts(sender, pool, k, v, 0, layers, begin, request_id, fp, page, route, timeout_s)
+
+        return Scatter(begin, end, meta, push)
+
+    if not runtime.host_kv:
+        ready = scatter_of(*runtime.read_kv(seq_id, begin, end))
+        return lambda: ready
+    positions = runtime.kv_positions(seq_id, begin, end)  # [n]
+    return lambda: scatter_of(*runtime.gather_kv(positions))
+
+
+def manifest_for(runtime: ModelRuntime, scatter: Scatter, request_id: str) -> KVPayload:
+    """The manifest that commits `scatter`'s parts on the decode side."""
+    c = runtime.config
+    return make_manifest(
+        runtime.kv_fingerprint(),
+        runtime.kv_elem,
+        c.num_key_value_heads,
+        runtime.kv_row,
+        runtime.kv_config.page_size,
+        scatter.begin,
+        scatter.end,
+        request_id,
+        scatter.meta,
+    )
 
 
 def export_later(
@@ -185,7 +245,8 @@ def make_receiver(
 
 
 def receiver_checks(runtime: ModelRuntime) -> dict[str, Any]:
-    """Keyword arguments for a `KVReceiver` that make it reject payloads this runtime cannot take."""
+    """Keyword arguments for a `KVReceiver` that make it reject payloads this runtime cannot take: whole payloads
+    and manifests; parts too when its layers are here (a stage runtime's parts go to its stages)."""
     c = runtime.config
     return {
         "expected_fingerprint": runtime.kv_fingerprint(),
@@ -196,6 +257,8 @@ def receiver_checks(runtime: ModelRuntime) -> dict[str, Any]:
             runtime.kv_row,
             runtime.kv_config.page_size,
             c.context_window_size,
+            parts=not isinstance(runtime, PushesKV),
+            manifests=True,
         ),
     }
 
@@ -226,6 +289,25 @@ def import_into(runtime: ModelRuntime, seq_id: int, header: KVHeader, k: np.ndar
         if created and seq_id in runtime.sequence_ids():
             runtime.remove_sequence(seq_id)
         raise
+
+
+class LocalLanding:
+    """Where a one-process decode worker's KV parts wait for their manifest (`kvtransfer.route`): `hold` keeps a
+    part, `commit` imports the piece's parts into a sequence (model thread), `drop` forgets a request's parts."""
+
+    def __init__(self, runtime: ModelRuntime, max_bytes: int, ttl_s: float) -> None:
+        self.runtime = runtime
+        self.parts = KVParts(range(runtime.num_kv_layers), max_bytes, ttl_s)
+
+    def hold(self, header: KVHeader, k, v) -> None:
+        self.parts.add(header, k, v)
+
+    def commit(self, seq_id: int, header: KVHeader) -> None:
+        k, v = self.parts.take(header.request_id, header.begin, header.end)
+        import_into(self.runtime, seq_id, header, k, v)
+
+    def drop(self, request_id: str) -> None:
+        self.parts.drop(request_id)
 
 
 class RuntimeImporter:

@@ -53,7 +53,8 @@ from engine.messages import (
 from engine.prefill_batch import FirstToken, PrefillBatch
 from engine.prefix_cache import MISS, Hit
 from kvtransfer.payload import ErrorCode, KVPayload
-from kvtransfer.runtime_io import export_later, streams_to
+from kvtransfer.route import KVRoute, Scatter
+from kvtransfer.runtime_io import export_later, manifest_for, scatter_later, scatters_to, streams_to
 from kvtransfer.transport import KVSender, TransferResult
 from llama_relax.generation import TokenEvent, TokenizerLike
 from llama_relax.runtime import ModelRuntime
@@ -78,6 +79,7 @@ _TERMINAL = frozenset({PrefillState.DONE, PrefillState.FAILED, PrefillState.CANC
 class _Job:
     req: GenerationRequest
     kv_target: str
+    route: KVRoute  # kv_target read: the decode worker's receiver, and its stages' when it has them
     on_event: Callable[[PrefillEvent], None]
     seq_id: int
     hit: Hit = MISS  # the cached prefix its sequence was forked from: only the rest is computed
@@ -126,6 +128,7 @@ class PrefillEngine(EngineCore):
         self.batch = PrefillBatch(runtime, options.max_batch_size)
         self.jobs: dict[str, _Job] = {}
         self._transfers = cf.ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-send")
+        self._parts = cf.ThreadPoolExecutor(4, thread_name_prefix="kv-part")  # a piece's parts, sent at once
 
     # ---- control (any thread) -----------------------------------------------------------------------------
     def submit(
@@ -156,6 +159,7 @@ class PrefillEngine(EngineCore):
     def close(self) -> None:
         self.stop()
         self._transfers.shutdown(wait=True)
+        self._parts.shutdown(wait=True)
         for job in list(self.jobs.values()):
             self._fail(job, ErrorKind.UNAVAILABLE, "prefill worker shutting down")
 
@@ -166,12 +170,16 @@ class PrefillEngine(EngineCore):
         rid, n, o = req.request_id, len(req.token_ids), self.options
         if not 0 <= kv_begin < n:
             return Admission.refuse(ErrorKind.INVALID, f"kv_begin must be in [0, {n}) for a {n}-token prompt")
+        try:
+            route = KVRoute.parse(kv_target)
+        except ValueError as e:
+            return Admission.refuse(ErrorKind.INVALID, str(e))
         a = self.admit_request(
             req, self.jobs, tokens=n, active=len(self.batch.queue), max_active=o.max_queue, what="prefill queue"
         )
         if not a.ok:
             return a.admission
-        job = _Job(req, kv_target, on_event, a.seq_id, a.hit, kv_begin, sent=kv_begin)
+        job = _Job(req, kv_target, route, on_event, a.seq_id, a.hit, kv_begin, sent=kv_begin)
         job.stream = KVStream(
             lambda p, retry: self._send(job, p, retry), self._transfers, lambda e: self._ended(job, e)
         )
@@ -235,20 +243,33 @@ class PrefillEngine(EngineCore):
         """Queue KV tokens [job.sent, end) as the stream's next piece (engine thread: reads token positions)."""
         begin, rid = job.sent, job.req.request_id
         t0 = time.perf_counter()
-        build = export_later(self.runtime, self.sender, job.kv_target, job.seq_id, rid, begin, end, meta)
+        if scatters_to(self.runtime, job.route):
+            build = scatter_later(self.runtime, self.sender, self._parts, job.seq_id, rid, begin, end, meta)
+        else:
+            build = export_later(self.runtime, self.sender, job.kv_target, job.seq_id, rid, begin, end, meta)
         job.export_s += time.perf_counter() - t0  # before the push: the transfer thread may run at once
         job.sent = end
         job.stream.push(Piece(build, final))
 
-    def _send(self, job: _Job, payload: KVPayload, retry: bool = False) -> TransferResult:
-        """One send; a planned KV_SEND fault damages a first send (this stream only), never the retry."""
+    def _send(self, job: _Job, payload: KVPayload | Scatter, retry: bool = False) -> TransferResult:
+        """One send; a planned KV_SEND fault damages a first send (this stream only), never the retry. A scatter
+        sends its parts, then (all acked) the manifest that commits them."""
         if retry:
             log.warning("KV transfer of %s failed; retrying the piece once", job.req.request_id)
+        lease = self.options.kv_lease_s
+        if isinstance(payload, Scatter):
+            parts = payload.push(job.route, lease)
+            if not parts.ok:
+                return parts
+            m = self.sender.send(manifest_for(self.runtime, payload, job.req.request_id), job.route.commit, lease)
+            return dataclasses.replace(  # (the parts went first: times add up)
+                m, nbytes=parts.nbytes, transfer_s=parts.transfer_s + m.transfer_s, import_s=parts.import_s + m.import_s
+            )
         fault = None if retry else self.faults.hit(Stage.KV_SEND)
         self.faults.arm(job.req.request_id, fault)
         damaged = self.faults.damaged(fault, payload.k)
         sent = payload if damaged is payload.k else KVPayload(payload.header, damaged, payload.v)
-        return self.sender.send(sent, job.kv_target, self.options.kv_lease_s)
+        return self.sender.send(sent, job.kv_target, lease)
 
     def _ended(self, job: _Job, end: StreamEnd) -> None:  # transfer thread
         """The stream ended: the final piece is in, or a piece failed for good. Report at once: the decode worker

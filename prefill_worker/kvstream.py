@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtransfer.payload import ErrorCode, KVPayload
+from kvtransfer.route import Scatter
 from kvtransfer.transport import TransferResult
 
 # transport failures worth one more try (a rejection by the receiver, a lease that ran out or a cancel are not)
@@ -34,10 +35,10 @@ RETRYABLE = frozenset(
 
 @dataclass(frozen=True)
 class Piece:
-    """Some prompt tokens of one request (the range is in the payload's header); `build` makes the payload on the
-    transfer thread."""
+    """Some prompt tokens of one request (the range is in the payload's header); `build` makes the payload (or the
+    parts to scatter, `kvtransfer.route`) on the transfer thread."""
 
-    build: Callable[[], KVPayload]
+    build: Callable[[], KVPayload | Scatter]
     final: bool  # the last piece: its meta carries the first token, and its ack ends the stream
 
 
@@ -67,7 +68,7 @@ class StreamEnd:
         return self.result is not None and self.result.ok
 
 
-SendFn = Callable[[KVPayload, bool], TransferResult]  # (payload, is_retry) -> result; never raises
+SendFn = Callable[[KVPayload | Scatter, bool], TransferResult]  # (payload, is_retry) -> result; never raises
 
 
 @dataclass(eq=False)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bstage.proto\x12\x10pdserve.stage.v1\"3\n\x05\x41rray\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"y\n\x10SequencesRequest\x12\x0b\n\x03\x61\x64\x64\x18\x01 \x03(\x03\x12\x0e\n\x06remove\x18\x02 \x03(\x03\x12$\n\x04\x66ork\x18\x03 \x03(\x0b\x32\x16.pdserve.stage.v1.Fork\x12\"\n\x03pop\x18\x04 \x03(\x0b\x32\x15.pdserve.stage.v1.Pop\"5\n\x04\x46ork\x12\x0e\n\x06parent\x18\x01 \x01(\x03\x12\r\n\x05\x63hild\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\r\" \n\x03Pop\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\t\n\x01n\x18\x02 \x01(\r\"\xa6\x02\n\tStageInfo\x12+\n\x05state\x18\x01 \x01(\x0b\x32\x1c.pdserve.stage.v1.StageState\x12\x46\n\x0eweight_digests\x18\x02 \x03(\x0b\x32..pdserve.stage.v1.StageInfo.WeightDigestsEntry\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08kv_dtype\x18\x04 \x01(\t\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x15\n\rprefill_chunk\x18\x08 \x01(\r\x1a\x34\n\x12WeightDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x8a\x01\n\nStageState\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nfree_pages\x18\x05 \x01(\r\x12\x11\n\tsequences\x18\x06 \x01(\r\x12\x0e\n\x06\x65mbeds\x18\x07 \x01(\x08\"\xb0\x01\n\x0e\x46orwardRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\x12\x0f\n\x07lengths\x18\x02 \x03(\r\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\x12\'\n\x06hidden\x18\x04 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\x12\x12\n\nlogit_rows\x18\x05 \x03(\r\x12\x13\n\x0bkeep_hidden\x18\x06 \x01(\x08\"\x1d\n\rLogitsRequest\x12\x0c\n\x04rows\x18\x01 \x03(\r\";\n\rReadKVRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\r\n\x05\x62\x65gin\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"Q\n\x07KVBlock\x12\"\n\x01k\x18\x01 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\x12\"\n\x01v\x18\x02 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\"H\n\x0f\x41ppendKVRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12%\n\x02kv\x18\x02 \x01(\x0b\x32\x19.pdserve.stage.v1.KVBlock\"`\n\x0c\x46orwardReply\x12\'\n\x06hidden\x18\x01 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\x12\'\n\x06logits\x18\x02 \x01(\x0b\x32\x17.pdserve.stage.v1.Array2\x99\x04\n\x05Stage\x12K\n\x08\x44\x65scribe\x12\".pdserve.stage.v1.SequencesRequest\x1a\x1b.pdserve.stage.v1.StageInfo\x12M\n\tSequences\x12\".pdserve.stage.v1.SequencesRequest\x1a\x1c.pdserve.stage.v1.StageState\x12K\n\x07\x46orward\x12 .pdserve.stage.v1.ForwardRequest\x1a\x1e.pdserve.stage.v1.ForwardReply\x12I\n\x05\x45mbed\x12 .pdserve.stage.v1.ForwardRequest\x1a\x1e.pdserve.stage.v1.ForwardReply\x12I\n\x06Logits\x12\x1f.pdserve.stage.v1.LogitsRequest\x1a\x1e.pdserve.stage.v1.ForwardReply\x12\x44\n\x06ReadKV\x12\x1f.pdserve.stage.v1.ReadKVRequest\x1a\x19.pdserve.stage.v1.KVBlock\x12K\n\x08\x41ppendKV\x12!.pdserve.stage.v1.AppendKVRequest\x1a\x1c.pdserve.stage.v1.StageStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bstage.proto\x12\x10pdserve.stage.v1\"3\n\x05\x41rray\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"y\n\x10SequencesRequest\x12\x0b\n\x03\x61\x64\x64\x18\x01 \x03(\x03\x12\x0e\n\x06remove\x18\x02 \x03(\x03\x12$\n\x04\x66ork\x18\x03 \x03(\x0b\x32\x16.pdserve.stage.v1.Fork\x12\"\n\x03pop\x18\x04 \x03(\x0b\x32\x15.pdserve.stage.v1.Pop\"5\n\x04\x46ork\x12\x0e\n\x06parent\x18\x01 \x01(\x03\x12\r\n\x05\x63hild\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\r\" \n\x03Pop\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\t\n\x01n\x18\x02 \x01(\r\"\xa6\x02\n\tStageInfo\x12+\n\x05state\x18\x01 \x01(\x0b\x32\x1c.pdserve.stage.v1.StageState\x12\x46\n\x0eweight_digests\x18\x02 \x03(\x0b\x32..pdserve.stage.v1.StageInfo.WeightDigestsEntry\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08kv_dtype\x18\x04 \x01(\t\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x15\n\rprefill_chunk\x18\x08 \x01(\r\x1a\x34\n\x12WeightDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x9c\x01\n\nStageState\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nfree_pages\x18\x05 \x01(\r\x12\x11\n\tsequences\x18\x06 \x01(\r\x12\x0e\n\x06\x65mbeds\x18\x07 \x01(\x08\x12\x10\n\x08kv_parts\x18\x08 \x01(\r\"$\n\rOpenKVRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"\x1e\n\x0bOpenKVReply\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x86\x01\n\rPushKVRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x62\x65gin\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\r\n\x05route\x18\x06 \x01(\t\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\"o\n\x0bPushKVReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x10\n\x08import_s\x18\x06 \x01(\x01\"`\n\x0f\x43ommitKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\r\n\x05\x62\x65gin\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\r\n\x05\x61pply\x18\x05 \x01(\x08\"#\n\rDropKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xb0\x01\n\x0e\x46orwardRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\x12\x0f\n\x07lengths\x18\x02 \x03(\r\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\x12\'\n\x06hidden\x18\x04 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\x12\x12\n\nlogit_rows\x18\x05 \x03(\r\x12\x13\n\x0bkeep_hidden\x18\x06 \x01(\x08\"\x1d\n\rLogitsRequest\x12\x0c\n\x04rows\x18\x01 \x03(\r\";\n\rReadKVRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\r\n\x05\x62\x65gin\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"Q\n\x07KVBlock\x12\"\n\x01k\x18\x01 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\x12\"\n\x01v\x18\x02 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\"H\n\x0f\x41ppendKVRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12%\n\x02kv\x18\x02 \x01(\x0b\x32\x19.pdserve.stage.v1.KVBlock\"`\n\x0c\x46orwardReply\x12\'\n\x06hidden\x18\x01 \x01(\x0b\x32\x17.pdserve.stage.v1.Array\x12\'\n\x06logits\x18\x02 \x01(\x0b\x32\x17.pdserve.stage.v1.Array2\xc3\x06\n\x05Stage\x12K\n\x08\x44\x65scribe\x12\".pdserve.stage.v1.SequencesRequest\x1a\x1b.pdserve.stage.v1.StageInfo\x12M\n\tSequences\x12\".pdserve.stage.v1.SequencesRequest\x1a\x1c.pdserve.stage.v1.StageState\x12K\n\x07\x46orward\x12 .pdserve.stage.v1.ForwardRequest\x1a\x1e.pdserve.stage.v1.ForwardReply\x12I\n\x05\x45mbed\x12 .pdserve.stage.v1.ForwardRequest\x1a\x1e.pdserve.stage.v1.ForwardReply\x12I\n\x06Logits\x12\x1f.pdserve.stage.v1.LogitsRequest\x1a\x1e.pdserve.stage.v1.ForwardReply\x12\x44\n\x06ReadKV\x12\x1f.pdserve.stage.v1.ReadKVRequest\x1a\x19.pdserve.stage.v1.KVBlock\x12K\n\x08\x41ppendKV\x12!.pdserve.stage.v1.AppendKVRequest\x1a\x1c.pdserve.stage.v1.StageState\x12H\n\x06OpenKV\x12\x1f.pdserve.stage.v1.OpenKVRequest\x1a\x1d.pdserve.stage.v1.OpenKVReply\x12H\n\x06PushKV\x12\x1f.pdserve.stage.v1.PushKVRequest\x1a\x1d.pdserve.stage.v1.PushKVReply\x12K\n\x08\x43ommitKV\x12!.pdserve.stage.v1.CommitKVRequest\x1a\x1c.pdserve.stage.v1.StageState\x12G\n\x06\x44ropKV\x12\x1f.pdserve.stage.v1.DropKVRequest\x1a\x1c.pdserve.stage.v1.StageStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,19 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEINFO_WEIGHTDIGESTSENTRY']._serialized_start=541
   _globals['_STAGEINFO_WEIGHTDIGESTSENTRY']._serialized_end=593
   _globals['_STAGESTATE']._serialized_start=596
-  _globals['_STAGESTATE']._serialized_end=734
-  _globals['_FORWARDREQUEST']._serialized_start=737
-  _globals['_FORWARDREQUEST']._serialized_end=913
-  _globals['_LOGITSREQUEST']._serialized_start=915
-  _globals['_LOGITSREQUEST']._serialized_end=944
-  _globals['_READKVREQUEST']._serialized_start=946
-  _globals['_READKVREQUEST']._serialized_end=1005
-  _globals['_KVBLOCK']._serialized_start=1007
-  _globals['_KVBLOCK']._serialized_end=1088
-  _globals['_APPENDKVREQUEST']._serialized_start=1090
-  _globals['_APPENDKVREQUEST']._serialized_end=1162
-  _globals['_FORWARDREPLY']._serialized_start=1164
-  _globals['_FORWARDREPLY']._serialized_end=1260
-  _globals['_STAGE']._serialized_start=1263
-  _globals['_STAGE']._serialized_end=1800
+  _globals['_STAGESTATE']._serialized_end=752
+  _globals['_OPENKVREQUEST']._serialized_start=754
+  _globals['_OPENKVREQUEST']._serialized_end=790
+  _globals['_OPENKVREPLY']._serialized_start=792
+  _globals['_OPENKVREPLY']._serialized_end=822
+  _globals['_PUSHKVREQUEST']._serialized_start=825
+  _globals['_PUSHKVREQUEST']._serialized_end=959
+  _globals['_PUSHKVREPLY']._serialized_start=961
+  _globals['_PUSHKVREPLY']._serialized_end=1072
+  _globals['_COMMITKVREQUEST']._serialized_start=1074
+  _globals['_COMMITKVREQUEST']._serialized_end=1170
+  _globals['_DROPKVREQUEST']._serialized_start=1172
+  _globals['_DROPKVREQUEST']._serialized_end=1207
+  _globals['_FORWARDREQUEST']._serialized_start=1210
+  _globals['_FORWARDREQUEST']._serialized_end=1386
+  _globals['_LOGITSREQUEST']._serialized_start=1388
+  _globals['_LOGITSREQUEST']._serialized_end=1417
+  _globals['_READKVREQUEST']._serialized_start=1419
+  _globals['_READKVREQUEST']._serialized_end=1478
+  _globals['_KVBLOCK']._serialized_start=1480
+  _globals['_KVBLOCK']._serialized_end=1561
+  _globals['_APPENDKVREQUEST']._serialized_start=1563
+  _globals['_APPENDKVREQUEST']._serialized_end=1635
+  _globals['_FORWARDREPLY']._serialized_start=1637
+  _globals['_FORWARDREPLY']._serialized_end=1733
+  _globals['_STAGE']._serialized_start=1736
+  _globals['_STAGE']._serialized_end=2571
 # @@protoc_insertion_point(module_scope)

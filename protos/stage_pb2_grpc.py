@@ -69,6 +69,26 @@ class StageStub:
                 request_serializer=stage__pb2.AppendKVRequest.SerializeToString,
                 response_deserializer=stage__pb2.StageState.FromString,
                 _registered_method=True)
+        self.OpenKV = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/OpenKV',
+                request_serializer=stage__pb2.OpenKVRequest.SerializeToString,
+                response_deserializer=stage__pb2.OpenKVReply.FromString,
+                _registered_method=True)
+        self.PushKV = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/PushKV',
+                request_serializer=stage__pb2.PushKVRequest.SerializeToString,
+                response_deserializer=stage__pb2.PushKVReply.FromString,
+                _registered_method=True)
+        self.CommitKV = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/CommitKV',
+                request_serializer=stage__pb2.CommitKVRequest.SerializeToString,
+                response_deserializer=stage__pb2.StageState.FromString,
+                _registered_method=True)
+        self.DropKV = channel.unary_unary(
+                '/pdserve.stage.v1.Stage/DropKV',
+                request_serializer=stage__pb2.DropKVRequest.SerializeToString,
+                response_deserializer=stage__pb2.StageState.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -125,6 +145,37 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenKV(self, request, context):
+        """KV straight from stage to stage (kvtransfer/route.py). A decode stage: start this stage's KV receiver, which
+        holds parts of its layers (checked against the model's fingerprint) until they are committed; its address.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushKV(self, request, context):
+        """A prefill stage: send this stage's layers of tokens [begin, end) of a sequence to the route's endpoints that
+        hold them (a part each, at once); the reply says when all are acked or one failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitKV(self, request, context):
+        """A decode stage: append the held parts of tokens [begin, end) of a request to a sequence (apply), or only
+        check that they hold every layer of this stage (FAILED_PRECONDITION naming what is missing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropKV(self, request, context):
+        """A decode stage: forget the parts held for a request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +212,26 @@ def add_StageServicer_to_server(servicer, server):
             'AppendKV': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendKV,
                     request_deserializer=stage__pb2.AppendKVRequest.FromString,
+                    response_serializer=stage__pb2.StageState.SerializeToString,
+            ),
+            'OpenKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenKV,
+                    request_deserializer=stage__pb2.OpenKVRequest.FromString,
+                    response_serializer=stage__pb2.OpenKVReply.SerializeToString,
+            ),
+            'PushKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushKV,
+                    request_deserializer=stage__pb2.PushKVRequest.FromString,
+                    response_serializer=stage__pb2.PushKVReply.SerializeToString,
+            ),
+            'CommitKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitKV,
+                    request_deserializer=stage__pb2.CommitKVRequest.FromString,
+                    response_serializer=stage__pb2.StageState.SerializeToString,
+            ),
+            'DropKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropKV,
+                    request_deserializer=stage__pb2.DropKVRequest.FromString,
                     response_serializer=stage__pb2.StageState.SerializeToString,
             ),
     }
@@ -352,6 +423,114 @@ class Stage:
             target,
             '/pdserve.stage.v1.Stage/AppendKV',
             stage__pb2.AppendKVRequest.SerializeToString,
+            stage__pb2.StageState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/OpenKV',
+            stage__pb2.OpenKVRequest.SerializeToString,
+            stage__pb2.OpenKVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/PushKV',
+            stage__pb2.PushKVRequest.SerializeToString,
+            stage__pb2.PushKVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/CommitKV',
+            stage__pb2.CommitKVRequest.SerializeToString,
+            stage__pb2.StageState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.stage.v1.Stage/DropKV',
+            stage__pb2.DropKVRequest.SerializeToString,
             stage__pb2.StageState.FromString,
             options,
             channel_credentials,

@@ -94,7 +94,11 @@ _DROP = object()
         _raw_header() + b"\x00",  # trailing bytes
         _raw_header(v=1),  # the CRC32 format before XXH3
         _raw_header(v=2),  # XXH3 chunks but no `meta`
-        _raw_header(v=4),
+        _raw_header(v=3),  # meta but no layer range
+        _raw_header(v=5),
+        _raw_header(first_layer=-1),
+        _raw_header(first_layer=_DROP),
+        _raw_header(num_layers=-2),
         _raw_header(meta="first token"),  # must be bytes
         _raw_header(meta=b"x" * (65 << 10)),
         _raw_header(v=True),
