@@ -109,6 +109,7 @@ class DecodeEngine(EngineCore):
             if seq.length > seq.hit.tokens:  # streamed pieces of an abandoned transfer: start clean
                 self.runtime.popn(seq.seq_id, seq.length - seq.hit.tokens)
                 seq.length, seq.last_piece = seq.hit.tokens, None
+            self.landing.drop(request_id)  # and parts of one
             seq.state = DecodeState.PREFILLING
             self.prefill.add(seq.req, seq.seq_id, seq.decoder, done=seq.length)  # after its cached prefix
             return ADMITTED

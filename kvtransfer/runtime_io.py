@@ -170,8 +170,8 @@ def scatter_later(
     return lambda: scatter_of(*runtime.gather_kv(positions))
 
 
-def manifest_for(runtime: ModelRuntime, scatter: Scatter, request_id: str) -> KVPayload:
-    """The manifest that commits `scatter`'s parts on the decode side."""
+def manifest_for(runtime: ModelRuntime, begin: int, end: int, request_id: str, meta: bytes = b"") -> KVPayload:
+    """The manifest that commits the parts of tokens [begin, end) on the decode side."""
     c = runtime.config
     return make_manifest(
         runtime.kv_fingerprint(),
@@ -179,10 +179,10 @@ def manifest_for(runtime: ModelRuntime, scatter: Scatter, request_id: str) -> KV
         c.num_key_value_heads,
         runtime.kv_row,
         runtime.kv_config.page_size,
-        scatter.begin,
-        scatter.end,
+        begin,
+        end,
         request_id,
-        scatter.meta,
+        meta,
     )
 
 

@@ -261,7 +261,8 @@ class PrefillEngine(EngineCore):
             parts = payload.push(job.route, lease)
             if not parts.ok:
                 return parts
-            m = self.sender.send(manifest_for(self.runtime, payload, job.req.request_id), job.route.commit, lease)
+            manifest = manifest_for(self.runtime, payload.begin, payload.end, job.req.request_id, payload.meta)
+            m = self.sender.send(manifest, job.route.commit, lease)
             return dataclasses.replace(  # (the parts went first: times add up)
                 m, nbytes=parts.nbytes, transfer_s=parts.transfer_s + m.transfer_s, import_s=parts.import_s + m.import_s
             )
