@@ -22,6 +22,7 @@ from reference import random_params
 from test_engines import Collect, assert_no_leaks, engine_options
 from test_stages import CFG
 
+from decode_worker.engine import DecodeEngine
 from decode_worker.worker import start_decode
 from engine.kvmeta import PARTIAL
 from engine.messages import ErrorKind, GenerationRequest, Role
@@ -35,6 +36,7 @@ from llama_relax.models import open_model
 from llama_relax.pipeline import open_pipeline
 from llama_relax.runtime import KVCacheConfig
 from llama_relax.sampling import SamplingParams
+from prefill_worker.engine import PrefillEngine
 from prefill_worker.worker import start_prefill
 
 KV = KVCacheConfig(max_batch_size=8, max_total_seq_len=1024, prefill_chunk_size=32)
@@ -80,43 +82,35 @@ def prompt(seed: int) -> tuple[int, ...]:
     return tuple(int(t) for t in rng.integers(0, MODEL_CFG.vocab_size, PROMPT_LEN))
 
 
-def run_pair(model_path, cache_dir, prefill_stages: int, decode_stages: int, seed: int = 5):
-    """One request prefilled on P stages and decoded on D stages; (tokens, prefill KV, decode KV, result)."""
+@dataclass
+class Pair:
+    """A prefill engine on P stages and a decode engine on D stages, both running, KV over real gRPC."""
+
+    p: PrefillEngine
+    d: DecodeEngine
+    address: str  # the decode worker's KV route
+    ds: Side
+
+
+@contextlib.contextmanager
+def pair(model_path, cache_dir, prefill_stages: int, decode_stages: int):
+    """Both engines; at the end, a leak check on both (pages, sequences) and on the decode stages (parts)."""
     token = new_cluster_token()
     opts = engine_options(max_batch_size=8, cluster_token=token, prefill_chunk_size=32, kv_stream_tail=0)
-    ps, ds = (
-        open_side(model_path, prefill_stages, cache_dir, token),
-        open_side(model_path, decode_stages, cache_dir, token),
-    )
+    ps = open_side(model_path, prefill_stages, cache_dir, token)
+    ds = open_side(model_path, decode_stages, cache_dir, token)
     try:
         d, receiver, address = start_decode(ds, opts, Role.DECODE)
         p, sender = start_prefill(ps, opts)
         d.start()
         p.start()
         try:
-            if decode_stages > 1:
-                assert len(KVRoute.parse(address).endpoints) == decode_stages  # a receiver per stage
-            req = GenerationRequest("r", prompt(seed), GREEDY)
-            admission, stream = d.reserve(req)
-            assert admission.ok
-            out = Collect()
-            assert p.submit(req, address, out).ok
-            assert out.done.wait(60)
-            result = out.items[-1]
-            assert result.ok, result
-            events = []
-            while not events or events[-1].finish_reason is None:
-                events.append(stream.get(timeout=60))
-            tokens = [out.items[0].token_id] + [e.token_id for e in events]
-
-            def kv_of(engine):  # the prompt's KV in the engine's prefix cache entry
-                def read():
-                    (entry,) = [e for e in engine.cache.entries.values() if len(e.tokens) >= PROMPT_LEN]
-                    return engine.runtime.read_kv(entry.seq_id, 0, PROMPT_LEN)
-
-                return engine.call(read)
-
-            return tokens, kv_of(p), kv_of(d), result, (p, d, ds)
+            yield Pair(p, d, address, ds)
+            wait_for(lambda: not p.jobs and not d.seqs)
+            assert_no_leaks(p, d)
+            wait_for(lambda: all(len(s.parts) == 0 for s in ds.servers))  # (a drop is sent without waiting)
+            if not ds.servers:
+                assert len(d.landing.parts) == 0
         finally:
             p.close()
             d.close()
@@ -127,19 +121,83 @@ def run_pair(model_path, cache_dir, prefill_stages: int, decode_stages: int, see
         ds.close()
 
 
+def wait_for(done, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "did not get there"
+        time.sleep(0.01)
+
+
+def run_one(pr: Pair, seed: int = 5):
+    """One request prefilled on P and decoded on D; (tokens, prefill KV, decode KV of its prompt, result)."""
+    req = GenerationRequest(f"r{seed}", prompt(seed), GREEDY)
+    admission, stream = pr.d.reserve(req)
+    assert admission.ok
+    out = Collect()
+    assert pr.p.submit(req, pr.address, out).ok
+    assert out.done.wait(60)
+    result = out.items[-1]
+    assert result.ok, result
+    events = []
+    while not events or events[-1].finish_reason is None:
+        events.append(stream.get(timeout=60))
+    tokens = [out.items[0].token_id] + [e.token_id for e in events]
+
+    def kv_of(engine):  # the prompt's KV in the engine's prefix cache entry
+        def read():
+            (entry,) = [e for e in engine.cache.entries.values() if e.tokens[:PROMPT_LEN] == req.prompt_ids]
+            return engine.runtime.read_kv(entry.seq_id, 0, PROMPT_LEN)
+
+        return engine.call(read)
+
+    return tokens, kv_of(pr.p), kv_of(pr.d), result
+
+
 @pytest.mark.parametrize(
     ("prefill", "decode"), [(1, 2), (2, 1), (3, 2), (2, 2)], ids=["P1-D2", "P2-D1", "P3-D2", "P2-D2"]
 )
 def test_stage_to_stage_kv_is_bit_identical_and_gives_the_tokens_of_whole_payloads(
     model_path, cache_dir, prefill, decode
 ):
-    tokens, pk, dk, result, _ = run_pair(model_path, cache_dir, prefill, decode)
+    with pair(model_path, cache_dir, prefill, decode) as pr:
+        if decode > 1:
+            assert len(KVRoute.parse(pr.address).endpoints) == decode  # a receiver per stage
+        tokens, pk, dk, result = run_one(pr)
     assert result.kv_pieces > 1  # streamed while the prompt prefilled
     for a, b in zip(pk, dk, strict=True):
         assert a.dtype == np.float16 and a.shape[:2] == (MODEL_CFG.num_hidden_layers, PROMPT_LEN)
         assert a.tobytes() == b.tobytes()
-    whole, *_ = run_pair(model_path, cache_dir, 1, 1)  # whole payloads, one process each side
+    with pair(model_path, cache_dir, 1, 1) as pr:  # whole payloads, one process each side
+        whole, *_ = run_one(pr)
     assert tokens == whole
+
+
+def test_a_decode_stage_that_refuses_its_parts_fails_the_transfer_and_nothing_is_left(model_path, cache_dir):
+    """P2 -> D2 with decode stage 1's receiver gone: the push fails (retried once), the request fails as
+    TRANSFER_FAILED, the parts stage 0 got are dropped when the decode side ends the request, no page leaks; the
+    next request, with the receiver back, goes through."""
+    with pair(model_path, cache_dir, 2, 2) as pr:
+        route = KVRoute.parse(pr.address)
+        gone = pr.ds.servers[1]
+        rx, gone._kv_rx = gone._kv_rx, None
+        rx.stop(0)
+        req = GenerationRequest("lost", prompt(9), GREEDY)
+        admission, stream = pr.d.reserve(req)
+        assert admission.ok
+        out = Collect()
+        assert pr.p.submit(req, pr.address, out).ok
+        assert out.done.wait(60)
+        result = out.items[-1]
+        assert result.error is not None and result.error.kind is ErrorKind.TRANSFER_FAILED, result
+        assert "UNAVAILABLE" in result.error.message and result.transfer_retries == 1
+        assert len(pr.ds.servers[0].parts) > 0  # stage 0 holds its part of the first piece, uncommitted
+        assert pr.d.cancel("lost")  # what the router does with a failed transfer
+        assert stream.get(timeout=10).kind is ErrorKind.CANCELLED
+        wait_for(lambda: len(pr.ds.servers[0].parts) == 0)
+        pr.address = pr.d.runtime.kv_route(route.commit)  # the receiver back (a new one, on another port)
+        assert KVRoute.parse(pr.address).endpoints[1] != route.endpoints[1]
+        tokens, pk, dk, _ = run_one(pr, seed=10)
+        assert pk[0].tobytes() == dk[0].tobytes() and len(tokens) == GREEDY.max_tokens
 
 
 def test_leaks_and_refusals_on_decode_stages(model_path, cache_dir):
