@@ -9,7 +9,8 @@ sampling, streaming) over `batch` sequences with 64-token prompts, in a fresh pr
   pipelined decode worker runs);
 - `2 stages, micro-batched per step`: the same stages, each step's batch cut in 2 micro-batches that flow through
   the stages at once, the step waiting for both (the runtime's synchronous `decode`).
-Rounds alternate the order; tokens/s is the median over rounds. Also printed: what one hop carries per step.
+Rounds alternate the order; tokens/s is the median over rounds. Also printed: what one hop carries per step, and
+stage 0's forward alone against beside stage 1 running on the other core.
 
     python -m bench.stage_decode [--model GGUF] [--batch 16] [--steps 24] [--rounds 5]
 """
@@ -119,7 +120,9 @@ def _one(label: str, model: Path, batch: int, steps: int) -> dict:
     rt = StagedRuntime([StageClient(a, token) for a in addresses], config, kv, _lost, cache)
     try:
         out = {"tok_s": _decode(rt, config, batch, steps, 2 if "pipelined" in label else 1)}
-        return out | ({"hops_ms": _hops(rt, -(-batch // 2))} if "pipelined" in label else {})
+        if "pipelined" in label:
+            out |= {"hops_ms": _hops(rt, -(-batch // 2)), "beside_ms": _beside(rt, -(-batch // 2))}
+        return out
     finally:
         rt.close()
         for p in procs:
@@ -156,6 +159,52 @@ def _hops(rt, group: int, calls: int = 16) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _beside(rt, group: int, calls: int = 24) -> dict[str, float]:
+    """Median ms of stage 0's forward of a group alone, and while stage 1 runs forwards of another group on the
+    other core without a pause (logits back, as in decode): what running side by side costs a stage here."""
+    import threading
+
+    from engine.stages import from_array
+
+    a, b = list(range(301, 301 + group)), list(range(401, 401 + group))
+    for sid in a + b:
+        rt.add_sequence(sid)
+        rt.forward_hidden([sid], [[1] * 8])
+    x = rt._first_input(np.ones(group, np.int32))
+    h = from_array(rt.clients[0].forward(rt._request(0, b, [1] * group, x, ())).hidden, "hidden")
+    rt._grown(b, [1] * group)
+    stop, looped = threading.Event(), [0]
+
+    def loop() -> None:
+        while not stop.is_set():
+            rt.clients[1].forward(rt._request(1, b, [1] * group, h, list(range(group))))
+            looped[0] += 1
+
+    def stage0() -> float:
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            rt.clients[0].forward(rt._request(0, a, [1] * group, x, ()))
+            times.append(1000 * (time.perf_counter() - t0))
+        rt._grown(a, [calls] * group)
+        return statistics.median(times)
+
+    try:
+        alone = stage0()
+        other = threading.Thread(target=loop)
+        other.start()
+        try:
+            beside = stage0()
+        finally:
+            stop.set()
+            other.join()
+        rt._grown(b, [looped[0]] * group)
+    finally:
+        for sid in a + b:
+            rt.remove_sequence(sid)
+    return {"alone": alone, "beside": beside}
+
+
 def _lost(e: BaseException) -> None:
     raise SystemExit(f"a stage died: {e}")
 
@@ -181,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_description()}; {len(os.sched_getaffinity(0))} cores; batch {args.batch}", flush=True)
     runs: dict[str, list[float]] = {c: [] for c in CONFIGS}
     hops: list[dict[str, float]] = []
+    beside: list[dict[str, float]] = []
     for r in range(args.rounds):
         for label in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
             cmd = [sys.executable, "-m", "bench.stage_decode", "--one", label, "--model", str(model)]
@@ -189,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(out.strip().splitlines()[-1])
             runs[label].append(result["tok_s"])
             hops += [result["hops_ms"]] if "hops_ms" in result else []
+            beside += [result["beside_ms"]] if "beside_ms" in result else []
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " tok/s", flush=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
     for k, v in med.items():
@@ -200,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  lookup  {hop_ms['lookup']:6.2f} ms  ids -> {rows} bytes of input rows, from the last stage")
     print(f"  stage 0 {hop_ms['stage 0']:6.2f} ms  {rows} bytes of rows in, {rows} bytes of hidden states out")
     print(f"  stage 1 {hop_ms['stage 1']:6.2f} ms  {rows} bytes of hidden states in, {logits} bytes of logits out")
-    print(json.dumps({"median_tok_s": med, "rounds": runs, "hop_bytes": rows, "hop_ms": hop_ms}))
+    side = {k: statistics.median(b[k] for b in beside) for k in ("alone", "beside")}
+    print(
+        f"stage 0's forward of a group: {side['alone']:.2f} ms alone, {side['beside']:.2f} ms while stage 1 computes"
+        f" on the other core ({side['beside'] / side['alone']:.2f}x)"
+    )
+    print(json.dumps({"median_tok_s": med, "rounds": runs, "hop_bytes": rows, "hop_ms": hop_ms, "beside_ms": side}))
     return 0
 
 
