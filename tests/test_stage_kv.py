@@ -25,6 +25,7 @@ from test_stages import CFG
 from decode_worker.engine import DecodeEngine
 from decode_worker.worker import start_decode
 from engine.kvmeta import PARTIAL
+from engine.loop import OutputStream
 from engine.messages import ErrorKind, GenerationRequest, Role
 from engine.staged_runtime import StagedRuntime
 from engine.stages import StageClient, StageServer
@@ -128,14 +129,20 @@ def wait_for(done, timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def run_one(pr: Pair, seed: int = 5):
-    """One request prefilled on P and decoded on D; (tokens, prefill KV, decode KV of its prompt, result)."""
-    req = GenerationRequest(f"r{seed}", prompt(seed), GREEDY)
+def submit(pr: Pair, req: GenerationRequest) -> tuple[OutputStream, Collect]:
+    """Reserve on D, prefill on P with D's route; the decode stream and the prefill's events once it ended."""
     admission, stream = pr.d.reserve(req)
     assert admission.ok
     out = Collect()
     assert pr.p.submit(req, pr.address, out).ok
     assert out.done.wait(60)
+    return stream, out
+
+
+def run_one(pr: Pair, seed: int = 5):
+    """One request prefilled on P and decoded on D; (tokens, prefill KV, decode KV of its prompt, result)."""
+    req = GenerationRequest(f"r{seed}", prompt(seed), GREEDY)
+    stream, out = submit(pr, req)
     result = out.items[-1]
     assert result.ok, result
     events = []
@@ -181,12 +188,7 @@ def test_a_decode_stage_that_refuses_its_parts_fails_the_transfer_and_nothing_is
         gone = pr.ds.servers[1]
         rx, gone._kv_rx = gone._kv_rx, None
         rx.stop(0)
-        req = GenerationRequest("lost", prompt(9), GREEDY)
-        admission, stream = pr.d.reserve(req)
-        assert admission.ok
-        out = Collect()
-        assert pr.p.submit(req, pr.address, out).ok
-        assert out.done.wait(60)
+        stream, out = submit(pr, GenerationRequest("lost", prompt(9), GREEDY))
         result = out.items[-1]
         assert result.error is not None and result.error.kind is ErrorKind.TRANSFER_FAILED, result
         assert "UNAVAILABLE" in result.error.message and result.transfer_retries == 1
