@@ -283,8 +283,8 @@ class DecodeEngine(EngineCore):
             return
         del self.seqs[rid]
         self.prefill.drop(rid)
-        if seq.state in _AWAITING_KV:  # parts of its KV may be held for a commit that will not come
-            self.landing.drop(rid)
+        if seq.state in _AWAITING_KV or seq.last_piece is not None:  # parts of its KV may be held for a commit
+            self.landing.drop(rid)  # that will not come (or parts sent again after a commit whose ack was lost)
         held = (seq.req.prompt_ids + tuple(seq.decoder.output_ids))[: seq.length]
         self.cache.finish(seq.seq_id, rid, seq.hit, held if error is None else None)
         seq.state = DecodeState.FINISHED if error is None else _ENDED_BY.get(error.kind, DecodeState.FAILED)

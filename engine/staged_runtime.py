@@ -28,6 +28,7 @@ thread of this object's, its result read by `decode_collect` on the engine's); `
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -356,9 +357,11 @@ class StagedRuntime(RemotePipeline, SequenceBook):
         )
 
     def drop(self, request_id: str) -> None:
-        """Forget the parts the stages hold for `request_id` (it ended before they were committed)."""
-        for c in self.clients:
-            c.drop_kv_future(request_id)
+        """Forget the parts the stages hold for `request_id` (it ended before they were committed), without waiting:
+        a thread of this object's holds the calls until they are answered (a gRPC call dropped is cancelled)."""
+        calls = [c.drop_kv_future(request_id) for c in self.clients]
+        with contextlib.suppress(RuntimeError):  # closed: the stages go with it
+            self._pool.submit(lambda: [c.exception() for c in calls])
 
     def close(self) -> None:
         self._flights.shutdown(wait=False, cancel_futures=True)

@@ -303,8 +303,14 @@ class LocalLanding:
         self.parts.add(header, k, v)
 
     def commit(self, seq_id: int, header: KVHeader) -> None:
-        k, v = self.parts.take(header.request_id, header.begin, header.end)
-        import_into(self.runtime, seq_id, header, k, v)
+        """Import the parts of `header`'s tokens (all layers held, or TRUNCATED and nothing changes)."""
+        self.parts.check(header.request_id, header.begin, header.end)
+        have = self.runtime.sequence_length(seq_id)
+        if have != header.begin:  # (before the parts are taken: a refused commit keeps them)
+            raise PayloadError(
+                ErrorCode.SHAPE_MISMATCH, f"payload starts at {header.begin}; sequence {seq_id} holds {have}"
+            )
+        import_into(self.runtime, seq_id, header, *self.parts.take(header.request_id, header.begin, header.end))
 
     def drop(self, request_id: str) -> None:
         self.parts.drop(request_id)

@@ -238,11 +238,7 @@ def test_leaks_and_refusals_on_decode_stages(model_path, cache_dir):
         assert [s.runtime.sequence_length(seq) for s in ds.servers] == [0, 0]  # nothing appended anywhere
         assert d.cancel("m")
         assert stream.get(timeout=10).kind is ErrorKind.CANCELLED
-        for _ in range(200):  # the drop is sent without waiting for it
-            if [len(s.parts) for s in ds.servers] == [0, 0]:
-                break
-            time.sleep(0.02)
-        assert [len(s.parts) for s in ds.servers] == [0, 0]
+        wait_for(lambda: [len(s.parts) for s in ds.servers] == [0, 0])  # (the drop is sent without waiting)
         assert_no_leaks(d)
     finally:
         for s in senders.values():
