@@ -26,8 +26,9 @@ import tvm
 
 from kvtransfer.auth import InternalTLS, TokenInterceptor, internal_channel, token_metadata
 from kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
-from kvtransfer.payload import PayloadError, expect_shape
+from kvtransfer.payload import PayloadError
 from kvtransfer.route import KVParts, KVRoute, push_parts
+from kvtransfer.runtime_io import receiver_checks
 from llama_relax.pipeline import StageChain
 from llama_relax.runtime import ModelRuntime
 from protos import stage_pb2 as pb
@@ -207,27 +208,15 @@ class StageServer:
 
     # ---- KV stage to stage (kvtransfer.route) ------------------------------------------------------------
     def _open_kv(self, req: pb.OpenKVRequest, context: grpc.ServicerContext) -> pb.OpenKVReply:
-        rt, c = self.runtime, self.runtime.config
         with self._kv_lock:
             if self._kv_rx is None:
-                shape = expect_shape(
-                    len(self.layers),
-                    c.num_key_value_heads,
-                    rt.kv_row,
-                    rt.kv_config.page_size,
-                    c.context_window_size,
-                    first_layer=self.layers.start,
-                    parts=True,
-                )
                 self._kv_rx = GrpcKVReceiver(
                     self.parts.add,
                     host=self.host,
-                    expected_fingerprint=req.fingerprint,
-                    expected_dtype=rt.kv_elem,
-                    shape_check=shape,
                     on_orphaned=lambda h: self.parts.drop(h.request_id),
                     token=self.token,
                     tls=self.tls,
+                    **receiver_checks(self.runtime, stage_layers=self.layers, fingerprint=req.fingerprint),
                 )
                 self._kv_fingerprint = req.fingerprint
                 self._kv_rx.start()

@@ -244,21 +244,27 @@ def make_receiver(
     return grx, grx.start()
 
 
-def receiver_checks(runtime: ModelRuntime) -> dict[str, Any]:
+def receiver_checks(
+    runtime: ModelRuntime, *, stage_layers: range | None = None, fingerprint: str | None = None
+) -> dict[str, Any]:
     """Keyword arguments for a `KVReceiver` that make it reject payloads this runtime cannot take: whole payloads
-    and manifests; parts too when its layers are here (a stage runtime's parts go to its stages)."""
+    and manifests; parts too when its layers are here (a stage runtime's parts go to its stages). A pipeline
+    stage's own receiver (`stage_layers`, with the whole model's `fingerprint`, which one stage cannot compute)
+    takes parts of its layers only."""
     c = runtime.config
+    layers = range(c.num_hidden_layers) if stage_layers is None else stage_layers
     return {
-        "expected_fingerprint": runtime.kv_fingerprint(),
+        "expected_fingerprint": fingerprint or runtime.kv_fingerprint(),
         "expected_dtype": runtime.kv_elem,
         "shape_check": expect_shape(
-            c.num_hidden_layers,
+            len(layers),
             c.num_key_value_heads,
             runtime.kv_row,
             runtime.kv_config.page_size,
             c.context_window_size,
-            parts=not isinstance(runtime, PushesKV),
-            manifests=True,
+            first_layer=layers.start,
+            parts=stage_layers is not None or not isinstance(runtime, PushesKV),
+            manifests=stage_layers is None,
         ),
     }
 
